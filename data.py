@@ -1,0 +1,889 @@
+"""MELD data: CSV parsing, synthetic MELD-format clips, one-time extraction, dataset and loaders.
+
+    python data.py synth --out data/synth                          # small MELD-format set, no network
+    python data.py prepare --meld-root data/synth --out data/synth-cache
+    python data.py prepare --meld-root /path/to/MELD.Raw --out data/meld-cache --workers 8
+
+`prepare` decodes every clip once (frames as JPEG at a fixed rate and short side, audio as 16 kHz
+mono int16) and writes `manifest.jsonl`, one line per clip with its status. It can be killed at any
+moment and re-run with the same command: finished clips are kept, half-written ones are redone.
+
+`MELDDataset` reads that cache (or, for `modalities=("text",)`, just the CSVs of any MELD folder),
+and `collate` builds the batch every model in this repo takes:
+
+    video        uint8 [B, 3, T, H, W]   real frames first, zero padding last
+    video_mask   bool  [B, T]            True = real frame
+    audio        float [B, n_mels, A]    natural-log mel power, 100 frames per second
+    audio_mask   bool  [B, A]
+    input_ids, attention_mask, token_type_ids   long [B, L]   padded to the longest in the batch
+    emotion      long  [B]               index into EMOTIONS
+    sentiment    long  [B]               index into SENTIMENTS
+    ids          list[str]               e.g. "train/dia0_utt0"
+
+A modality that is not selected is absent from the batch and is never read from disk.
+"""
+
+import argparse
+import collections
+import csv
+import functools
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import decode_jpeg, encode_jpeg
+
+# The one label order used everywhere (model heads, metrics, checkpoints, reports).
+EMOTIONS = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
+SENTIMENTS = ("neutral", "positive", "negative")
+SPLITS = ("train", "dev", "test")
+
+MELD_COLUMNS = ("Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID",
+                "Utterance_ID", "Season", "Episode", "StartTime", "EndTime")
+# Where MELD.Raw keeps each split's mp4 files once its archives are unpacked.
+VIDEO_DIRS = {"train": "train/train_splits", "dev": "dev/dev_splits_complete",
+              "test": "test/output_repeated_splits_test"}
+
+AUDIO_RATE = 16_000   # Hz, mono, what prepare stores and the log-mel reads
+MEL_HOP = 160         # samples: 10 ms, so A = 100 audio frames per second
+MEL_WINDOW = 400      # samples: 25 ms
+
+
+# ------------------------------------------------------------------------------------------------
+# MELD CSVs
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str            # "train/dia0_utt0": split and clip name, unique across the dataset
+    split: str
+    dialogue: int
+    index: int         # Utterance_ID inside the dialogue
+    text: str
+    speaker: str
+    emotion: int       # index into EMOTIONS
+    sentiment: int     # index into SENTIMENTS
+    start: str = ""    # StartTime / EndTime as written, e.g. "00:16:16,059" (times in the episode)
+    end: str = ""
+
+
+def read_text(path):
+    """Decode a CSV file from UTF-8 (with or without BOM), or the cp1252/latin-1 copies of MELD.Raw."""
+    raw = Path(path).read_bytes()
+    for encoding in ("utf-8-sig", "cp1252", "latin-1"):  # latin-1 decodes any byte string
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+
+
+def read_meld_csv(path, split):
+    """Parse one MELD annotation CSV into a list of Utterance, in file order.
+
+    Columns are found by name (extra columns are ignored). Labels are matched case-insensitively;
+    an unknown label, a missing column or a non-integer id is a ValueError naming the file and row.
+    """
+    path = Path(path)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    missing = [c for c in ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID")
+               if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+    rows, seen = [], set()
+    for line, row in enumerate(reader, start=2):  # line 1 is the header
+        where = f"{path}, row {line}"
+        emotion, sentiment = row["Emotion"].strip().lower(), row["Sentiment"].strip().lower()
+        if emotion not in EMOTIONS:
+            raise ValueError(f"{where}: unknown emotion label {row['Emotion']!r} (expected one of {EMOTIONS})")
+        if sentiment not in SENTIMENTS:
+            raise ValueError(f"{where}: unknown sentiment label {row['Sentiment']!r} (expected one of {SENTIMENTS})")
+        try:
+            dialogue, index = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
+        except ValueError:
+            raise ValueError(f"{where}: Dialogue_ID/Utterance_ID must be integers, got "
+                             f"{row['Dialogue_ID']!r}/{row['Utterance_ID']!r}") from None
+        uid = f"{split}/dia{dialogue}_utt{index}"
+        if uid in seen:
+            raise ValueError(f"{where}: duplicate utterance dia{dialogue}_utt{index}")
+        seen.add(uid)
+        rows.append(Utterance(uid, split, dialogue, index, row["Utterance"].strip(), row["Speaker"].strip(),
+                              EMOTIONS.index(emotion), SENTIMENTS.index(sentiment),
+                              (row.get("StartTime") or "").strip(), (row.get("EndTime") or "").strip()))
+    return rows
+
+
+def find_csv(root, split):
+    """`{split}_sent_emo.csv` at the top of root (prepare's cache, synth, shared copies) or in root/split/."""
+    for candidate in (Path(root) / f"{split}_sent_emo.csv", Path(root) / split / f"{split}_sent_emo.csv"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def available_splits(root):
+    return [s for s in SPLITS if find_csv(root, s) is not None]
+
+
+# ------------------------------------------------------------------------------------------------
+# synth: MELD-format synthetic clips
+# ------------------------------------------------------------------------------------------------
+# Every emotion leaves a trace in every modality, but each modality carries the true class only with
+# some probability (otherwise the trace of a random class), independently: each branch alone is
+# capped well below 100% and fusing them beats the best single one. In video, the trace is the colour
+# of a disk that sweeps across the frame; surprise and fear share a colour and differ only in the
+# direction of the sweep: a fear clip is the frames of a surprise clip in reverse order, so only a
+# model that sees time can tell them apart. Audio: a tone whose pitch depends on the class. Text: a
+# keyword of the class among filler words.
+
+TEMPORAL_PAIR = ("surprise", "fear")   # same frames, opposite order
+SYNTH_COLOURS = {"neutral": (160, 160, 160), "surprise": (255, 200, 0), "fear": (255, 200, 0),
+                 "sadness": (40, 90, 255), "joy": (40, 220, 60), "disgust": (150, 60, 200),
+                 "anger": (240, 30, 30)}
+SYNTH_PITCH = {e: 250.0 * 1.4 ** i for i, e in enumerate(EMOTIONS)}  # Hz, 250 … 1,882
+SYNTH_WORDS = {"neutral": ("okay", "fine", "alright", "sure"),
+               "surprise": ("wow", "really", "seriously", "whoa"),
+               "fear": ("scared", "afraid", "terrified", "nervous"),
+               "sadness": ("sad", "sorry", "miss", "lonely"),
+               "joy": ("great", "love", "happy", "wonderful"),
+               "disgust": ("gross", "ew", "disgusting", "yuck"),
+               "anger": ("hate", "angry", "furious", "shut")}
+SYNTH_FILLER = ("i", "you", "we", "think", "the", "coffee", "apartment", "said", "that", "was", "just",
+                "so", "going", "tonight", "there", "know", "it’s", "i’m", "don’t", "and", "this", "guy")
+SYNTH_SPEAKERS = ("Rachel", "Ross", "Monica", "Chandler", "Joey", "Phoebe")
+# MELD's train label counts, square-rooted: imbalanced like MELD, but rare classes still appear.
+SYNTH_PRIOR = np.sqrt([4710, 1205, 268, 683, 1743, 271, 1109]) / np.sqrt([4710, 1205, 268, 683, 1743, 271, 1109]).sum()
+SYNTH_INFORMATIVE = {"video": 0.6, "audio": 0.6, "text": 0.7}
+SYNTH_AUDIO_RATE = 22_050  # Hz, stereo: prepare has to resample and downmix, as for MELD's 48 kHz
+
+
+def synth_frames(trace, seconds, width, height, fps, seed):
+    """Frames of one synthetic clip carrying the video trace of emotion `trace`: uint8 [N, H, W, 3].
+
+    A disk of the trace's colour crosses a noisy background. For TEMPORAL_PAIR the two classes get
+    the same frames (same seed), the second in reverse order.
+    """
+    rng = np.random.default_rng(seed)
+    n = max(1, round(seconds * fps))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = (rng.uniform(0, 70, size=3).astype(np.float32) + 30 * (xx / width)[..., None]
+                  + rng.normal(0, 8, size=(height, width, 1)).astype(np.float32))  # static texture
+    radius = rng.uniform(0.12, 0.2) * height
+    y0, y1 = rng.uniform(0.25, 0.75, size=2) * height
+    if trace in TEMPORAL_PAIR:  # left to right; reversed below for the second class of the pair
+        x0, x1 = 0.1 * width, 0.9 * width
+    else:                       # any direction: only the colour carries the class
+        x0, x1 = rng.permutation([0.1 * width, 0.9 * width])
+    colour = np.array(SYNTH_COLOURS[trace], np.float32)
+    frames = np.empty((n, height, width, 3), np.uint8)
+    for i in range(n):
+        a = i / max(n - 1, 1)
+        cx, cy = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
+        disk = (((xx - cx) ** 2 + (yy - cy) ** 2) < radius ** 2)[..., None]
+        img = np.where(disk, colour, background) + rng.normal(0, 3)  # flicker
+        frames[i] = np.clip(img, 0, 255).astype(np.uint8)
+    if trace == TEMPORAL_PAIR[1]:
+        frames = frames[::-1].copy()
+    return frames
+
+
+def synth_audio(trace, seconds, rate, seed):
+    """Stereo float32 [2, N] waveform: a syllable-modulated tone at the trace's pitch, in noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * rate)) / rate
+    pitch = SYNTH_PITCH[trace] * rng.uniform(0.97, 1.03)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 5) * t + rng.uniform(0, 2 * np.pi))
+    tone = envelope * (np.sin(2 * np.pi * pitch * t) + 0.3 * np.sin(4 * np.pi * pitch * t))
+    wave = rng.uniform(0.1, 0.3) * tone + rng.uniform(0.02, 0.08) * rng.standard_normal(t.size)
+    return np.stack([wave, wave]).astype(np.float32)
+
+
+def synth_text(trace, rng):
+    words = list(rng.choice(SYNTH_FILLER, size=rng.integers(2, 7)))
+    words.insert(rng.integers(0, len(words) + 1), rng.choice(SYNTH_WORDS[trace]))
+    sentence = " ".join(words)
+    return sentence[0].upper() + sentence[1:] + rng.choice([".", "!", "?", "..."])
+
+
+def write_mp4(path, frames, fps, audio=None, audio_rate=SYNTH_AUDIO_RATE):
+    """H.264 (yuv420p) + AAC mp4 with PyAV. frames: uint8 [N, H, W, 3]; audio: float32 [C, S] or None."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "20"})
+        video.height, video.width = frames.shape[1:3]
+        video.pix_fmt = "yuv420p"
+        if audio is not None:
+            sound = container.add_stream("aac", rate=audio_rate, layout="stereo" if audio.shape[0] == 2 else "mono")
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        if audio is not None:
+            for start in range(0, audio.shape[1], 1024):
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start:start + 1024]),
+                                                   format="fltp", layout=sound.layout.name)
+                chunk.sample_rate, chunk.pts = audio_rate, start
+                container.mux(sound.encode(chunk))
+            container.mux(sound.encode(None))
+
+
+def _clock(seconds):
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+def _synth_clip(task):
+    """Worker: write one synthetic mp4. defect: None, "no audio" or "truncated"."""
+    path, traces, seconds, seed, width, height, fps, defect = task
+    frames = synth_frames(traces["video"], seconds, width, height, fps, seed)
+    audio = None if defect == "no audio" else synth_audio(traces["audio"], seconds, SYNTH_AUDIO_RATE, seed)
+    write_mp4(path, frames, fps, audio, SYNTH_AUDIO_RATE)
+    if defect == "truncated":  # the index (moov atom) at the end of the file is lost
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+
+
+def synth_rows(size, rng, min_seconds=0.5, max_seconds=6.0):
+    """The annotations of `size` synthetic utterances, grouped in dialogues of 1–6, with the trace each
+    modality carries: the true emotion with probability SYNTH_INFORMATIVE[m], else a random one."""
+    rows, dialogue, clock = [], 0, 60.0
+    while len(rows) < size:
+        season, episode = rng.integers(1, 11), rng.integers(1, 25)
+        for index in range(min(int(rng.integers(1, 7)), size - len(rows))):
+            emotion = EMOTIONS[rng.choice(len(EMOTIONS), p=SYNTH_PRIOR)]
+            traces = {m: emotion if rng.random() < p else EMOTIONS[rng.integers(len(EMOTIONS))]
+                      for m, p in SYNTH_INFORMATIVE.items()}
+            seconds = float(rng.uniform(min_seconds, max_seconds))
+            sentiment = {"neutral": "neutral", "joy": "positive",
+                         "surprise": rng.choice(["positive", "negative"])}.get(emotion, "negative")
+            rows.append(dict(emotion=emotion, sentiment=sentiment, traces=traces, seconds=seconds,
+                             seed=int(rng.integers(2 ** 31)), dialogue=dialogue, index=index,
+                             speaker=rng.choice(SYNTH_SPEAKERS), text=synth_text(traces["text"], rng),
+                             season=season, episode=episode, start=clock))
+            clock += seconds + rng.uniform(0.1, 1.0)
+        dialogue += 1
+    return rows
+
+
+def synth(out, sizes=(96, 24, 24), seed=0, width=160, height=90, fps=24, min_seconds=0.5, max_seconds=6.0,
+          workers=1):
+    """Write a MELD.Raw-shaped folder of synthetic clips to `out`; returns the number of rows per split.
+
+    Defects on purpose, as in the real MELD.Raw: in train a truncated mp4 (moov atom lost) and a clip
+    with no audio stream; in dev a CSV row whose mp4 is missing; in test a stray unlabelled mp4.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    counts, tasks = {}, []
+    for split, size in zip(SPLITS, sizes):
+        folder = out / VIDEO_DIRS[split]
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = synth_rows(size, rng, min_seconds, max_seconds)
+        with open(out / f"{split}_sent_emo.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)  # minimal quoting and \r\n line ends, as in MELD's files
+            writer.writerow(MELD_COLUMNS)
+            for sr, r in enumerate(rows, start=1):
+                writer.writerow([sr, r["text"], r["speaker"], r["emotion"], r["sentiment"], r["dialogue"],
+                                 r["index"], r["season"], r["episode"], _clock(r["start"]),
+                                 _clock(r["start"] + r["seconds"])])
+        with open(out / f"{split}_synth_traces.jsonl", "w") as f:  # what each modality carries, for checks
+            f.writelines(json.dumps(dict(id=f"{split}/dia{r['dialogue']}_utt{r['index']}", emotion=r["emotion"],
+                                         **r["traces"])) + "\n" for r in rows)
+        last = len(rows) - 1
+        for i, r in enumerate(rows):
+            if split == "dev" and i == last:
+                continue  # missing: referenced by the CSV, never written
+            defect = {last - 1: "no audio", last: "truncated"}.get(i) if split == "train" else None
+            tasks.append((folder / f"dia{r['dialogue']}_utt{r['index']}.mp4", r["traces"], r["seconds"],
+                          r["seed"], width, height, fps, defect))
+        if split == "test":  # stray file, named like the unlabelled extras of MELD.Raw's test folder
+            tasks.append((folder / "final_videos_testdia0_utt0.mp4", {"video": "neutral", "audio": "neutral"},
+                          1.0, seed, width, height, fps, None))
+        counts[split] = len(rows)
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_synth_clip, tasks, chunksize=4)
+    else:
+        for task in tasks:
+            _synth_clip(task)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare: decode every clip once
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    fps: float = 10.0            # frames kept per second of clip
+    short_side: int = 256        # pixels: frames are shrunk so that min(H, W) is this (never enlarged)
+    max_seconds: float = 15.0    # seconds kept per clip (MELD has a few clips of several minutes)
+    jpeg_quality: int = 90
+
+
+def _frame_targets(t, duration, fps, next_k):
+    """Target frame numbers k >= next_k with k / fps before the end of the source frame shown from t."""
+    ks = []
+    while next_k / fps < t + duration - 1e-6:  # a gap in the source repeats the next frame
+        ks.append(next_k)
+        next_k += 1
+    return ks, next_k
+
+
+def extract_clip(src, dst, settings):
+    """Decode src (mp4) into the folder dst: 000000.jpg … at settings.fps and short side, audio.npy
+    (int16, 16 kHz mono). Memory stays bounded: frames are resized and written as they are decoded,
+    and decoding stops at settings.max_seconds. Returns the manifest fields; raises on failure."""
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    frames_written, audio, video_seconds, source_seconds = 0, [], 0.0, 0.0
+    with av.open(str(src)) as container:
+        source_seconds = (container.duration or 0) / av.time_base
+        vstream = container.streams.video[0] if container.streams.video else None
+        astream = container.streams.audio[0] if container.streams.audio else None
+        if vstream is None and astream is None:
+            raise ValueError("no video and no audio stream")
+        streams = [s for s in (vstream, astream) if s is not None]
+        for s in streams:
+            s.thread_type = "AUTO"
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE) if astream else None
+        src_fps = float(vstream.average_rate or 25) if vstream else 25.0
+        next_k, t0, size, done = 0, None, None, set()
+        for packet in container.demux(streams):
+            stream = packet.stream
+            if stream in done:
+                continue
+            for frame in packet.decode():
+                if stream is vstream:
+                    t0 = frame.time if t0 is None else t0
+                    t = (frame.time - t0) if frame.time is not None else frames_written / settings.fps
+                    if t >= settings.max_seconds:
+                        done.add(vstream)
+                        break
+                    ks, next_k = _frame_targets(t, 1.0 / src_fps, settings.fps, next_k)
+                    if not ks:
+                        continue
+                    if size is None:
+                        scale = min(1.0, settings.short_side / min(frame.width, frame.height))
+                        size = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+                    rgb = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
+                    jpeg = encode_jpeg(torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1),
+                                       quality=settings.jpeg_quality).numpy().tobytes()
+                    for k in ks:
+                        (dst / f"{k:06d}.jpg").write_bytes(jpeg)
+                    frames_written = next_k
+                    video_seconds = min(t + 1.0 / src_fps, settings.max_seconds)
+                else:
+                    for chunk in resampler.resample(frame):
+                        audio.append(chunk.to_ndarray().reshape(-1))
+                    if sum(map(len, audio)) >= settings.max_seconds * AUDIO_RATE:
+                        done.add(astream)
+                        break
+            if len(done) == len(streams):
+                break
+        if resampler is not None and astream not in done:
+            for chunk in resampler.resample(None):
+                audio.append(chunk.to_ndarray().reshape(-1))
+    audio = np.concatenate(audio)[: int(settings.max_seconds * AUDIO_RATE)] if audio else np.zeros(0, np.int16)
+    if len(audio):
+        np.save(dst / "audio.npy", audio.astype(np.int16))
+    if vstream is not None and frames_written == 0:
+        raise ValueError("video stream decoded to no frames")
+    reasons = []
+    if vstream is None:
+        reasons.append("no video stream")
+    if astream is None:
+        reasons.append("no audio stream")
+    elif len(audio) == 0:
+        reasons.append("audio stream decoded to no samples")
+    kept = max(video_seconds, len(audio) / AUDIO_RATE)
+    truncated = source_seconds > settings.max_seconds + 0.5
+    if truncated:
+        reasons.append(f"too long: kept the first {settings.max_seconds:g} of {source_seconds:.1f} s")
+    return dict(status="ok", reason="; ".join(reasons), frames=frames_written,
+                width=size[0] if size else 0, height=size[1] if size else 0,
+                seconds=round(kept, 3), source_seconds=round(source_seconds, 3), truncated=truncated,
+                audio_samples=int(len(audio)))
+
+
+def _prepare_one(task):
+    """Worker: extract one clip into a temporary folder, then rename it into place (atomic)."""
+    clip_id, src, out, settings, error = task
+    entry = dict(id=clip_id, split=clip_id.split("/")[0], file=src and str(src))
+    if error:
+        return entry | dict(status="error", reason=error)
+    final = Path(out) / clip_id
+    tmp = final.parent / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        info = extract_clip(src, tmp, settings)
+    except (av.FFmpegError, ValueError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = str(e).replace(str(src), "").strip(" :;'\"") or type(e).__name__
+        return entry | dict(status="error", reason=f"corrupt: {message}")
+    shutil.rmtree(final, ignore_errors=True)  # left by a run killed between rename and manifest line
+    os.rename(tmp, final)
+    return entry | info
+
+
+def read_manifest(cache):
+    """Manifest lines of a cache as {id: entry}. A last line cut off by a kill is ignored."""
+    path = Path(cache) / "manifest.jsonl"
+    entries = {}
+    if path.exists():
+        for line in path.read_text().splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break
+            entry = json.loads(line)
+            entries[entry["id"]] = entry
+    return entries
+
+
+def _worker_init():
+    torch.set_num_threads(1)
+
+
+def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1, progress=True):
+    """Decode MELD.Raw (or synth output) at meld_root into the cache folder out. Resumable.
+
+    Returns {split: Counter(reason)} for the clips processed in this call and before."""
+    from tqdm import tqdm
+
+    meld_root, out = Path(meld_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = PrepareSettings(float(settings.fps), int(settings.short_side), float(settings.max_seconds),
+                               int(settings.jpeg_quality))
+    settings_path, wanted = out / "prepare.json", dict(settings.__dict__, audio_rate=AUDIO_RATE)
+    if settings_path.exists() and json.loads(settings_path.read_text()) != wanted:
+        raise SystemExit(f"{out} was prepared with {settings_path.read_text().strip()}; asked for {wanted}. "
+                         "Use the same settings to continue it, or another --out.")
+    settings_path.write_text(json.dumps(wanted) + "\n")
+
+    tasks = []
+    for split in splits:
+        csv_path = find_csv(meld_root, split)
+        if csv_path is None:
+            print(f"{split}: no {split}_sent_emo.csv under {meld_root}: skipped")
+            continue
+        rows = read_meld_csv(csv_path, split)
+        tmp = out / f".{split}_sent_emo.csv.tmp"
+        tmp.write_text(read_text(csv_path), encoding="utf-8", newline="")
+        os.replace(tmp, out / f"{split}_sent_emo.csv")
+        folder = meld_root / VIDEO_DIRS[split]
+        (out / split).mkdir(exist_ok=True)
+        for stale in (out / split).glob(".tmp-*"):
+            shutil.rmtree(stale)
+        labelled = set()
+        for row in rows:
+            name = row.id.split("/")[1]
+            labelled.add(f"{name}.mp4")
+            src = folder / f"{name}.mp4"
+            tasks.append((row.id, src, out, settings, None if src.is_file() else f"missing: {src} not found"))
+        for stray in sorted(folder.glob("*.mp4")) if folder.is_dir() else []:
+            if stray.name not in labelled:
+                tasks.append((f"{split}/{stray.stem}", stray, out, settings,
+                              f"unlabelled: not in {csv_path.name}"))
+
+    done = read_manifest(out)
+    manifest = out / "manifest.jsonl"
+    with open(manifest, "w") as f:  # rewrite without a line cut off by a kill
+        f.writelines(json.dumps(e) + "\n" for e in done.values())
+    todo = [t for t in tasks if t[0] not in done]
+    print(f"prepare {meld_root} -> {out}: {len(tasks)} clips, {len(tasks) - len(todo)} already done, "
+          f"{len(todo)} to do with {workers} worker(s)")
+    with open(manifest, "a") as f:
+        if workers > 1 and len(todo) > 1:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+            results = pool.imap_unordered(_prepare_one, todo)
+        else:
+            pool, results = None, map(_prepare_one, todo)
+        for entry in tqdm(results, total=len(todo), disable=not progress, unit="clip"):
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            done[entry["id"]] = entry
+        if pool is not None:
+            pool.close()
+            pool.join()
+    summary = collections.defaultdict(collections.Counter)
+    for entry in done.values():
+        summary[entry["split"]][entry["status"] if not entry["reason"] else entry["reason"].split(":")[0]] += 1
+    for split, counts in summary.items():
+        print(f"  {split}: " + ", ".join(f"{n} {reason}" for reason, n in counts.most_common()))
+    return dict(summary)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset
+# ------------------------------------------------------------------------------------------------
+
+def sample_frame_indices(available, num_frames, mode, generator=None, view=0, num_views=1):
+    """Which of `available` cached frames (at the fixed rate) to read for one clip.
+
+    mode "fixed": num_frames consecutive frames; training (a generator given) picks a random start
+    (temporal jitter), evaluation the centre, or view v of num_views evenly spaced windows.
+    mode "uniform": one frame from each of num_frames equal segments spanning the whole clip
+    (random inside the segment in training, its centre in evaluation).
+    A clip shorter than num_frames gives all its frames: the caller pads and masks.
+    """
+    if available <= num_frames:
+        return list(range(available))
+    if mode == "fixed":
+        if generator is not None:
+            start = int(torch.randint(available - num_frames + 1, (1,), generator=generator))
+        elif num_views > 1:
+            start = round(view * (available - num_frames) / (num_views - 1))
+        else:
+            start = (available - num_frames) // 2
+        return list(range(start, start + num_frames))
+    if mode == "uniform":
+        edges = np.linspace(0, available, num_frames + 1)
+        offsets = torch.rand(num_frames, generator=generator).numpy() if generator is not None else 0.5
+        return np.minimum((edges[:-1] + offsets * np.diff(edges)).astype(int), available - 1).tolist()
+    raise ValueError(f"unknown frame sampling {mode!r} (expected 'fixed' or 'uniform')")
+
+
+def _uniform(generator, low, high):
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def transform_video(frames, crop_size, generator=None):
+    """uint8 [t, 3, h, w] -> uint8 [t, 3, crop, crop], the same geometry for every frame of the clip.
+
+    Evaluation: resize the short side to crop·8/7 (256 for 224) and take the centre crop.
+    Training (a generator given): scale jitter (short side uniform in crop·[8/7, 10/7], i.e. 256–320
+    for 224, as SlowFast trains), a random square crop, horizontal flip, rotation within ±15° (zeros
+    outside the frame), brightness and contrast within ±20%. Crop, scale, flip and rotation are one
+    bilinear `grid_sample` from the source frames, and the colour change one affine map on its
+    float output: about 3x cheaper than applying the steps one by one.
+    """
+    t, C, h, w = frames.shape
+    short = min(h, w)
+    if generator is None:
+        box = round(crop_size * short / round(crop_size * 8 / 7))
+        top, left = (h - box) // 2, (w - box) // 2
+        return TF.resized_crop(frames, top, left, box, box, [crop_size, crop_size], antialias=True)
+    box = round(crop_size * short / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
+    top = int(torch.randint(h - box + 1, (1,), generator=generator))
+    left = int(torch.randint(w - box + 1, (1,), generator=generator))
+    flip = float(torch.rand((), generator=generator)) < 0.5
+    angle = _uniform(generator, -15, 15)
+    brightness, contrast = _uniform(generator, 0.8, 1.2), _uniform(generator, 0.8, 1.2)
+    return augment_video(frames, crop_size, top, left, box, flip, angle, brightness, contrast)
+
+
+def augment_video(frames, crop_size, top, left, box, flip, degrees, brightness, contrast):
+    """The training transform with its parameters given: uint8 [t, 3, h, w] -> uint8 [t, 3, crop, crop]."""
+    t, C, h, w = frames.shape
+    # affine_grid maps output coordinates (u, v) in [-1, 1]² to input coordinates in the box:
+    # on the image: mirror when flipping, then rotate by `degrees` (counter-clockwise, as torchvision).
+    cos, sin, mirror = math.cos(math.radians(degrees)), math.sin(math.radians(degrees)), -1.0 if flip else 1.0
+    theta = torch.tensor([[[cos * mirror, -sin * mirror, 0.0], [sin, cos, 0.0]]])        # [1, 2, 3]
+    grid = F.affine_grid(theta, [1, 1, crop_size, crop_size], align_corners=False)       # [1, crop, crop, 2]
+    crop = frames[:, :, top:top + box, left:left + box].reshape(1, t * C, box, box)       # frames as channels
+    out = F.grid_sample(crop.float(), grid, mode="bilinear", align_corners=False)         # [1, t*3, crop, crop]
+    out = out.view(t, C, crop_size, crop_size)
+    if brightness != 1 or contrast != 1:
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)                                      # [t, 1, 1, 1]
+        # brightness b, then contrast c around the frame's mean: c·(b·x) + (1 − c)·b·mean
+        out = out.mul_(brightness * contrast).add_((1 - contrast) * brightness * mean)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def spec_augment(logmel, generator, freq_masks=2, freq_width=8, time_masks=2, time_fraction=0.1):
+    """SpecAugment (Park et al., 2019) on [n_mels, A]: masked bands are set to the clip's mean."""
+    n_mels, length = logmel.shape
+    logmel, fill = logmel.clone(), logmel.mean()
+    for _ in range(freq_masks):
+        width = int(torch.randint(freq_width + 1, (1,), generator=generator))
+        start = int(torch.randint(max(n_mels - width, 0) + 1, (1,), generator=generator))
+        logmel[start:start + width] = fill
+    for _ in range(time_masks):
+        width = int(torch.randint(int(time_fraction * length) + 1, (1,), generator=generator))
+        start = int(torch.randint(max(length - width, 0) + 1, (1,), generator=generator))
+        logmel[:, start:start + width] = fill
+    return logmel
+
+
+class MELDDataset(Dataset):
+    """One split of MELD (or synth) as samples for `collate`.
+
+    root: a cache written by `prepare`, or for modalities=("text",) any folder with the CSVs.
+    Items are keyed by (epoch, index) when training: the augmentation of sample i in epoch e comes
+    from a generator seeded with (seed, e, i), the same whichever worker loads it, so a resumed run
+    sees the same augmentations as an uninterrupted one. Plain integer keys mean epoch 0.
+
+    Clips are excluded, and counted in self.excluded by reason, when their extraction failed or when
+    they lack a selected modality (for example the video-only clip with no audio stream is used when
+    audio is not selected, and excluded when it is). Nothing is ever replaced by a blank.
+    """
+
+    def __init__(self, root, split, modalities=("video", "audio", "text"), tokenizer=None, train=False,
+                 num_frames=32, crop_size=224, frame_sampling="fixed", n_mels=64, max_audio_seconds=10.0,
+                 max_text_tokens=128, context=0, seed=0):
+        self.root, self.split, self.modalities, self.train = Path(root), split, tuple(modalities), train
+        unknown = set(self.modalities) - {"video", "audio", "text"}
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty subset of video, audio, text; got {modalities}")
+        self.num_frames, self.crop_size, self.frame_sampling = num_frames, crop_size, frame_sampling
+        self.max_audio_frames = int(max_audio_seconds * AUDIO_RATE / MEL_HOP)
+        self.seed = seed
+        csv_path = find_csv(self.root, split)
+        if csv_path is None:
+            raise FileNotFoundError(f"{self.root / f'{split}_sent_emo.csv'}: no {split} split here")
+        rows = read_meld_csv(csv_path, split)
+
+        self.excluded = collections.Counter()
+        self.entries = {}
+        if {"video", "audio"} & set(self.modalities):
+            manifest = read_manifest(self.root)
+            if not manifest:
+                raise FileNotFoundError(f"{self.root / 'manifest.jsonl'} not found or empty: run "
+                                        f"`python data.py prepare --meld-root MELD_RAW --out {self.root}` first, "
+                                        "or use text only")
+            missing = [r.id for r in rows if r.id not in manifest]
+            if missing:
+                raise RuntimeError(f"{self.root / 'manifest.jsonl'}: {len(missing)} of {len(rows)} {split} clips "
+                                   f"(e.g. {missing[0]}) were never prepared; re-run prepare to finish it")
+            kept = []
+            for r in rows:
+                entry = manifest[r.id]
+                if entry["status"] != "ok":
+                    self.excluded[entry["reason"].split(":")[0]] += 1
+                elif "video" in self.modalities and entry["frames"] == 0:
+                    self.excluded["no video"] += 1
+                elif "audio" in self.modalities and entry["audio_samples"] == 0:
+                    self.excluded["no audio"] += 1
+                else:
+                    kept.append(r)
+                    self.entries[r.id] = entry
+            all_rows, rows = rows, kept
+        else:
+            all_rows = rows
+        self.rows = rows
+
+        if "text" in self.modalities:
+            if tokenizer is None:
+                raise ValueError("the text modality needs a tokenizer (model.load_tokenizer)")
+            self.pad_token_id = tokenizer.pad_token_id
+            history = collections.defaultdict(dict)  # context comes from the CSV, whatever the clips
+            for r in all_rows:
+                history[r.dialogue][r.index] = f"{r.speaker}: {r.text}"
+            self.tokens = [self._tokenize(tokenizer, r, history[r.dialogue], context, max_text_tokens)
+                           for r in rows]
+        if "audio" in self.modalities:
+            self.melspec = torchaudio.transforms.MelSpectrogram(
+                sample_rate=AUDIO_RATE, n_fft=MEL_WINDOW, hop_length=MEL_HOP, n_mels=n_mels)
+
+    @staticmethod
+    def _tokenize(tokenizer, row, dialogue, context, max_tokens):
+        """Token ids of the utterance; with context > 0, the previous `context` utterances of the same
+        dialogue ("Speaker: text", oldest first) form the first segment, dropping the oldest whole
+        utterances that do not fit."""
+        previous = [dialogue[i] for i in range(row.index - context, row.index) if i in dialogue] if context else []
+        budget = max_tokens - len(tokenizer(row.text, add_special_tokens=False)["input_ids"]) - 3
+        while previous and len(tokenizer(" ".join(previous), add_special_tokens=False)["input_ids"]) > budget:
+            previous.pop(0)
+        if previous:
+            enc = tokenizer(" ".join(previous), row.text, truncation="only_second", max_length=max_tokens)
+        else:
+            enc = tokenizer(row.text, truncation=True, max_length=max_tokens)
+        return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+
+    def summary(self):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.excluded.items(), key=lambda x: (-x[1], x[0])))
+        return (f"{self.split}: {len(self.rows)} clips ({'+'.join(self.modalities)})"
+                + (f", {sum(self.excluded.values())} excluded: {reasons}" if self.excluded else ""))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def labels(self):
+        return [r.emotion for r in self.rows]
+
+    def __getitem__(self, key, view=0, num_views=1):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        row = self.rows[index]
+        generator = None
+        if self.train:  # augmentation keyed by (seed, epoch, index), not by worker
+            state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2, np.uint64)
+            generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        sample = dict(id=row.id, emotion=row.emotion, sentiment=row.sentiment)
+        if "video" in self.modalities:
+            entry = self.entries[row.id]
+            picks = sample_frame_indices(entry["frames"], self.num_frames, self.frame_sampling,
+                                         generator, view, num_views)
+            folder = self.root / row.id
+            try:
+                jpegs = [torch.frombuffer(bytearray((folder / f"{k:06d}.jpg").read_bytes()), dtype=torch.uint8)
+                         for k in picks]
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
+                                        "the cache is damaged, re-run prepare into a new folder") from None
+            frames = torch.stack(decode_jpeg(jpegs))                     # [t, 3, h, w] uint8
+            frames = transform_video(frames, self.crop_size, generator)  # [t, 3, crop, crop]
+            sample["video"] = frames.permute(1, 0, 2, 3)                 # [3, t, crop, crop]
+        if "audio" in self.modalities:
+            wave = np.load(self.root / row.id / "audio.npy", mmap_mode="r")
+            wave = torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)
+            logmel = torch.log(self.melspec(wave) + 1e-6)                 # [n_mels, A]
+            if logmel.shape[1] > self.max_audio_frames:                   # a window, like video
+                extra = logmel.shape[1] - self.max_audio_frames
+                start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator else extra // 2
+                logmel = logmel[:, start:start + self.max_audio_frames]
+            sample["audio"] = spec_augment(logmel, generator) if generator is not None else logmel
+        if "text" in self.modalities:
+            sample.update(self.tokens[index])
+        return sample
+
+
+def collate(samples, num_frames=None, pad_token_id=0):
+    """List of samples -> the batch dict of the module docstring. Video is padded to num_frames."""
+    batch = dict(ids=[s["id"] for s in samples],
+                 emotion=torch.tensor([s["emotion"] for s in samples]),
+                 sentiment=torch.tensor([s["sentiment"] for s in samples]))
+    B = len(samples)
+    if "video" in samples[0]:
+        C, _, H, W = samples[0]["video"].shape
+        T = num_frames or max(s["video"].shape[1] for s in samples)
+        batch["video"] = torch.zeros(B, C, T, H, W, dtype=torch.uint8)
+        batch["video_mask"] = torch.zeros(B, T, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            t = s["video"].shape[1]
+            batch["video"][i, :, :t] = s["video"]
+            batch["video_mask"][i, :t] = True
+    if "audio" in samples[0]:
+        n_mels, A = samples[0]["audio"].shape[0], max(s["audio"].shape[1] for s in samples)
+        batch["audio"] = torch.zeros(B, n_mels, A)
+        batch["audio_mask"] = torch.zeros(B, A, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            a = s["audio"].shape[1]
+            batch["audio"][i, :, :a] = s["audio"]
+            batch["audio_mask"][i, :a] = True
+    if "input_ids" in samples[0]:
+        L = max(len(s["input_ids"]) for s in samples)
+        batch["input_ids"] = torch.full((B, L), pad_token_id, dtype=torch.long)
+        batch["attention_mask"] = torch.zeros(B, L, dtype=torch.long)
+        if "token_type_ids" in samples[0]:
+            batch["token_type_ids"] = torch.zeros(B, L, dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            batch["input_ids"][i, :n] = torch.tensor(s["input_ids"])
+            batch["attention_mask"][i, :n] = 1
+            if "token_type_ids" in s:
+                batch["token_type_ids"][i, :n] = torch.tensor(s["token_type_ids"])
+    return batch
+
+
+class ClipSampler(Sampler):
+    """Order of samples for one epoch, yielding (epoch, index) keys; the one sampler for every case.
+
+    shuffle: a permutation from a generator of its own seeded with (seed, epoch), so the order of an
+    epoch can be rebuilt on resume; balanced: draws with replacement, probability ∝ 1 / class count
+    (what `WeightedRandomSampler` does); distributed (num_replicas > 1): rank r takes every
+    num_replicas-th sample, as `DistributedSampler` does. Training pads the order to a multiple of
+    num_replicas so every rank takes the same number of steps; evaluation (pad=False) does not, so
+    every sample is seen exactly once across ranks. set_epoch(epoch, skip) starts after `skip`
+    samples of this rank (the batches already consumed before an interruption).
+    """
+
+    def __init__(self, labels, shuffle, balanced=False, num_replicas=1, rank=0, seed=0, pad=True):
+        self.labels, self.shuffle, self.balanced = torch.as_tensor(labels), shuffle, balanced
+        self.num_replicas, self.rank, self.seed, self.pad = num_replicas, rank, seed, pad
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self):
+        n = len(self.labels)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.balanced:
+            weights = 1.0 / torch.bincount(self.labels).float()[self.labels]
+            order = torch.multinomial(weights, n, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if self.pad and n % self.num_replicas:
+            order = torch.cat([order, order[: self.num_replicas - n % self.num_replicas]])
+        return order[self.rank::self.num_replicas].tolist()
+
+    def __len__(self):
+        n = len(self.labels)
+        per_rank = math.ceil(n / self.num_replicas) if self.pad else len(range(self.rank, n, self.num_replicas))
+        return per_rank - self.skip
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self._order()[self.skip:]])
+
+
+def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0, num_replicas=1, rank=0,
+                pin_memory=None):
+    """DataLoader over a MELDDataset: ClipSampler (random or balanced, sharded when distributed),
+    drop_last in training (BatchNorm in the heads cannot take a batch of one, and equal micro-batches
+    keep gradient accumulation exact), persistent workers, pinned memory when CUDA is available."""
+    if sampler not in ("random", "balanced"):
+        raise ValueError(f"unknown sampler {sampler!r} (expected 'random' or 'balanced')")
+    order = ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
+                        num_replicas=num_replicas, rank=rank, seed=seed, pad=train)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=order, drop_last=train, num_workers=workers,
+        collate_fn=functools.partial(collate, num_frames=dataset.num_frames if "video" in dataset.modalities else None,
+                                     pad_token_id=getattr(dataset, "pad_token_id", 0)),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("synth", help="write MELD-format synthetic clips (MELD.Raw layout)")
+    s.add_argument("--out", required=True, help="folder to write (MELD.Raw layout)")
+    s.add_argument("--seed", type=int, default=0, help="everything written follows from this seed")
+    s.add_argument("--sizes", default="96,24,24", help="utterances in train,dev,test")
+    s.add_argument("--width", type=int, default=160, help="frame width in pixels (MELD: 1280)")
+    s.add_argument("--height", type=int, default=90, help="frame height in pixels (MELD: 720)")
+    s.add_argument("--fps", type=float, default=24, help="frame rate of the mp4 files (MELD: ~23.976)")
+    s.add_argument("--min-seconds", type=float, default=0.5, help="shortest clip")
+    s.add_argument("--max-seconds", type=float, default=6.0, help="longest clip")
+    s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="parallel processes")
+    p = commands.add_parser("prepare", help="decode every clip once into a cache folder (resumable)")
+    p.add_argument("--meld-root", required=True, help="MELD.Raw folder (or synth output)")
+    p.add_argument("--out", required=True, help="cache folder to write; re-run the same command to continue")
+    p.add_argument("--splits", default="train,dev,test", help="comma-separated splits to prepare")
+    p.add_argument("--fps", type=float, default=PrepareSettings.fps, help="frames kept per second")
+    p.add_argument("--short-side", type=int, default=PrepareSettings.short_side, help="frame short side, pixels")
+    p.add_argument("--max-seconds", type=float, default=PrepareSettings.max_seconds,
+                   help="seconds kept per clip; longer clips are cut and marked truncated in the manifest")
+    p.add_argument("--jpeg-quality", type=int, default=PrepareSettings.jpeg_quality, help="JPEG quality 1-100")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="parallel processes")
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+        counts = synth(args.out, sizes, args.seed, args.width, args.height, args.fps, args.min_seconds,
+                       args.max_seconds, args.workers)
+        print(f"wrote {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
+    else:
+        settings = PrepareSettings(args.fps, args.short_side, args.max_seconds, args.jpeg_quality)
+        prepare(args.meld_root, args.out, args.splits.split(","), settings, args.workers)
+
+
+if __name__ == "__main__":
+    main()

