@@ -349,7 +349,7 @@ def extract_clip(src, dst, settings):
     and decoding stops at settings.max_seconds. Returns the manifest fields; raises on failure."""
     dst = Path(dst)
     dst.mkdir(parents=True)
-    frames_written, audio, video_seconds, source_seconds = 0, [], 0.0, 0.0
+    frames_written, audio, audio_samples, video_seconds = 0, [], 0, 0.0
     with av.open(str(src)) as container:
         source_seconds = (container.duration or 0) / av.time_base
         vstream = container.streams.video[0] if container.streams.video else None
@@ -389,7 +389,8 @@ def extract_clip(src, dst, settings):
                 else:
                     for chunk in resampler.resample(frame):
                         audio.append(chunk.to_ndarray().reshape(-1))
-                    if sum(map(len, audio)) >= settings.max_seconds * AUDIO_RATE:
+                        audio_samples += len(audio[-1])
+                    if audio_samples >= settings.max_seconds * AUDIO_RATE:
                         done.add(astream)
                         break
             if len(done) == len(streams):
@@ -433,7 +434,8 @@ def _prepare_one(task):
     except (av.FFmpegError, ValueError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         message = str(e).replace(str(src), "").strip(" :;'\"") or type(e).__name__
-        return entry | dict(status="error", reason=f"corrupt: {message}")
+        kind = "unreadable" if isinstance(e, OSError) and not isinstance(e, av.FFmpegError) else "corrupt"
+        return entry | dict(status="error", reason=f"{kind}: {message}")
     shutil.rmtree(final, ignore_errors=True)  # left by a run killed between rename and manifest line
     os.rename(tmp, final)
     return entry | info
@@ -560,7 +562,8 @@ def _uniform(generator, low, high):
 
 
 def transform_video(frames, crop_size, generator=None):
-    """uint8 [t, 3, h, w] -> uint8 [t, 3, crop, crop], the same geometry for every frame of the clip.
+    """t frames uint8 [3, h, w] (a list, or a tensor [t, 3, h, w]) -> uint8 [t, 3, crop, crop], the
+    same geometry for every frame of the clip. Frames are cropped before they are stacked.
 
     Evaluation: resize the short side to crop·8/7 (256 for 224) and take the centre crop.
     Training (a generator given): scale jitter (short side uniform in crop·[8/7, 10/7], i.e. 256–320
@@ -569,12 +572,13 @@ def transform_video(frames, crop_size, generator=None):
     bilinear `grid_sample` from the source frames, and the colour change one affine map on its
     float output: about 3x cheaper than applying the steps one by one.
     """
-    t, C, h, w = frames.shape
+    C, h, w = frames[0].shape
     short = min(h, w)
     if generator is None:
         box = round(crop_size * short / round(crop_size * 8 / 7))
         top, left = (h - box) // 2, (w - box) // 2
-        return TF.resized_crop(frames, top, left, box, box, [crop_size, crop_size], antialias=True)
+        crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames])        # [t, 3, box, box]
+        return TF.resize(crop, [crop_size, crop_size], antialias=True)
     box = round(crop_size * short / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
     top = int(torch.randint(h - box + 1, (1,), generator=generator))
     left = int(torch.randint(w - box + 1, (1,), generator=generator))
@@ -585,21 +589,22 @@ def transform_video(frames, crop_size, generator=None):
 
 
 def augment_video(frames, crop_size, top, left, box, flip, degrees, brightness, contrast):
-    """The training transform with its parameters given: uint8 [t, 3, h, w] -> uint8 [t, 3, crop, crop]."""
-    t, C, h, w = frames.shape
+    """The training transform with its parameters given: t x uint8 [3, h, w] -> uint8 [t, 3, crop, crop]."""
+    t, C = len(frames), frames[0].shape[0]
     # affine_grid maps output coordinates (u, v) in [-1, 1]² to input coordinates in the box:
     # on the image: mirror when flipping, then rotate by `degrees` (counter-clockwise, as torchvision).
     cos, sin, mirror = math.cos(math.radians(degrees)), math.sin(math.radians(degrees)), -1.0 if flip else 1.0
     theta = torch.tensor([[[cos * mirror, -sin * mirror, 0.0], [sin, cos, 0.0]]])        # [1, 2, 3]
     grid = F.affine_grid(theta, [1, 1, crop_size, crop_size], align_corners=False)       # [1, crop, crop, 2]
-    crop = frames[:, :, top:top + box, left:left + box].reshape(1, t * C, box, box)       # frames as channels
+    crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames])            # [t, 3, box, box]
+    crop = crop.view(1, t * C, box, box)                                                  # frames as channels
     out = F.grid_sample(crop.float(), grid, mode="bilinear", align_corners=False)         # [1, t*3, crop, crop]
     out = out.view(t, C, crop_size, crop_size)
     if brightness != 1 or contrast != 1:
         mean = out.mean(dim=(1, 2, 3), keepdim=True)                                      # [t, 1, 1, 1]
         # brightness b, then contrast c around the frame's mean: c·(b·x) + (1 − c)·b·mean
         out = out.mul_(brightness * contrast).add_((1 - contrast) * brightness * mean)
-    return out.clamp_(0, 255).round_().to(torch.uint8)
+    return out.add_(0.5).clamp_(0, 255).to(torch.uint8)  # + 0.5 and truncation: rounding
 
 
 def spec_augment(logmel, generator, freq_masks=2, freq_width=8, time_masks=2, time_fraction=0.1):
@@ -732,7 +737,7 @@ class MELDDataset(Dataset):
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
                                         "the cache is damaged, re-run prepare into a new folder") from None
-            frames = torch.stack(decode_jpeg(jpegs))                     # [t, 3, h, w] uint8
+            frames = decode_jpeg(jpegs)                                  # t x [3, h, w] uint8
             frames = transform_video(frames, self.crop_size, generator)  # [t, 3, crop, crop]
             sample["video"] = frames.permute(1, 0, 2, 3)                 # [3, t, crop, crop]
         if "audio" in self.modalities:
