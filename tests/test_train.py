@@ -1,0 +1,288 @@
+"""train.py: schedule, accumulation, unfreezing, early stopping, checkpoints, exact resume, DDP,
+the demo, W&B offline and the Hub upload failing cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import model as model_lib
+import train
+from conftest import ROOT
+
+TIMING = ("seconds", "clips_per_s", "data_wait", "peak_memory_mb")
+
+
+def small_args(cache, tiny_bert, out, *extra):
+    """A CPU-sized run on the session's synth cache: every branch, tiny widths."""
+    return ["--data", str(cache), "--out", str(out), "--video-arch", "tiny", "--video-init", "random",
+            "--text-model", str(tiny_bert), "--num-frames", "8", "--crop-size", "32", "--audio-channels", "4,8,8,8",
+            "--fusion-dim", "32", "--batch-size", "2", "--accum-steps", "1", "--eval-batch-size", "2",
+            "--epochs", "2", "--min-epochs", "2", "--workers", "0", "--device", "cpu", "--unfreeze", "", *extra]
+
+
+def run_train(argv, **env):
+    """train.py in a subprocess (one thread per process, offline)."""
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+                       WANDB_SILENT="true", PYTHONUNBUFFERED="1", **env)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
+                          env=environment, timeout=600)
+
+
+def small_model(tiny_bert, modalities=("audio", "text")):
+    torch.manual_seed(0)
+    return model_lib.EmotionModel(modalities=modalities, video_arch="tiny", text_model=str(tiny_bert),
+                                  audio_channels=(4, 8, 8, 8), fusion_dim=32)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def test_onecycle_schedule_is_sized_from_the_loader(cache, tokenizer):
+    args = train.parse_args(["--epochs", "20", "--accum-steps", "2"])
+    ds = data.MELDDataset(cache, "train", ("text",), tokenizer, train=True)
+    loader = data.make_loader(ds, batch_size=4, train=True, workers=0)
+    assert len(loader) == len(ds) // 4  # drop_last
+    steps = train.optimizer_steps_per_epoch(len(loader), args.accum_steps)
+    assert steps == len(ds) // 4 // 2
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([dict(params=[parameter], lr=args.lr)])
+    scheduler = train.build_scheduler(optimizer, args, steps)
+    N = args.epochs * steps
+    lrs = []
+    for _ in range(N):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[round(0.3 * N) - 1] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-5)
+    with pytest.raises(ValueError):
+        scheduler.step()  # one step past N: the schedule was sized exactly
+    assert train.onecycle_lr(0.0, 1e-3, args) == pytest.approx(1e-5)
+    assert train.onecycle_lr(0.3, 1e-3, args) == pytest.approx(1e-3)
+
+
+def test_gradient_accumulation_equals_one_big_batch(cache, tiny_bert, tokenizer):
+    """Three micro-batches of 4 with different class mixes == one batch of 12, through train.py's
+    step function with the default class-weighted focal loss, BatchNorm in eval mode."""
+    args = train.parse_args([])
+    ds = data.MELDDataset(cache, "train", ("audio", "text"), tokenizer)
+    assert len(ds) >= 12
+    samples = sorted((ds[i] for i in range(len(ds))), key=lambda s: s["emotion"])[-12:]  # micro-batches by class
+    collate = lambda xs: data.collate(xs, pad_token_id=tokenizer.pad_token_id)  # noqa: E731
+    micro = [collate(samples[i:i + 4]) for i in range(0, 12, 4)]
+    assert len({tuple(b["emotion"].tolist()) for b in micro}) > 1
+    criteria = train.build_criteria(args, ds.labels(), len(data.EMOTIONS))
+    assert criteria[0].alpha is not None and criteria[0].gamma == 2.0
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def gradients(batches):
+        model = small_model(tiny_bert).eval()
+        loss = train.accumulate_gradients(model, batches, criteria, args.sentiment_weight, None, scaler)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_micro, grads_micro = gradients(micro)
+    loss_whole, grads_whole = gradients([collate(samples)])
+    assert loss_micro == pytest.approx(loss_whole, rel=1e-5)
+    assert grads_micro.keys() == grads_whole.keys() and len(grads_whole) > 20
+    for name in grads_whole:
+        torch.testing.assert_close(grads_micro[name], grads_whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_optimizer_step_skips_non_finite_gradients_and_still_updates_the_scaler():
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    before = layer.weight.detach().clone()
+    layer(torch.tensor([[float("nan"), 1.0]])).sum().backward()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    norm, stepped = train.optimizer_step(layer, optimizer, scaler, clip_grad=1.0)
+    assert not stepped and torch.equal(layer.weight, before) and layer.weight.grad is None
+    layer(torch.tensor([[1.0, 1.0]])).sum().backward()
+    norm, stepped = train.optimizer_step(layer, optimizer, scaler, clip_grad=1.0)
+    assert stepped and not torch.equal(layer.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------- unfreezing
+
+def test_unfreeze_schedule_trains_exactly_the_named_stages_from_their_epoch(cache, tiny_bert, tokenizer):
+    schedule = train.parse_unfreeze("3:text.layer.1,6:text.layer.0,9:text.embeddings")
+    model = small_model(tiny_bert, ("text",))
+    frozen = train.frozen_at_start(model, schedule)
+    assert sorted(frozen) == ["text.embeddings", "text.layer.0", "text.layer.1"]
+    model_lib.set_frozen(model, frozen, True)
+    args = train.parse_args([])
+    optimizer = train.build_optimizer(model, args)
+    ds = data.MELDDataset(cache, "train", ("text",), tokenizer)
+    batch = data.collate([ds[i] for i in range(4)], pad_token_id=tokenizer.pad_token_id)
+    criteria = train.build_criteria(args, ds.labels(), len(data.EMOTIONS))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    named = {"text.layer.1": 3, "text.layer.0": 6, "text.embeddings": 9}
+    for epoch in range(11):
+        if schedule.get(epoch):
+            model_lib.set_frozen(model, schedule[epoch], False)
+        before = {stage: {k: p.detach().clone() for k, p in train.stage_params(model, [stage]).items()} for stage in named}
+        model.train()
+        train.accumulate_gradients(model, [batch], criteria, 0.5, None, scaler)
+        train.optimizer_step(model, optimizer, scaler, 1.0)
+        for stage, start in named.items():
+            after = train.stage_params(model, [stage])
+            changed = any(not torch.equal(after[k], v) for k, v in before[stage].items())
+            assert changed == (epoch >= start), (stage, epoch)
+    heads = train.stage_params(model, ["heads"])
+    assert all(p.requires_grad for p in heads.values())  # new parts trained all along
+
+
+def test_unknown_or_empty_stage_is_an_error_at_start_up(cache, tiny_bert, tmp_path):
+    result = run_train(small_args(cache, tiny_bert, tmp_path / "run", "--unfreeze", "3:video.res9"))
+    assert result.returncode != 0 and "unknown stage 'video.res9'" in result.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()  # refused before any training
+    with pytest.raises(SystemExit, match="not EPOCH:STAGE"):
+        train.parse_unfreeze("video.res5")
+
+
+# ---------------------------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_patience_minimum_epochs_and_minimum_gain():
+    stopper = train.EarlyStopping(patience=2, min_epochs=5, min_delta=0.01)
+    scores = [0.30, 0.35, 0.355, 0.359, 0.40, 0.405, 0.41, 0.42]
+    improved, stops = [], []
+    for epoch, score in enumerate(scores):
+        improved.append(stopper.step(epoch, score))
+        stops.append(stopper.should_stop(epoch))
+    # +0.005 and +0.009 are below min_delta; 0.41 is only +0.01 over 0.40 (not more): no gain
+    assert improved == [True, True, False, False, True, False, False, True]
+    assert stops == [False, False, False, False, False, False, True, False]  # epoch 3 had patience used, but < 5 epochs
+    assert stopper.best == 0.42 and stopper.best_epoch == 7
+    restored = train.EarlyStopping(2, 5, 0.01)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.state_dict() == stopper.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoints_are_atomic_plain_and_refuse_pickles(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train.save_checkpoint(path, dict(model={"w": torch.ones(2)}, rng=train.rng_state()))
+
+    def cut_off(obj, f):  # a write killed halfway
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, dict(model={"w": torch.zeros(2)}))
+    monkeypatch.undo()
+    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+    import argparse
+    torch.save(dict(args=argparse.Namespace(lr=1.0)), tmp_path / "pickled.pt")
+    with pytest.raises(SystemExit, match="weights_only"):
+        train.load_checkpoint(tmp_path / "pickled.pt")
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    train.save_checkpoint(tmp_path / "rng.pt", dict(rng=train.rng_state()))
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    train.set_rng_state(train.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path):
+    """A run killed (SIGKILL) inside epoch 2, after the unfreeze at epoch 2, and resumed, ends
+    with bitwise the same weights and the same metrics as the uninterrupted run."""
+    extra = ("--epochs", "4", "--min-epochs", "4", "--workers", "2", "--deterministic", "--save-every", "1",
+             "--unfreeze", "2:text.layer.1")
+    reference = run_train(small_args(cache, tiny_bert, tmp_path / "reference", *extra))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    argv = small_args(cache, tiny_bert, tmp_path / "killed", *extra)
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
+    last, deadline = tmp_path / "killed" / "last.pt", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if last.exists():
+            state = torch.load(last, weights_only=True)
+            if state["epoch"] == 2 and state["step_in_epoch"] >= 2:
+                break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 2 and 2 <= state["step_in_epoch"], "the kill did not land inside epoch 2"
+    assert not (tmp_path / "killed" / "test_metrics.json").exists()
+
+    resumed = run_train(argv + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    log_a = [json.loads(line) for line in (tmp_path / "reference" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert len(log_a) == len(log_b) == 4
+    for x, y in zip(log_a, log_b):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+    assert log_a[2]["trainable"] > log_a[1]["trainable"]  # the unfreeze happened in epoch 2
+    assert (tmp_path / "reference" / "test_metrics.json").read_text() == \
+        (tmp_path / "killed" / "test_metrics.json").read_text()
+
+
+def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny_bert, tmp_path, tokenizer):
+    out = tmp_path / "ddp"
+    argv = small_args(cache, tiny_bert, out, "--unfreeze", "1:text.layer.1", "--eval-batch-size", "2")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", str(ROOT / "train.py"), *argv],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dev = data.MELDDataset(cache, "dev", ("video", "audio", "text"), tokenizer, num_frames=8, crop_size=32)
+    assert len(dev) % (2 * 2) != 0  # the last shard is short: nothing may be counted twice
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for record in log:  # the same weights on both ranks, also after the unfreeze at epoch 1
+        assert len(record["rank_checksums"]) == 2 and record["rank_checksums"][0] == record["rank_checksums"][1]
+    assert log[1]["trainable"] > log[0]["trainable"]
+    shards = [list(data.ClipSampler(dev.labels(), shuffle=False, num_replicas=2, rank=r, pad=False)) for r in range(2)]
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) + len(shards[1]) == len(dev)
+
+    ddp_predictions = {p["id"]: p for p in map(json.loads, (out / "predictions_dev.jsonl").read_text().splitlines())}
+    assert sorted(ddp_predictions) == sorted(r.id for r in dev.rows)
+    best = train.load_checkpoint(out / "best.pt")
+    model = model_lib.EmotionModel(**best["model_config"], load_pretrained=False)
+    model.load_state_dict(best["model"])
+    single = train.predict(model, data.make_loader(dev, batch_size=3, train=False, workers=0), torch.device("cpu"), None, 1)
+    for clip_id, (emotion, sentiment) in single.items():
+        torch.testing.assert_close(torch.tensor(ddp_predictions[clip_id]["emotion"]), torch.tensor(emotion))
+        torch.testing.assert_close(torch.tensor(ddp_predictions[clip_id]["sentiment"]), torch.tensor(sentiment))
+
+
+def test_demo_end_to_end_with_wandb_offline_and_hub_upload_failing_cleanly(tmp_path):
+    out = tmp_path / "demo"
+    result = run_train(["--demo", "--out", str(out), "--epochs", "2", "--min-epochs", "2", "--max-steps-per-epoch", "2",
+                        "--wandb", "--push-to-hub", "someone/meld-demo"])
+    assert result.returncode != 0, "the upload cannot succeed offline"
+    assert "--push-to-hub someone/meld-demo failed" in result.stderr and "untouched" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("--push-to-hub") and "Traceback" not in result.stderr
+    for name in ("best.pt", "last.pt", "log.jsonl", "test_metrics.json", "args.json", "predictions_test.jsonl"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert set(metrics["test"]["emotion"]["per_class"]) == set(data.EMOTIONS)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert train.load_checkpoint(out / "best.pt")["model_config"]["video_arch"] == "tiny"
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert (out / "hub" / "model.safetensors").is_file() and (out / "hub" / "README.md").is_file()
