@@ -626,6 +626,8 @@ class MELDDataset(Dataset):
     """One split of MELD (or synth) as samples for `collate`.
 
     root: a cache written by `prepare`, or for modalities=("text",) any folder with the CSVs.
+    split=None: no rows, only the clip loaders (load_video, load_audio, tokenize) with these settings,
+    for clips prepared elsewhere (evaluate.py predict).
     Items are keyed by (epoch, index) when training: the augmentation of sample i in epoch e comes
     from a generator seeded with (seed, e, i), the same whichever worker loads it, so a resumed run
     sees the same augmentations as an uninterrupted one. Plain integer keys mean epoch 0.
@@ -643,16 +645,20 @@ class MELDDataset(Dataset):
         if unknown or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of video, audio, text; got {modalities}")
         self.num_frames, self.crop_size, self.frame_sampling = num_frames, crop_size, frame_sampling
+        self.view, self.num_views = 0, 1  # evaluation window (evaluate.py --views sets them)
         self.max_audio_frames = int(max_audio_seconds * AUDIO_RATE / MEL_HOP)
         self.seed = seed
-        csv_path = find_csv(self.root, split)
-        if csv_path is None:
-            raise FileNotFoundError(f"{self.root / f'{split}_sent_emo.csv'}: no {split} split here")
-        rows = read_meld_csv(csv_path, split)
+        self.tokenizer, self.max_text_tokens = tokenizer, max_text_tokens
+        rows = []
+        if split is not None:
+            csv_path = find_csv(self.root, split)
+            if csv_path is None:
+                raise FileNotFoundError(f"{self.root / f'{split}_sent_emo.csv'}: no {split} split here")
+            rows = read_meld_csv(csv_path, split)
 
         self.excluded = collections.Counter()
         self.entries = {}
-        if {"video", "audio"} & set(self.modalities):
+        if {"video", "audio"} & set(self.modalities) and split is not None:
             manifest = read_manifest(self.root)
             if not manifest:
                 raise FileNotFoundError(f"{self.root / 'manifest.jsonl'} not found or empty: run "
@@ -686,25 +692,24 @@ class MELDDataset(Dataset):
             history = collections.defaultdict(dict)  # context comes from the CSV, whatever the clips
             for r in all_rows:
                 history[r.dialogue][r.index] = f"{r.speaker}: {r.text}"
-            self.tokens = [self._tokenize(tokenizer, r, history[r.dialogue], context, max_text_tokens)
+            self.tokens = [self.tokenize(r.text, [history[r.dialogue][i] for i in range(r.index - context, r.index)
+                                                  if i in history[r.dialogue]])
                            for r in rows]
         if "audio" in self.modalities:
             self.melspec = torchaudio.transforms.MelSpectrogram(
                 sample_rate=AUDIO_RATE, n_fft=MEL_WINDOW, hop_length=MEL_HOP, n_mels=n_mels)
 
-    @staticmethod
-    def _tokenize(tokenizer, row, dialogue, context, max_tokens):
-        """Token ids of the utterance; with context > 0, the previous `context` utterances of the same
-        dialogue ("Speaker: text", oldest first) form the first segment, dropping the oldest whole
-        utterances that do not fit."""
-        previous = [dialogue[i] for i in range(row.index - context, row.index) if i in dialogue] if context else []
-        budget = max_tokens - len(tokenizer(row.text, add_special_tokens=False)["input_ids"]) - 3
+    def tokenize(self, text, previous=()):
+        """Token ids of an utterance; `previous` utterances ("Speaker: text", oldest first) form a
+        first segment, dropping the oldest whole utterances that do not fit in max_text_tokens."""
+        tokenizer, max_tokens, previous = self.tokenizer, self.max_text_tokens, list(previous)
+        budget = max_tokens - len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 3
         while previous and len(tokenizer(" ".join(previous), add_special_tokens=False)["input_ids"]) > budget:
             previous.pop(0)
         if previous:
-            enc = tokenizer(" ".join(previous), row.text, truncation="only_second", max_length=max_tokens)
+            enc = tokenizer(" ".join(previous), text, truncation="only_second", max_length=max_tokens)
         else:
-            enc = tokenizer(row.text, truncation=True, max_length=max_tokens)
+            enc = tokenizer(text, truncation=True, max_length=max_tokens)
         return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
 
     def summary(self):
@@ -718,7 +723,7 @@ class MELDDataset(Dataset):
     def labels(self):
         return [r.emotion for r in self.rows]
 
-    def __getitem__(self, key, view=0, num_views=1):
+    def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         row = self.rows[index]
         generator = None
@@ -727,31 +732,44 @@ class MELDDataset(Dataset):
             generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         sample = dict(id=row.id, emotion=row.emotion, sentiment=row.sentiment)
         if "video" in self.modalities:
-            entry = self.entries[row.id]
-            picks = sample_frame_indices(entry["frames"], self.num_frames, self.frame_sampling,
-                                         generator, view, num_views)
-            folder = self.root / row.id
-            try:
-                jpegs = [torch.frombuffer(bytearray((folder / f"{k:06d}.jpg").read_bytes()), dtype=torch.uint8)
-                         for k in picks]
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
-                                        "the cache is damaged, re-run prepare into a new folder") from None
-            frames = decode_jpeg(jpegs)                                  # t x [3, h, w] uint8
-            frames = transform_video(frames, self.crop_size, generator)  # [t, 3, crop, crop]
-            sample["video"] = frames.permute(1, 0, 2, 3)                 # [3, t, crop, crop]
+            sample["video"] = self.load_video(self.root / row.id, self.entries[row.id]["frames"], generator)
         if "audio" in self.modalities:
-            wave = np.load(self.root / row.id / "audio.npy", mmap_mode="r")
-            wave = torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)
-            logmel = torch.log(self.melspec(wave) + 1e-6)                 # [n_mels, A]
-            if logmel.shape[1] > self.max_audio_frames:                   # a window, like video
-                extra = logmel.shape[1] - self.max_audio_frames
-                start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator else extra // 2
-                logmel = logmel[:, start:start + self.max_audio_frames]
-            sample["audio"] = spec_augment(logmel, generator) if generator is not None else logmel
+            sample["audio"] = self.load_audio(self.root / row.id, generator)
         if "text" in self.modalities:
             sample.update(self.tokens[index])
         return sample
+
+    def load_video(self, folder, available, generator=None):
+        """Frames of one prepared clip folder -> uint8 [3, t, crop, crop], t <= num_frames.
+        Evaluation takes window self.view of self.num_views (multi-view testing; 1 = the centre)."""
+        picks = sample_frame_indices(available, self.num_frames, self.frame_sampling, generator,
+                                     self.view, self.num_views)
+        try:
+            jpegs = [torch.frombuffer(bytearray((Path(folder) / f"{k:06d}.jpg").read_bytes()), dtype=torch.uint8)
+                     for k in picks]
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
+                                    "the cache is damaged, re-run prepare into a new folder") from None
+        frames = decode_jpeg(jpegs)                                  # t x [3, h, w] uint8
+        frames = transform_video(frames, self.crop_size, generator)  # [t, 3, crop, crop]
+        return frames.permute(1, 0, 2, 3)                            # [3, t, crop, crop]
+
+    def load_audio(self, folder, generator=None):
+        """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A <= max_audio_frames
+        (a random window in training, the centre in evaluation), SpecAugment in training."""
+        wave = np.load(Path(folder) / "audio.npy", mmap_mode="r")
+        wave = torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)
+        logmel = torch.log(self.melspec(wave) + 1e-6)                 # [n_mels, A]
+        if logmel.shape[1] > self.max_audio_frames:
+            extra = logmel.shape[1] - self.max_audio_frames
+            start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator else extra // 2
+            logmel = logmel[:, start:start + self.max_audio_frames]
+        return spec_augment(logmel, generator) if generator is not None else logmel
+
+
+def to_device(batch, device):
+    """Tensors of a batch to the device (non-blocking from pinned memory); ids stay a list."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def pad_time(items, length):

@@ -1,15 +1,44 @@
-"""Metrics for emotion and sentiment predictions.
+"""Evaluate a checkpoint, draw training curves, or predict the emotion of any mp4.
 
-    from evaluate import classification_metrics
-    m = classification_metrics(y_true, y_pred, data.EMOTIONS)
-    m["weighted_f1"], m["per_class"]["joy"]["f1"], m["confusion"]
+    python evaluate.py --checkpoint runs/demo/best.pt --data runs/demo/data/cache --split test
+    python evaluate.py --checkpoint runs/demo/best.pt --data runs/demo/data/cache --split test --views 3
+    python evaluate.py curves runs/demo
+    python evaluate.py predict --checkpoint runs/demo/best.pt --video clip.mp4 --text "Oh my God!"
 
-train.py uses `classification_metrics` for dev (every epoch) and test (at the end).
+The model is rebuilt from the configuration stored in the checkpoint (loaded with
+weights_only=True): no training flag has to be repeated. Evaluation writes metrics_<split>.json,
+a classification report on stdout, confusion_<split>.png (counts and row-normalised) and
+f1_<split>.png next to the checkpoint (or in --out). With --views N each clip is seen through N
+evenly spaced temporal windows and their probabilities averaged (multi-view testing); single- and
+multi-view numbers are both reported. train.py uses `classification_metrics` and `predict` for
+dev and test.
 """
 
-import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
+
+import data  # noqa: E402
+import model as model_lib  # noqa: E402
+
+TASKS = (("emotion", data.EMOTIONS), ("sentiment", data.SENTIMENTS))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
 
 def classification_metrics(y_true, y_pred, class_names):
     """Accuracy, macro F1, weighted F1, per-class precision/recall/F1/support and the confusion
@@ -30,3 +59,298 @@ def classification_metrics(y_true, y_pred, class_names):
                       for i, name in enumerate(class_names)},
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def split_metrics(predictions, dataset):
+    """{id: (emotion probs, sentiment probs)} against the dataset's labels -> {task: metrics}."""
+    rows = {r.id: r for r in dataset.rows}
+    ids = sorted(predictions)
+    metrics = {}
+    for index, (task, names) in enumerate(TASKS):
+        y_true = [getattr(rows[i], task) for i in ids]
+        y_pred = [int(np.argmax(predictions[i][index])) for i in ids]
+        metrics[task] = classification_metrics(y_true, y_pred, names)
+    return metrics
+
+
+def report(metrics, names, title):
+    """A classification report as text: one line per class, then accuracy, macro and weighted F1."""
+    lines = [title, f"{'':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"]
+    for name in names:
+        c = metrics["per_class"][name]
+        lines.append(f"{name:>12} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:9d}")
+    lines += [f"{'accuracy':>12} {metrics['accuracy']:39.4f}",
+              f"{'macro F1':>12} {metrics['macro_f1']:29.4f}", f"{'weighted F1':>12} {metrics['weighted_f1']:29.4f}"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, loader, device, amp_dtype=None, world=1):
+    """Probabilities for every clip of the loader's split, each counted once: under DDP each rank
+    runs its own shard and the results are gathered. -> {id: (emotion probs, sentiment probs)}."""
+    model.eval()
+    results = {}
+    for batch in loader:
+        batch = data.to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(batch)
+        emotion, sentiment = out["emotion"].float().softmax(-1).cpu(), out["sentiment"].float().softmax(-1).cpu()
+        for i, clip_id in enumerate(batch["ids"]):
+            results[clip_id] = (emotion[i].tolist(), sentiment[i].tolist())
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, results)
+        results = {k: v for shard in shards for k, v in shard.items()}
+    return results
+
+
+def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
+    """Probabilities averaged over `views` evenly spaced temporal windows per clip (1 = the centre
+    window, as in training's evaluation). -> {id: (emotion probs, sentiment probs)}."""
+    per_view = []
+    for view in range(views):
+        dataset.view, dataset.num_views = view, views
+        loader = data.make_loader(dataset, batch_size=batch_size, train=False, workers=workers)
+        per_view.append(predict(model, loader, device))
+    dataset.view, dataset.num_views = 0, 1
+    return {clip_id: tuple(np.mean([p[clip_id][k] for p in per_view], axis=0).tolist() for k in (0, 1))
+            for clip_id in per_view[0]}
+
+
+def load_checkpoint_model(path, device):
+    """Rebuild the model from the configuration stored in a train.py checkpoint (no download)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): {first}") from None
+    model = model_lib.EmotionModel(**checkpoint["model_config"], load_pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+def dataset_for(checkpoint, root, split):
+    """A MELDDataset (evaluation mode) with the data settings the checkpoint was trained with."""
+    args = checkpoint["args"]
+    tokenizer = model_lib.load_tokenizer(args["text_model"]) if "text" in args["modalities"] else None
+    return data.MELDDataset(root, split, args["modalities"], tokenizer, train=False, num_frames=args["num_frames"],
+                            crop_size=args["crop_size"], frame_sampling=args["frame_sampling"], n_mels=args["n_mels"],
+                            max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
+                            context=args["context"])
+
+
+def device_from(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------
+
+def plot_confusion(confusion, names, path, title):
+    """Counts and row-normalised (recall) confusion matrices side by side, numbers in the cells."""
+    counts = np.asarray(confusion)
+    rows = counts.sum(1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 1.5 + 0.7 * len(names)))
+    for ax, matrix, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], normalised, "fraction of true class", ".2f")):
+        image = ax.imshow(matrix, cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} ({label})")
+        limit = matrix.max() / 2 if matrix.max() > 0 else 1
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > limit else "black")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class_f1(metrics, path, title):
+    """One bar chart per task: F1 of each class, weighted F1 as a line."""
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(11, 3.8), gridspec_kw=dict(width_ratios=[len(n) for _, n in TASKS]))
+    for ax, (task, names) in zip(axes, TASKS):
+        f1 = [metrics[task]["per_class"][n]["f1"] for n in names]
+        bars = ax.bar(names, f1, color="tab:blue")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.axhline(metrics[task]["weighted_f1"], color="tab:red", linestyle="--",
+                   label=f"weighted F1 {metrics[task]['weighted_f1']:.3f}")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{title}: {task}")
+        ax.set_ylabel("F1")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(out, split, metrics, title=None):
+    """confusion_<split>.png and f1_<split>.png for {task: metrics}."""
+    title = title or split
+    plot_confusion(metrics["emotion"]["confusion"], data.EMOTIONS, Path(out) / f"confusion_{split}.png", f"{title}: emotion")
+    plot_per_class_f1(metrics, Path(out) / f"f1_{split}.png", title)
+
+
+def plot_curves(run_dir):
+    """Training loss, learning rates and dev weighted F1 per epoch from log.jsonl -> curves.png."""
+    run_dir = Path(run_dir)
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        raise SystemExit(f"{log}: not found (is {run_dir} a train.py output folder?)")
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], marker="o")
+    axes[0].set_title("training loss")
+    for group in records[0]["lr"]:
+        if group.endswith(".decay"):  # the no_decay twin has the same LR
+            axes[1].plot(epochs, [r["lr"][group] for r in records], marker=".", label=group.removesuffix(".decay"))
+    axes[1].set_yscale("log")
+    axes[1].set_title("learning rate at the end of the epoch")
+    axes[1].legend(fontsize=7)
+    for task in ("emotion", "sentiment"):
+        axes[2].plot(epochs, [r["dev"][task]["weighted_f1"] for r in records], marker="o", label=task)
+    axes[2].set_title("dev weighted F1")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def evaluate_main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
+    parser.add_argument("--data", required=True, help="cache written by data.py prepare (or a CSV folder for text-only models)")
+    parser.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate")
+    parser.add_argument("--views", type=int, default=1, help="temporal windows per clip, probabilities averaged (1 = centre)")
+    parser.add_argument("--out", default=None, help="folder for the JSON and PNG files (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per batch")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    args = parser.parse_args(argv)
+    device = device_from(args.device)
+    model, checkpoint = load_checkpoint_model(args.checkpoint, device)
+    dataset = dataset_for(checkpoint, args.data, args.split)
+    print(dataset.summary())
+    out = Path(args.out or Path(args.checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = {"checkpoint": str(args.checkpoint), "split": args.split, "views": args.views}
+    single = predict_views(model, dataset, device, 1, args.batch_size, args.workers)
+    results["single_view"] = split_metrics(single, dataset)
+    if args.views > 1:
+        results["multi_view"] = split_metrics(predict_views(model, dataset, device, args.views, args.batch_size,
+                                                            args.workers), dataset)
+    for key in ("single_view", "multi_view"):
+        if key in results:
+            for task, names in TASKS:
+                print("\n" + report(results[key][task], names, f"{args.split} {task} ({key.replace('_', '-')})"))
+    final = results.get("multi_view", results["single_view"])
+    (out / f"metrics_{args.split}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_reports(out, args.split, final, f"{args.split}" + (f", {args.views} views" if args.views > 1 else ""))
+    print(f"\nwrote {out / f'metrics_{args.split}.json'}, {out / f'confusion_{args.split}.png'}, {out / f'f1_{args.split}.png'}")
+    return results
+
+
+def predict_main(argv):
+    parser = argparse.ArgumentParser(description="Predict the emotion and sentiment of mp4 clips.")
+    parser.add_argument("--checkpoint", required=True, help="best.pt written by train.py")
+    parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as data.py prepare does)")
+    parser.add_argument("--text", nargs="*", default=[], help="what is said in each clip, in the order of --video")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    args = parser.parse_args(argv)
+    device = device_from(args.device)
+    model, checkpoint = load_checkpoint_model(args.checkpoint, device)
+    modalities = checkpoint["model_config"]["modalities"]
+    media = {"video", "audio"} & set(modalities)
+    count = len(args.video) if media else len(args.text)
+    if media and not args.video:
+        raise SystemExit(f"this model reads {' and '.join(sorted(media))}: pass --video FILE.mp4 ...")
+    if "text" in modalities and len(args.text) != count:
+        raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per clip "
+                         f"({count} clip(s), {len(args.text)} text(s) given)")
+    dataset = dataset_for(checkpoint, ".", None)
+    settings = data.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
+                                       if k in data.PrepareSettings.__dataclass_fields__})
+    names = args.video if media else [f"text {i + 1}" for i in range(count)]
+    samples = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            sample = dict(id=name, emotion=0, sentiment=0)
+            if media:
+                folder = Path(tmp) / f"clip{i}"
+                if not Path(name).is_file():
+                    raise SystemExit(f"{name}: no such file")
+                try:  # the same decoding as data.py prepare
+                    info = data.extract_clip(name, folder, settings)
+                except Exception as e:
+                    first = str(e).replace(str(name), "").strip(" :;'\"").splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise SystemExit(f"{name}: cannot be decoded ({first})") from None
+                if "video" in modalities:
+                    if not info["frames"]:
+                        raise SystemExit(f"{name}: has no video frames, and this model reads video")
+                    sample["video"] = dataset.load_video(folder, info["frames"])
+                if "audio" in modalities:
+                    if not info["audio_samples"]:
+                        raise SystemExit(f"{name}: has no audio stream, and this model reads audio")
+                    sample["audio"] = dataset.load_audio(folder)
+            if "text" in modalities:
+                sample.update(dataset.tokenize(args.text[i]))
+            samples.append(sample)
+    batch = data.collate(samples, num_frames=dataset.num_frames if "video" in modalities else None,
+                         pad_token_id=getattr(dataset, "pad_token_id", 0))
+    with torch.no_grad():
+        out = model(data.to_device(batch, device))
+    results = []
+    for i, name in enumerate(names):
+        row = {"file": name}
+        for task, labels in TASKS:
+            probs = out[task][i].float().softmax(-1).tolist()
+            row[task] = dict(sorted(zip(labels, probs), key=lambda x: -x[1]))
+        results.append(row)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for row in results:
+            print(row["file"])
+            for label, p in row["emotion"].items():
+                print(f"  {label:<10} {p:6.3f}  {'#' * round(40 * p)}")
+            print("  sentiment: " + ", ".join(f"{label} {p:.3f}" for label, p in row["sentiment"].items()))
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "curves":
+        if len(argv) != 2:
+            raise SystemExit("usage: python evaluate.py curves RUN_DIR")
+        print(f"wrote {plot_curves(argv[1])}")
+    elif argv and argv[0] == "predict":
+        return predict_main(argv[1:])
+    else:
+        return evaluate_main(argv)
+
+
+if __name__ == "__main__":
+    main()

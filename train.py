@@ -11,7 +11,8 @@ what the schedule names, run the optimizer steps (autocast forward and loss, los
 steps, no gradient sync on micro-steps, unscale, clip, step, scaler update, schedule step),
 evaluate on dev, keep last.pt and best.pt, stop early on dev weighted F1. At the end best.pt is
 evaluated on test. Outputs in --out: args.json, log.jsonl (one line per epoch), last.pt, best.pt,
-test_metrics.json, predictions_{dev,test}.jsonl.
+test_metrics.json, predictions_{dev,test}.jsonl, and plots: confusion_{dev,test}.png, f1_{dev,test}.png,
+curves.png.
 """
 
 import argparse
@@ -272,10 +273,6 @@ def build_criteria(args, train_labels, num_classes):
     return FocalLoss(gamma, alpha, args.label_smoothing), FocalLoss(gamma, None, args.label_smoothing)
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 # ------------------------------------------------------------------------------------------------
 # One optimizer step
 # ------------------------------------------------------------------------------------------------
@@ -325,38 +322,6 @@ def optimizer_step(model, optimizer, scaler, clip_grad):
 # ------------------------------------------------------------------------------------------------
 # Evaluation, early stopping, checkpoints
 # ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def predict(model, loader, device, amp_dtype, world):
-    """Predictions of every clip of the loader's split, each counted once: under DDP each rank runs
-    its own shard and the results are gathered. -> {id: (emotion probs, sentiment probs)}."""
-    model.eval()
-    results = {}
-    for batch in loader:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(batch)
-        emotion, sentiment = out["emotion"].float().softmax(-1).cpu(), out["sentiment"].float().softmax(-1).cpu()
-        for i, clip_id in enumerate(batch["ids"]):
-            results[clip_id] = (emotion[i].tolist(), sentiment[i].tolist())
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, results)
-        results = {k: v for shard in shards for k, v in shard.items()}
-    return results
-
-
-def split_metrics(predictions, dataset):
-    """Metrics of {id: (emotion probs, sentiment probs)} against the dataset's labels."""
-    rows = {r.id: r for r in dataset.rows}
-    ids = sorted(predictions)
-    metrics = {}
-    for task, names, index in (("emotion", data.EMOTIONS, 0), ("sentiment", data.SENTIMENTS, 1)):
-        y_true = [getattr(rows[i], task) for i in ids]
-        y_pred = [int(np.argmax(predictions[i][index])) for i in ids]
-        metrics[task] = evaluate.classification_metrics(y_true, y_pred, names)
-    return metrics
-
 
 class EarlyStopping:
     """Stop when dev weighted F1 has not improved by min_delta for `patience` epochs, never before
@@ -504,6 +469,8 @@ def main(argv=None):
     tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
     loaders = build_loaders(args, tokenizer, rank, world)
     train_set = loaders["train"].dataset
+    prepare_json = Path(args.data) / "prepare.json"  # how the clips were decoded, for evaluate.py predict
+    prepare_settings = json.loads(prepare_json.read_text()) if prepare_json.exists() else None
     raw_model = model_lib.EmotionModel(
         modalities=args.modalities, video_arch=args.video_arch, video_init=args.video_init,
         text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
@@ -584,6 +551,7 @@ def main(argv=None):
                     epoch_losses=list(epoch_losses),
                     early_stopping=stopper.state_dict(), history=history, rng=rng_state(), wandb_id=wandb_id,
                     args=dict(vars(args), modalities=list(args.modalities)), model_config=raw_model.config,
+                    prepare=prepare_settings,
                     emotions=list(data.EMOTIONS), sentiments=list(data.SENTIMENTS))
 
     epoch = start_epoch
@@ -604,7 +572,7 @@ def main(argv=None):
         epoch_losses = []
         for step in range(step_in_epoch, steps_per_epoch):
             t0 = time.perf_counter()
-            micro = [to_device(next(batches), device) for _ in range(args.accum_steps)]
+            micro = [data.to_device(next(batches), device) for _ in range(args.accum_steps)]
             wait += time.perf_counter() - t0
             loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
             grad_norm, stepped = optimizer_step(model, optimizer, scaler, args.clip_grad)
@@ -634,8 +602,8 @@ def main(argv=None):
         if world > 1:
             for buffer in raw_model.buffers():
                 dist.broadcast(buffer, 0)
-        dev_predictions = predict(raw_model, loaders["dev"], device, amp_dtype, world)
-        dev = split_metrics(dev_predictions, loaders["dev"].dataset)
+        dev_predictions = evaluate.predict(raw_model, loaders["dev"], device, amp_dtype, world)
+        dev = evaluate.split_metrics(dev_predictions, loaders["dev"].dataset)
         improved = stopper.step(epoch, dev["emotion"]["weighted_f1"])
         record = dict(epoch=epoch, step=global_step, train_loss=float(np.mean(losses)) if losses else float("nan"),
                       lr={g["name"]: g["lr"] for g in optimizer.param_groups},
@@ -681,13 +649,17 @@ def main(argv=None):
     for split in ("dev", "test"):
         if split not in loaders:
             continue
-        predictions = predict(raw_model, loaders[split], device, amp_dtype, world)
-        test_metrics[split] = split_metrics(predictions, loaders[split].dataset)
+        predictions = evaluate.predict(raw_model, loaders[split], device, amp_dtype, world)
+        test_metrics[split] = evaluate.split_metrics(predictions, loaders[split].dataset)
         if is_main and split == "test":
             write_predictions(out / "predictions_test.jsonl", predictions)
     if is_main:
         test_metrics["best_epoch"] = stopper.best_epoch
         (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+        for split in ("dev", "test"):  # confusion_<split>.png, f1_<split>.png
+            if split in test_metrics:
+                evaluate.write_reports(out, split, test_metrics[split], f"{split}, best epoch {stopper.best_epoch}")
+        evaluate.plot_curves(out)
         for split in ("dev", "test"):
             if split in test_metrics:
                 m = test_metrics[split]

@@ -299,17 +299,19 @@ def test_text_only_on_the_real_csvs_needs_no_media(tokenizer):
         data.MELDDataset(SHARED_MELD, "test", ("text",), tokenizer)
 
 
-def test_text_context_prepends_previous_utterances_with_speakers(tokenizer):
-    rows = data.read_meld_csv(FIXTURES / "meld_quirks_utf8.csv", "dev")
-    dialogue = {r.index: f"{r.speaker}: {r.text}" for r in rows if r.dialogue == 0}
-    enc = data.MELDDataset._tokenize(tokenizer, rows[2], dialogue, context=2, max_tokens=128)
-    text = tokenizer.decode(enc["input_ids"])
+def test_text_context_prepends_previous_utterances_with_speakers(tokenizer, tmp_path):
+    (tmp_path / "dev_sent_emo.csv").write_bytes((FIXTURES / "meld_quirks_utf8.csv").read_bytes())
+    ds = data.MELDDataset(tmp_path, "dev", ("text",), tokenizer, context=2)
+    text = tokenizer.decode(ds[2]["input_ids"])  # dia0_utt2, after Phoebe's and Monica's lines
     assert text.startswith("[CLS] phoebe : oh my god") and "monica : what? [SEP] he said" in text
-    assert set(enc["token_type_ids"]) == {0, 1}
-    short = data.MELDDataset._tokenize(tokenizer, rows[2], dialogue, context=2, max_tokens=24)
-    assert tokenizer.decode(short["input_ids"]).startswith("[CLS] monica : what? [SEP] he said")  # oldest dropped
-    alone = data.MELDDataset._tokenize(tokenizer, rows[0], dialogue, context=2, max_tokens=128)
+    assert set(ds[2]["token_type_ids"]) == {0, 1}
+    alone = ds[0]  # first of its dialogue: no context
     assert set(alone["token_type_ids"]) == {0} and tokenizer.decode(alone["input_ids"]).startswith("[CLS] oh my")
+    assert set(ds[3]["token_type_ids"]) == {0}  # dia1: Phoebe's dialogue 0 is not its context
+    short = data.MELDDataset(tmp_path, "dev", ("text",), tokenizer, context=2, max_text_tokens=24)
+    assert tokenizer.decode(short[2]["input_ids"]).startswith("[CLS] monica : what? [SEP] he said")  # oldest dropped
+    none = data.MELDDataset(tmp_path, "dev", ("text",), tokenizer, context=0)
+    assert tokenizer.decode(none[2]["input_ids"]).startswith("[CLS] he said")
 
 
 def test_frame_sampling():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import model as model_lib
 import train
 from conftest import ROOT
@@ -265,7 +266,7 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
     best = train.load_checkpoint(out / "best.pt")
     model = model_lib.EmotionModel(**best["model_config"], load_pretrained=False)
     model.load_state_dict(best["model"])
-    single = train.predict(model, data.make_loader(dev, batch_size=3, train=False, workers=0), torch.device("cpu"), None, 1)
+    single = evaluate.predict(model, data.make_loader(dev, batch_size=3, train=False, workers=0), torch.device("cpu"))
     for clip_id, (emotion, sentiment) in single.items():
         torch.testing.assert_close(torch.tensor(ddp_predictions[clip_id]["emotion"]), torch.tensor(emotion))
         torch.testing.assert_close(torch.tensor(ddp_predictions[clip_id]["sentiment"]), torch.tensor(sentiment))
@@ -278,7 +279,8 @@ def test_demo_end_to_end_with_wandb_offline_and_hub_upload_failing_cleanly(tmp_p
     assert result.returncode != 0, "the upload cannot succeed offline"
     assert "--push-to-hub someone/meld-demo failed" in result.stderr and "untouched" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("--push-to-hub") and "Traceback" not in result.stderr
-    for name in ("best.pt", "last.pt", "log.jsonl", "test_metrics.json", "args.json", "predictions_test.jsonl"):
+    for name in ("best.pt", "last.pt", "log.jsonl", "test_metrics.json", "args.json", "predictions_test.jsonl",
+                 "confusion_test.png", "f1_test.png", "curves.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(metrics["test"]["emotion"]["per_class"]) == set(data.EMOTIONS)
