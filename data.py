@@ -343,10 +343,11 @@ def _frame_targets(t, duration, fps, next_k):
     return ks, next_k
 
 
-def extract_clip(src, dst, settings):
+def extract_clip(src, dst, settings, threads=0):
     """Decode src (mp4) into the folder dst: 000000.jpg … at settings.fps and short side, audio.npy
     (int16, 16 kHz mono). Memory stays bounded: frames are resized and written as they are decoded,
-    and decoding stops at settings.max_seconds. Returns the manifest fields; raises on failure."""
+    and decoding stops at settings.max_seconds. threads: decoder threads (0 = one per core).
+    Returns the manifest fields; raises on failure."""
     dst = Path(dst)
     dst.mkdir(parents=True)
     frames_written, audio, audio_samples, video_seconds = 0, [], 0, 0.0
@@ -359,6 +360,7 @@ def extract_clip(src, dst, settings):
         streams = [s for s in (vstream, astream) if s is not None]
         for s in streams:
             s.thread_type = "AUTO"
+            s.codec_context.thread_count = threads
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE) if astream else None
         src_fps = float(vstream.average_rate or 25) if vstream else 25.0
         next_k, t0, size, done = 0, None, None, set()
@@ -422,7 +424,7 @@ def extract_clip(src, dst, settings):
 
 def _prepare_one(task):
     """Worker: extract one clip into a temporary folder, then rename it into place (atomic)."""
-    clip_id, src, out, settings, error = task
+    clip_id, src, out, settings, threads, error = task
     entry = dict(id=clip_id, split=clip_id.split("/")[0], file=src and str(src))
     if error:
         return entry | dict(status="error", reason=error)
@@ -430,7 +432,7 @@ def _prepare_one(task):
     tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        info = extract_clip(src, tmp, settings)
+        info = extract_clip(src, tmp, settings, threads)
     except (av.FFmpegError, ValueError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         message = str(e).replace(str(src), "").strip(" :;'\"") or type(e).__name__
@@ -475,6 +477,7 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
     settings_path.write_text(json.dumps(wanted) + "\n")
 
     tasks = []
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0  # cores shared by the workers
     for split in splits:
         csv_path = find_csv(meld_root, split)
         if csv_path is None:
@@ -493,10 +496,10 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
             name = row.id.split("/")[1]
             labelled.add(f"{name}.mp4")
             src = folder / f"{name}.mp4"
-            tasks.append((row.id, src, out, settings, None if src.is_file() else f"missing: {src} not found"))
+            tasks.append((row.id, src, out, settings, threads, None if src.is_file() else f"missing: {src} not found"))
         for stray in sorted(folder.glob("*.mp4")) if folder.is_dir() else []:
             if stray.name not in labelled:
-                tasks.append((f"{split}/{stray.stem}", stray, out, settings,
+                tasks.append((f"{split}/{stray.stem}", stray, out, settings, threads,
                               f"unlabelled: not in {csv_path.name}"))
 
     done = read_manifest(out)
