@@ -214,7 +214,7 @@ def test_prepare_resumes_after_sigkill(synth_root, cache, tmp_path):
                "--workers", "1", "--fps", str(PREPARE_SETTINGS.fps), "--short-side", str(PREPARE_SETTINGS.short_side)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     manifest, deadline = out / "manifest.jsonl", time.time() + 120
-    while time.time() < deadline:  # one clip done, another one being written
+    while time.time() < deadline and process.poll() is None:  # one clip done, another one being written
         lines = manifest.read_text().count("\n") if manifest.exists() else 0
         if lines >= 1 and any(out.glob("*/.tmp-*")):
             break

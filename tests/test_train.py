@@ -213,13 +213,14 @@ def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path):
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
-    last, deadline = tmp_path / "killed" / "last.pt", time.time() + 300
+    last, deadline, seen = tmp_path / "killed" / "last.pt", time.time() + 300, None
     while time.time() < deadline and process.poll() is None:
-        if last.exists():
-            state = torch.load(last, weights_only=True)
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp != seen:  # a new checkpoint (written atomically): where is the run?
+            seen, state = stamp, torch.load(last, weights_only=True)
             if state["epoch"] == 2 and state["step_in_epoch"] >= 2:
                 break
-        time.sleep(0.05)
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     state = torch.load(last, weights_only=True)
