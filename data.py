@@ -416,8 +416,8 @@ def extract_clip(src, dst, settings, threads=0):
     truncated = source_seconds > settings.max_seconds + 0.5
     if truncated:
         reasons.append(f"too long: kept the first {settings.max_seconds:g} of {source_seconds:.1f} s")
-    return dict(status="ok", reason="; ".join(reasons), frames=frames_written,
-                width=size[0] if size else 0, height=size[1] if size else 0,
+    return dict(status="ok", reason="; ".join(reasons), frames=frames_written, fps=settings.fps,
+                source_fps=round(src_fps, 3) if vstream else 0, width=size[0] if size else 0, height=size[1] if size else 0,
                 seconds=round(kept, 3), source_seconds=round(source_seconds, 3), truncated=truncated,
                 audio_samples=int(len(audio)))
 

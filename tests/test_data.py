@@ -177,6 +177,7 @@ def test_prepare_frames_and_audio_match_the_clip(synth_root, cache):
             continue
         jpgs = sorted(p.name for p in (cache / entry["id"]).glob("*.jpg"))
         assert jpgs == [f"{k:06d}.jpg" for k in range(entry["frames"])]
+        assert entry["fps"] == PREPARE_SETTINGS.fps and entry["source_fps"] == 24
         assert abs(entry["frames"] - entry["source_seconds"] * PREPARE_SETTINGS.fps) <= 1.5
         assert min(entry["width"], entry["height"]) == 48 and not entry["truncated"]
         if entry["audio_samples"]:
