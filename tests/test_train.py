@@ -180,12 +180,12 @@ def test_checkpoints_are_atomic_plain_and_refuse_pickles(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, dict(model={"w": torch.zeros(2)}))
     monkeypatch.undo()
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert torch.equal(evaluate.load_checkpoint(path)["model"]["w"], torch.ones(2))
 
     import argparse
     torch.save(dict(args=argparse.Namespace(lr=1.0)), tmp_path / "pickled.pt")
     with pytest.raises(SystemExit, match="weights_only"):
-        train.load_checkpoint(tmp_path / "pickled.pt")
+        evaluate.load_checkpoint(tmp_path / "pickled.pt")
 
 
 def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
@@ -194,7 +194,7 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     import numpy as np
     train.save_checkpoint(tmp_path / "rng.pt", dict(rng=train.rng_state()))
     expected = (torch.rand(3), random.random(), np.random.rand())
-    train.set_rng_state(train.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    train.set_rng_state(evaluate.load_checkpoint(tmp_path / "rng.pt")["rng"])
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
@@ -264,7 +264,7 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
 
     ddp_predictions = {p["id"]: p for p in map(json.loads, (out / "predictions_dev.jsonl").read_text().splitlines())}
     assert sorted(ddp_predictions) == sorted(r.id for r in dev.rows)
-    best = train.load_checkpoint(out / "best.pt")
+    best = evaluate.load_checkpoint(out / "best.pt")
     model = model_lib.EmotionModel(**best["model_config"], load_pretrained=False)
     model.load_state_dict(best["model"])
     single = evaluate.predict(model, data.make_loader(dev, batch_size=3, train=False, workers=0), torch.device("cpu"))
@@ -286,6 +286,6 @@ def test_demo_end_to_end_with_wandb_offline_and_hub_upload_failing_cleanly(tmp_p
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(metrics["test"]["emotion"]["per_class"]) == set(data.EMOTIONS)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert train.load_checkpoint(out / "best.pt")["model_config"]["video_arch"] == "tiny"
+    assert evaluate.load_checkpoint(out / "best.pt")["model_config"]["video_arch"] == "tiny"
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert (out / "hub" / "model.safetensors").is_file() and (out / "hub" / "README.md").is_file()
