@@ -53,6 +53,13 @@ def mask_time(x, mask, time_dim=2):
     return x.masked_fill(~mask.reshape(shape), 0.0)
 
 
+def mask_time_(x, mask, time_dim=2):
+    """mask_time in place, for a fresh tensor that autograd has not saved (no copy of x)."""
+    shape = [1] * x.dim()
+    shape[0], shape[time_dim] = mask.shape
+    return x.masked_fill_(~mask.reshape(shape), 0.0)
+
+
 def masked_mean(x, mask, time_dim=2):
     """Mean over real time steps and over every other non-channel dimension.
 
@@ -84,6 +91,43 @@ FAST_TEMPORAL_KERNELS = (3, 3, 3, 3)
 LATERAL_RATIO = 2                     # a lateral carries 2 x C_fast channels into the slow path
 
 
+class StridedPointwiseConv3d(nn.Conv3d):
+    """A bias-free 1 x 1 x 1 Conv3d with a stride, computed as slicing then the stride-1 convolution:
+    the same parameter, state-dict name and result; on CPU about 3x faster forward + backward
+    (the strided kernel loses to the plain one by more than the subsampling saves)."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        st, sh, sw = self.stride
+        return F.conv3d(x[:, :, ::st, ::sh, ::sw], self.weight)
+
+
+class TemporalTapConv3d(nn.Conv3d):
+    """A bias-free kt x kh x kw Conv3d with temporal stride 1, computed as kt 2-D convolutions over
+    all frames (one per temporal tap of the kernel) summed with a shift of one frame per tap. The
+    same parameter, state-dict name and result; used for the fast stem (5 x 7 x 7 from 3 channels),
+    where on CPU it makes forward + backward about 3x faster: PyTorch's 3-D weight gradient is slow
+    with so few input channels, and the 2-D one is not. Input frames are not copied per tap."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        if self.stride[0] != 1:
+            raise ValueError("TemporalTapConv3d needs temporal stride 1")
+
+    def forward(self, x):
+        B, _, T = x.shape[:3]
+        kt, pt = self.kernel_size[0], self.padding[0]
+        length = T + 2 * pt                                                   # padded frames
+        frames = F.pad(x, (0, 0, 0, 0, pt, pt)).transpose(1, 2).reshape(B * length, x.shape[1], *x.shape[-2:])
+        out = 0
+        for k in range(kt):  # output frame t = sum over taps k of frame t + k convolved with weight[:, :, k]
+            y = F.conv2d(frames, self.weight[:, :, k], stride=self.stride[1:], padding=self.padding[1:])
+            out = out + y.view(B, length, *y.shape[1:])[:, k:k + length - kt + 1]
+        return out.transpose(1, 2).contiguous()                               # [B, C_out, T_out, h, w]
+
+
 class Bottleneck3d(nn.Module):
     """torchvision's Bottleneck (ResNet v1.5: spatial stride in the 3x3) in 3-D.
 
@@ -106,16 +150,19 @@ class Bottleneck3d(nn.Module):
         self.downsample = None
         if in_channels != out_channels or stride != 1:
             self.downsample = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=(1, stride, stride), bias=False),
+                StridedPointwiseConv3d(in_channels, out_channels, (1, stride, stride)),
                 nn.BatchNorm3d(out_channels),
             )
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """mask [B, T] bool: zero the output at padded time steps (before the last ReLU, in place)."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.bn3(self.conv3(out)) + identity
+        if mask is not None:
+            mask_time_(out, mask)
+        return self.relu(out)
 
 
 class Pathway(nn.Module):
@@ -128,8 +175,8 @@ class Pathway(nn.Module):
     def __init__(self, width, depths, temporal_kernels, stem_temporal_kernel, lateral_channels):
         super().__init__()
         kt = stem_temporal_kernel
-        self.conv1 = nn.Conv3d(3, width, (kt, 7, 7), stride=(1, 2, 2), padding=(kt // 2, 3, 3),
-                               bias=False)
+        self.conv1 = (nn.Conv3d(3, width, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False) if kt == 1
+                      else TemporalTapConv3d(3, width, (kt, 7, 7), stride=(1, 2, 2), padding=(kt // 2, 3, 3)))
         self.bn1 = nn.BatchNorm3d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
@@ -233,12 +280,12 @@ class SlowFast(nn.Module):
         padded frames zero (after normalisation, so they equal the convolutions' zero padding)."""
         x = video.float() / 255.0
         x = (x - self.mean) / self.std
-        return mask_time(x, mask)
+        return mask_time_(x, mask)
 
     def fuse(self, i, slow, fast, slow_mask):
         """Concatenate lateral i onto the slow path: [B, Cs, Ts, h, w] -> [B, Cs + 2 Cf, Ts, h, w].
         The lateral's BN + ReLU makes padded steps non-zero, so mask again."""
-        return mask_time(torch.cat([slow, self.lateral[i](fast)], dim=1), slow_mask)
+        return mask_time_(torch.cat([slow, self.lateral[i](fast)], dim=1), slow_mask)
 
     def forward_features(self, video, mask):
         """video uint8 [B, 3, T, H, W], mask bool [B, T] (True = real frame, real frames first).
@@ -250,14 +297,16 @@ class SlowFast(nn.Module):
         slow = fast[:, :, :: self.alpha]                    # [B, 3, ceil(T/alpha), H, W]
         fast_mask, slow_mask = mask, mask[:, :: self.alpha]
 
-        slow = mask_time(self.slow.stem(slow), slow_mask)   # [B, Cs, Ts, H/4, W/4]
-        fast = mask_time(self.fast.stem(fast), fast_mask)   # [B, Cf, T, H/4, W/4]
+        # masking in place where the tensor is fresh: after max pooling, after concatenation, and
+        # inside each block before its last ReLU (ReLU keeps zeros zero)
+        slow = mask_time_(self.slow.stem(slow), slow_mask)  # [B, Cs, Ts, H/4, W/4]
+        fast = mask_time_(self.fast.stem(fast), fast_mask)  # [B, Cf, T, H/4, W/4]
         slow = self.fuse(0, slow, fast, slow_mask)
         for i, (slow_layer, fast_layer) in enumerate(zip(self.slow.layers, self.fast.layers)):
             for block in slow_layer:
-                slow = mask_time(block(slow), slow_mask)
+                slow = block(slow, slow_mask)
             for block in fast_layer:
-                fast = mask_time(block(fast), fast_mask)
+                fast = block(fast, fast_mask)
             if i < 3:
                 slow = self.fuse(i + 1, slow, fast, slow_mask)
         return slow, fast, slow_mask, fast_mask

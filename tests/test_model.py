@@ -115,6 +115,36 @@ def test_slowfast_r50_flops():
     assert abs(counter.get_total_flops() / 100.6e9 - 1) < 0.01
 
 
+@pytest.mark.parametrize("fast, plain", [
+    (lambda: M.TemporalTapConv3d(3, 4, (5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3)),
+     lambda: nn.Conv3d(3, 4, (5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3), bias=False)),
+    (lambda: M.TemporalTapConv3d(3, 4, (3, 5, 5), stride=(1, 1, 1), padding=(0, 2, 2)),
+     lambda: nn.Conv3d(3, 4, (3, 5, 5), stride=(1, 1, 1), padding=(0, 2, 2), bias=False)),
+    (lambda: M.StridedPointwiseConv3d(6, 5, (1, 2, 2)), lambda: nn.Conv3d(6, 5, 1, stride=(1, 2, 2), bias=False)),
+    (lambda: M.StridedPointwiseConv3d(6, 5, (2, 3, 2)), lambda: nn.Conv3d(6, 5, 1, stride=(2, 3, 2), bias=False)),
+])
+def test_faster_convolutions_equal_the_plain_one(fast, plain):
+    """The stem and downsampling convolutions computed another way: same parameter name and
+    shape, same output, same gradients for input and weight."""
+    fast, plain = fast(), plain()
+    assert fast.weight.shape == plain.weight.shape and list(fast.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(plain.weight.shape, generator=torch.Generator().manual_seed(0)))
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(2, fast.in_channels, 7, 15, 17, generator=torch.Generator().manual_seed(1))
+    outputs, grads = [], []
+    for conv in (fast, plain):
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view(y.shape))
+        outputs.append(y)
+        grads.append((xi.grad, conv.weight.grad))
+    assert outputs[0].shape == outputs[1].shape and outputs[0].is_contiguous()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)  # sums of ~700 products
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_slowfast_architecture_details():
     video = M.SlowFast("tiny")
     assert video.slow.conv1.kernel_size == (1, 7, 7) and video.fast.conv1.kernel_size == (5, 7, 7)
