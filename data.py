@@ -26,6 +26,7 @@ A modality that is not selected is absent from the batch and is never read from 
 import argparse
 import collections
 import csv
+import ctypes
 import functools
 import io
 import json
@@ -563,8 +564,9 @@ def _uniform(generator, low, high):
 
 
 def transform_video(frames, crop_size, generator=None):
-    """t frames uint8 [3, h, w] (a list, or a tensor [t, 3, h, w]) -> uint8 [t, 3, crop, crop], the
-    same geometry for every frame of the clip. Frames are cropped before they are stacked.
+    """t frames uint8 [3, h, w] (a list, or a tensor [t, 3, h, w]) -> uint8 [3, t, crop, crop] (the
+    model's layout, contiguous), the same geometry for every frame of the clip. Frames are cropped
+    before they are stacked.
 
     Evaluation: resize the short side to crop·8/7 (256 for 224) and take the centre crop.
     Training (a generator given): scale jitter (short side uniform in crop·[8/7, 10/7], i.e. 256–320
@@ -578,7 +580,7 @@ def transform_video(frames, crop_size, generator=None):
     if generator is None:
         box = round(crop_size * short / round(crop_size * 8 / 7))
         top, left = (h - box) // 2, (w - box) // 2
-        crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames])        # [t, 3, box, box]
+        crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames], dim=1)  # [3, t, box, box]
         return TF.resize(crop, [crop_size, crop_size], antialias=True)
     box = round(crop_size * short / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
     top = int(torch.randint(h - box + 1, (1,), generator=generator))
@@ -590,22 +592,24 @@ def transform_video(frames, crop_size, generator=None):
 
 
 def augment_video(frames, crop_size, top, left, box, flip, degrees, brightness, contrast):
-    """The training transform with its parameters given: t x uint8 [3, h, w] -> uint8 [t, 3, crop, crop]."""
+    """The training transform with its parameters given: t x uint8 [3, h, w] -> uint8 [3, t, crop, crop]."""
     t, C = len(frames), frames[0].shape[0]
     # affine_grid maps output coordinates (u, v) in [-1, 1]² to input coordinates in the box:
     # on the image: mirror when flipping, then rotate by `degrees` (counter-clockwise, as torchvision).
     cos, sin, mirror = math.cos(math.radians(degrees)), math.sin(math.radians(degrees)), -1.0 if flip else 1.0
     theta = torch.tensor([[[cos * mirror, -sin * mirror, 0.0], [sin, cos, 0.0]]])        # [1, 2, 3]
     grid = F.affine_grid(theta, [1, 1, crop_size, crop_size], align_corners=False)       # [1, crop, crop, 2]
-    crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames])            # [t, 3, box, box]
-    crop = crop.view(1, t * C, box, box)                                                  # frames as channels
-    out = F.grid_sample(crop.float(), grid, mode="bilinear", align_corners=False)         # [1, t*3, crop, crop]
-    out = out.view(t, C, crop_size, crop_size)
-    if brightness != 1 or contrast != 1:
-        mean = out.mean(dim=(1, 2, 3), keepdim=True)                                      # [t, 1, 1, 1]
-        # brightness b, then contrast c around the frame's mean: c·(b·x) + (1 − c)·b·mean
-        out = out.mul_(brightness * contrast).add_((1 - contrast) * brightness * mean)
-    return out.add_(0.5).clamp_(0, 255).to(torch.uint8)  # + 0.5 and truncation: rounding
+    crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames], dim=1)     # [3, t, box, box]
+    # Frames as channels, channels-last: grid_sample then computes each output location's source
+    # position and weights once and reads the 3*t values beside each other (about 3x faster).
+    crop = crop.view(1, C * t, box, box).to(torch.float32, memory_format=torch.channels_last)
+    out = F.grid_sample(crop, grid, mode="bilinear", align_corners=False)                # [1, 3*t, crop, crop]
+    out = out.reshape(C, t, crop_size, crop_size)
+    # brightness b, then contrast c around the frame's mean: c·(b·x) + (1 − c)·b·mean;
+    # + 0.5 then truncation is rounding. In-place ops: one pass each over the clip.
+    mean = out.view(C, t, -1).mean((0, 2)).view(1, t, 1, 1)                              # [1, t, 1, 1]
+    out = out.mul_(brightness * contrast).add_(mean.mul_((1 - contrast) * brightness).add_(0.5))
+    return out.clamp_(0, 255).to(torch.uint8)
 
 
 def spec_augment(logmel, generator, freq_masks=2, freq_width=8, time_masks=2, time_fraction=0.1):
@@ -753,8 +757,7 @@ class MELDDataset(Dataset):
             raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
                                     "the cache is damaged, re-run prepare into a new folder") from None
         frames = decode_jpeg(jpegs)                                  # t x [3, h, w] uint8
-        frames = transform_video(frames, self.crop_size, generator)  # [t, 3, crop, crop]
-        return frames.permute(1, 0, 2, 3)                            # [3, t, crop, crop]
+        return transform_video(frames, self.crop_size, generator)    # [3, t, crop, crop]
 
     def load_audio(self, folder, generator=None):
         """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A <= max_audio_frames
@@ -864,11 +867,26 @@ class ClipSampler(Sampler):
         return iter([(self.epoch, i) for i in self._order()[self.skip:]])
 
 
+def reuse_freed_memory(_worker_id=None):
+    """DataLoader worker_init_fn: let glibc's malloc keep and reuse freed memory (blocks up to its
+    32 MiB maximum from the heap, no trimming below 1 GiB). A clip allocates several 5–20 MB buffers;
+    by default each is a fresh mapping whose first-touch page faults took about a third of a
+    worker's time (bench.py loader: 15 -> 19 clips/s). No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0, num_replicas=1, rank=0,
                 pin_memory=None):
     """DataLoader over a MELDDataset: ClipSampler (random or balanced, sharded when distributed),
     drop_last in training (BatchNorm in the heads cannot take a batch of one, and equal micro-batches
-    keep gradient accumulation exact), persistent workers, pinned memory when CUDA is available."""
+    keep gradient accumulation exact), persistent workers that reuse freed memory, pinned memory
+    when CUDA is available."""
     if sampler not in ("random", "balanced"):
         raise ValueError(f"unknown sampler {sampler!r} (expected 'random' or 'balanced')")
     order = ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
@@ -879,6 +897,7 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
                                      pad_token_id=getattr(dataset, "pad_token_id", 0)),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=reuse_freed_memory,
         generator=torch.Generator().manual_seed(seed))  # worker seeds from here, not the global RNG
 
 

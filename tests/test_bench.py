@@ -1,4 +1,4 @@
-"""bench.py runs at a tiny size and ends with one JSON line (so that it cannot rot)."""
+"""bench.py runs every section at a tiny size and ends with one JSON line (so that it cannot rot)."""
 
 import json
 import os
@@ -11,12 +11,25 @@ from conftest import ROOT
 def test_bench_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench.py"), "--clips", "4", "--width", "64", "--height", "36", "--seconds", "1.5",
-         "--num-frames", "4", "--crop-size", "16", "--batch-size", "2", "--loader-clips", "4",
-         "--prepare-workers", "1", "--work-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+         "--num-frames", "8", "--crop-size", "32", "--batch-size", "2", "--loader-clips", "4",
+         "--prepare-workers", "1", "--model-iters", "1", "--pairs", "1", "--matmul-size", "256",
+         "--train-clips", "20", "--train-epochs", "1", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    benches = [(r["bench"], r["workers"]) for r in report["results"]]
-    assert benches == [("prepare", 1), ("loader", 0), ("loader", 1), ("loader", 2)]
-    assert all(r["clips_per_s"] > 0 for r in report["results"])
-    assert report["results"][3]["shape"] == [2, 3, 4, 16, 16]
+    rows = report["results"]
+    by_bench = {b: [r for r in rows if r["bench"] == b] for b in ("prepare", "loader", "model", "slowfast", "train")}
+    assert [r["workers"] for r in by_bench["prepare"]] == [1]
+    assert [r["workers"] for r in by_bench["loader"]] == [0, 1, 2]
+    assert by_bench["loader"][2]["shape"] == [2, 3, 8, 32, 32] and by_bench["loader"][2]["dtype"] == "torch.uint8"
+    assert [r["name"] for r in by_bench["model"]] == ["r50 video", "r50 video+audio+text", "demo video",
+                                                      "demo video+audio+text"]
+    assert by_bench["model"][0]["frames"] == 8 and by_bench["model"][2]["frames"] == 16
+    assert by_bench["slowfast"][0]["name"] == "ours"
+    if len(by_bench["slowfast"]) == 2:  # pytorchvideo installed: the comparison ran
+        assert by_bench["slowfast"][0]["time_ratio_vs_pytorchvideo"] > 0
+    assert all(r["clips_per_s"] > 0 for b in ("prepare", "loader", "model", "slowfast") for r in by_bench[b])
+    assert all(0 < r["flop_utilisation"] for r in by_bench["model"] + by_bench["slowfast"])
+    assert report["matmul_gflop_per_s"] > 0
+    assert [r["epoch"] for r in by_bench["train"]] == [0, "all"]
+    assert all(0 <= r["data_wait"] <= 1 for r in by_bench["train"])

@@ -355,26 +355,31 @@ def test_augmentation_is_keyed_by_epoch_and_index_not_by_worker(cache, tokenizer
 def test_video_transforms_geometry_and_colour():
     frames = torch.randint(0, 256, (6, 3, 48, 85), dtype=torch.uint8)
     out = data.transform_video(frames, 32, torch.Generator().manual_seed(0))
-    assert out.shape == (6, 3, 32, 32) and out.dtype == torch.uint8
+    assert out.shape == (3, 6, 32, 32) and out.dtype == torch.uint8 and out.is_contiguous()
     ramp = torch.arange(85, dtype=torch.uint8).expand(6, 3, 48, 85).contiguous()
     centre = data.transform_video(ramp, 42)  # short side 48 = 42 * 8/7: a pure centre crop
-    assert torch.equal(centre, ramp[:, :, 3:45, 21:63])
-    # The fused training transform against the same steps done one by one.
+    assert torch.equal(centre, ramp[:, :, 3:45, 21:63].transpose(0, 1))
+    # The fused training transform against the same steps done one by one ([t, 3] -> [3, t]).
     box = frames[:, :, 5:25, 10:30]
-    assert torch.equal(data.augment_video(frames, 20, 5, 10, 20, False, 0.0, 1.0, 1.0), box)
-    assert torch.equal(data.augment_video(frames, 20, 5, 10, 20, True, 0.0, 1.0, 1.0), box.flip(-1))
-    assert torch.equal(data.augment_video(frames, 20, 5, 10, 20, False, 90.0, 1.0, 1.0), torch.rot90(box, 1, (2, 3)))
-    assert torch.equal(data.augment_video(frames, 20, 5, 10, 20, True, 90.0, 1.0, 1.0),
-                       torch.rot90(box.flip(-1), 1, (2, 3)))
-    small = data.augment_video(frames, 10, 0, 0, 40, False, 0.0, 1.0, 1.0)
+
+    def augment(*args):
+        return data.augment_video(frames, *args).transpose(0, 1)
+
+    assert torch.equal(augment(20, 5, 10, 20, False, 0.0, 1.0, 1.0), box)
+    assert torch.equal(augment(20, 5, 10, 20, True, 0.0, 1.0, 1.0), box.flip(-1))
+    assert torch.equal(augment(20, 5, 10, 20, False, 90.0, 1.0, 1.0), torch.rot90(box, 1, (2, 3)))
+    assert torch.equal(augment(20, 5, 10, 20, True, 90.0, 1.0, 1.0), torch.rot90(box.flip(-1), 1, (2, 3)))
+    small = augment(10, 0, 0, 40, False, 0.0, 1.0, 1.0)
     reference = torch.nn.functional.interpolate(frames[:, :, :40, :40].float(), size=(10, 10), mode="bilinear")
     assert (small.int() - reference.round().int()).abs().max() <= 1
-    grey = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
+    grey = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     grey[..., :4] = 200  # frame mean 150
+    grey[1] = 50         # frame mean 50: each frame has its own mean
     bright = data.augment_video(grey, 8, 0, 0, 8, False, 0.0, 1.2, 1.0)
-    assert bright[..., 0].unique().tolist() == [240] and bright[..., 7].unique().tolist() == [120]
-    flat = data.augment_video(grey, 8, 0, 0, 8, False, 0.0, 1.0, 0.5)  # halfway to the mean
-    assert flat[..., 0].unique().tolist() == [175] and flat[..., 7].unique().tolist() == [125]
+    assert bright[:, 0, :, 0].unique().tolist() == [240] and bright[:, 0, :, 7].unique().tolist() == [120]
+    flat = data.augment_video(grey, 8, 0, 0, 8, False, 0.0, 1.0, 0.5)  # halfway to the frame's mean
+    assert flat[:, 0, :, 0].unique().tolist() == [175] and flat[:, 0, :, 7].unique().tolist() == [125]
+    assert flat[:, 1].unique().tolist() == [50]
 
 
 def test_sampler_orders_shards_and_resumes():
