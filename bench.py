@@ -143,8 +143,8 @@ def model_configs(args, work):
     bert_base = work / "bert-base-config"  # bert-base-uncased's shape, random weights: no download
     transformers.BertConfig().save_pretrained(bert_base)
     demo = train.DEMO_DEFAULTS
-    full = dict(video_arch="r50", text_model=str(bert_base), audio_channels=[32, 64, 128, 256], fusion_dim=256)
-    small = dict(video_arch=demo["video_arch"], text_model=demo["text_model"],
+    full = dict(video_size="r50", text_model=str(bert_base), audio_channels=[32, 64, 128, 256], fusion_dim=256)
+    small = dict(video_size=demo["video_size"], text_model=demo["text_model"],
                  audio_channels=[int(c) for c in demo["audio_channels"].split(",")], fusion_dim=demo["fusion_dim"])
     batch = max(args.model_batch, 2)  # the heads' BatchNorm needs two samples in training mode
     return [("r50 video", dict(full, modalities=["video"]), batch),
@@ -163,8 +163,7 @@ def bench_model(args, device, work):
         defaults = train.DEMO_DEFAULTS if name.startswith("demo") else vars(args)
         frames, crop = defaults["num_frames"], defaults["crop_size"]
         torch.manual_seed(0)
-        net = model_lib.EmotionModel(**config, num_emotions=len(data.EMOTIONS), num_sentiments=len(data.SENTIMENTS),
-                                     load_pretrained=False).to(device).train()
+        net = model_lib.EmotionModel(**config, load_pretrained=False).to(device).train()
         vocab = net.text.model.config.vocab_size if "text" in config["modalities"] else 2000
         batch = data.to_device(synthetic_batch(batch_size, frames, crop, args.n_mels, vocab), device)
         criteria = [c.to(device) for c in train.build_criteria(args, [0, 1, 2, 3, 4, 5, 6], len(data.EMOTIONS))]

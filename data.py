@@ -14,7 +14,8 @@ and `collate` builds the batch every model in this repo takes:
     video        uint8 [B, 3, T, H, W]   real frames first, zero padding last
     video_mask   bool  [B, T]            True = real frame
     audio        float [B, n_mels, A]    natural-log mel power, 100 frames per second
-    audio_mask   bool  [B, A]
+                 (audio_input="waveform": float [B, 1, S], 16 kHz samples in [-1, 1])
+    audio_mask   bool  [B, A] (or [B, S])
     input_ids, attention_mask, token_type_ids   long [B, L]   padded to the longest in the batch
     emotion      long  [B]               index into EMOTIONS
     sentiment    long  [B]               index into SENTIMENTS
@@ -644,14 +645,18 @@ class MELDDataset(Dataset):
 
     def __init__(self, root, split, modalities=("video", "audio", "text"), tokenizer=None, train=False,
                  num_frames=32, crop_size=224, frame_sampling="fixed", n_mels=64, max_audio_seconds=10.0,
-                 max_text_tokens=128, context=0, seed=0):
+                 max_text_tokens=128, context=0, seed=0, audio_input="logmel"):
         self.root, self.split, self.modalities, self.train = Path(root), split, tuple(modalities), train
         unknown = set(self.modalities) - {"video", "audio", "text"}
         if unknown or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of video, audio, text; got {modalities}")
         self.num_frames, self.crop_size, self.frame_sampling = num_frames, crop_size, frame_sampling
         self.view, self.num_views = 0, 1  # evaluation window (evaluate.py --views sets them)
+        if audio_input not in ("logmel", "waveform"):
+            raise ValueError(f"audio_input must be logmel or waveform, got {audio_input!r}")
+        self.audio_input = audio_input
         self.max_audio_frames = int(max_audio_seconds * AUDIO_RATE / MEL_HOP)
+        self.max_audio_samples = int(max_audio_seconds * AUDIO_RATE)
         self.seed = seed
         self.tokenizer, self.max_text_tokens = tokenizer, max_text_tokens
         rows = []
@@ -761,8 +766,15 @@ class MELDDataset(Dataset):
 
     def load_audio(self, folder, generator=None):
         """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A <= max_audio_frames
-        (a random window in training, the centre in evaluation), SpecAugment in training."""
+        (a random window in training, the centre in evaluation), SpecAugment in training; or with
+        audio_input="waveform" the samples in [-1, 1] as [1, S], S <= max_audio_samples, windowed
+        the same way, without SpecAugment (speech models mask their own features in training)."""
         wave = np.load(Path(folder) / "audio.npy", mmap_mode="r")
+        if self.audio_input == "waveform":
+            extra = max(len(wave) - self.max_audio_samples, 0)
+            start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator is not None else extra // 2
+            wave = wave[start:start + self.max_audio_samples]
+            return torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)[None]      # [1, S]
         wave = torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)
         logmel = torch.log(self.melspec(wave) + 1e-6)                 # [n_mels, A]
         if logmel.shape[1] > self.max_audio_frames:
@@ -778,7 +790,8 @@ def dataset_from_args(args, root, split, tokenizer, train=False):
     return MELDDataset(root, split, args["modalities"], tokenizer, train=train, num_frames=args["num_frames"],
                        crop_size=args["crop_size"], frame_sampling=args["frame_sampling"], n_mels=args["n_mels"],
                        max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
-                       context=args["context"], seed=args["seed"])
+                       context=args["context"], seed=args["seed"],
+                       audio_input="waveform" if args.get("audio_encoder", "cnn").startswith("hf:") else "logmel")
 
 
 def to_device(batch, device):
@@ -806,7 +819,7 @@ def collate(samples, num_frames=None, pad_token_id=0):
     if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
         T = num_frames or max(s["video"].shape[1] for s in samples)
         batch["video"], batch["video_mask"] = pad_time([s["video"] for s in samples], T)
-    if "audio" in samples[0]:  # [n_mels, a] each -> [B, n_mels, A]
+    if "audio" in samples[0]:  # [n_mels, a] (or [1, s]) each -> [B, n_mels, A] (or [B, 1, S])
         A = max(s["audio"].shape[1] for s in samples)
         batch["audio"], batch["audio_mask"] = pad_time([s["audio"] for s in samples], A)
     if "input_ids" in samples[0]:

@@ -28,7 +28,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,  # noqa: E402
+                             precision_recall_fscore_support, roc_auc_score)
 
 import data  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -40,16 +41,23 @@ TASKS = (("emotion", data.EMOTIONS), ("sentiment", data.SENTIMENTS))
 # Metrics
 # ------------------------------------------------------------------------------------------------
 
-def classification_metrics(y_true, y_pred, class_names):
+def classification_metrics(y_true, y_pred, class_names, probabilities=None):
     """Accuracy, macro F1, weighted F1, per-class precision/recall/F1/support and the confusion
     matrix (rows: true class, columns: predicted), over every class in class_names, including
     classes that never occur in y_true or y_pred (their F1 is 0, as scikit-learn's zero_division=0).
-    Plain Python numbers and lists, ready for JSON."""
+    Two classes and probabilities [n, 2] given: also ROC-AUC and average precision of the second
+    class (None when y_true holds one class only). Plain Python numbers and lists, ready for JSON."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
-    return {
+    binary = {}
+    if len(class_names) == 2 and probabilities is not None:
+        both = len(set(y_true.tolist())) == 2
+        score = np.asarray(probabilities)[:, 1]
+        binary = {"roc_auc": float(roc_auc_score(y_true, score)) if both else None,
+                  "average_precision": float(average_precision_score(y_true, score)) if both else None}
+    return binary | {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
@@ -68,8 +76,9 @@ def split_metrics(predictions, dataset):
     metrics = {}
     for index, (task, names) in enumerate(TASKS):
         y_true = [getattr(rows[i], task) for i in ids]
-        y_pred = [int(np.argmax(predictions[i][index])) for i in ids]
-        metrics[task] = classification_metrics(y_true, y_pred, names)
+        probabilities = [predictions[i][index] for i in ids]
+        y_pred = [int(np.argmax(p)) for p in probabilities]
+        metrics[task] = classification_metrics(y_true, y_pred, names, probabilities)
     return metrics
 
 
@@ -81,6 +90,8 @@ def report(metrics, names, title):
         lines.append(f"{name:>12} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:9d}")
     lines += [f"{'accuracy':>12} {metrics['accuracy']:39.4f}",
               f"{'macro F1':>12} {metrics['macro_f1']:29.4f}", f"{'weighted F1':>12} {metrics['weighted_f1']:29.4f}"]
+    lines += [f"{label:>12} {metrics[key]:29.4f}" for key, label in (("roc_auc", "ROC-AUC"), ("average_precision", "AP"))
+              if metrics.get(key) is not None]
     return "\n".join(lines)
 
 

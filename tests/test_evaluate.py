@@ -7,7 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, precision_recall_fscore_support,
+                             roc_auc_score)
 
 import data
 import evaluate
@@ -26,7 +27,7 @@ def assert_png(path):
 def run(cache, tiny_bert, tmp_path_factory):
     """A short training run (in this process) on the synth cache: its folder holds best.pt etc."""
     out = tmp_path_factory.mktemp("run")
-    train.main(["--data", str(cache), "--out", str(out), "--video-arch", "tiny", "--video-init", "random",
+    train.main(["--data", str(cache), "--out", str(out), "--video-size", "tiny", "--video-init", "random",
                 "--text-model", tiny_bert, "--num-frames", "8", "--crop-size", "32", "--audio-channels", "4,8,8,8",
                 "--fusion-dim", "32", "--batch-size", "4", "--accum-steps", "1", "--epochs", "2", "--min-epochs", "2",
                 "--workers", "0", "--device", "cpu", "--unfreeze", ""])
@@ -45,6 +46,21 @@ def test_metrics_agree_with_scikit_learn_on_random_predictions():
         assert m["per_class"][name] == pytest.approx(dict(precision=precision[i], recall=recall[i], f1=f1[i],
                                                           support=support[i]))
     assert np.array(m["confusion"]).sum() == 300 and np.trace(m["confusion"]) == (y_true == y_pred).sum()
+
+
+def test_binary_metrics_add_roc_auc_and_average_precision():
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 2, 200)
+    score = np.clip(0.3 * y_true + rng.random(200) * 0.7, 0, 1)          # informative, not perfect
+    probabilities = np.stack([1 - score, score], 1)
+    m = evaluate.classification_metrics(y_true, probabilities.argmax(1), ("quiet", "applause"), probabilities)
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y_true, score)) and 0.6 < m["roc_auc"] < 1
+    assert m["average_precision"] == pytest.approx(average_precision_score(y_true, score))
+    assert "ROC-AUC" in evaluate.report(m, ("quiet", "applause"), "test")
+    one_class = evaluate.classification_metrics([1, 1], [1, 0], ("quiet", "applause"), [[0.2, 0.8], [0.6, 0.4]])
+    assert one_class["roc_auc"] is None and one_class["average_precision"] is None  # undefined, not made up
+    many = evaluate.classification_metrics([0, 1, 2], [0, 1, 1], ("a", "b", "c"), np.eye(3))
+    assert "roc_auc" not in many
 
 
 def test_metrics_by_hand_with_a_class_never_predicted():

@@ -64,8 +64,8 @@ def random_video(B, T, H, W, seed=0):
 
 
 def tiny_model(tiny_bert, **kwargs):
-    args = dict(modalities=("video", "audio", "text"), video_arch="tiny", text_model=tiny_bert,
-                n_mels=16, audio_channels=(8, 16), fusion_dim=32, fusion_heads=2,
+    args = dict(modalities=("video", "audio", "text"), video_arch="slowfast", video_size="tiny",
+                text_model=tiny_bert, n_mels=16, audio_channels=(8, 16), fusion_dim=32, fusion_heads=2,
                 head_hidden=(32, 16))
     args.update(kwargs)
     torch.manual_seed(0)
@@ -307,7 +307,7 @@ def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
 
 def test_video_padding_does_not_change_logits():
     torch.manual_seed(0)
-    model = M.EmotionModel(modalities=("video", "audio"), video_arch="r50", n_mels=16,
+    model = M.EmotionModel(modalities=("video", "audio"), video_size="r50", n_mels=16,
                            audio_channels=(8, 16), fusion="attention", fusion_dim=32,
                            fusion_heads=2, head_hidden=(32, 16))
     randomize_(model, seed=5).eval()
@@ -570,7 +570,8 @@ def test_audio_cnn_shapes_and_silence():
 
 
 def test_forward_shapes_single_modality_and_class_counts(tiny_bert):
-    model = tiny_model(tiny_bert, modalities=("text",), num_emotions=5, num_sentiments=2).eval()
+    model = tiny_model(tiny_bert, modalities=("text",),
+                       tasks=(("emotion", 5), ("sentiment", 2))).eval()
     assert model.fusion is None and not hasattr(model, "video")
     batch = make_batch()
     del batch["video"], batch["video_mask"], batch["audio"], batch["audio_mask"]

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import transformers
 
 import data
 import evaluate
@@ -22,7 +23,7 @@ TIMING = ("seconds", "clips_per_s", "data_wait", "peak_memory_mb")
 
 def small_args(cache, tiny_bert, out, *extra):
     """A CPU-sized run on the session's synth cache: every branch, tiny widths."""
-    return ["--data", str(cache), "--out", str(out), "--video-arch", "tiny", "--video-init", "random",
+    return ["--data", str(cache), "--out", str(out), "--video-size", "tiny", "--video-init", "random",
             "--text-model", str(tiny_bert), "--num-frames", "8", "--crop-size", "32", "--audio-channels", "4,8,8,8",
             "--fusion-dim", "32", "--batch-size", "2", "--accum-steps", "1", "--eval-batch-size", "2",
             "--epochs", "2", "--min-epochs", "2", "--workers", "0", "--device", "cpu", "--unfreeze", "", *extra]
@@ -38,7 +39,7 @@ def run_train(argv, **env):
 
 def small_model(tiny_bert, modalities=("audio", "text")):
     torch.manual_seed(0)
-    return model_lib.EmotionModel(modalities=modalities, video_arch="tiny", text_model=str(tiny_bert),
+    return model_lib.EmotionModel(modalities=modalities, video_size="tiny", text_model=str(tiny_bert),
                                   audio_channels=(4, 8, 8, 8), fusion_dim=32)
 
 
@@ -67,6 +68,35 @@ def test_onecycle_schedule_is_sized_from_the_loader(cache, tokenizer):
         scheduler.step()  # one step past N: the schedule was sized exactly
     assert train.onecycle_lr(0.0, 1e-3, args) == pytest.approx(1e-5)
     assert train.onecycle_lr(0.3, 1e-3, args) == pytest.approx(1e-3)
+
+
+def test_cosine_and_plateau_schedules():
+    """cosine: per optimizer step, each group from its own peak to peak / div / final-div; plateau:
+    unchanged by optimizer steps, the LR halves after `patience` evaluations without a gain."""
+    def optimizer():
+        a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        return torch.optim.AdamW([dict(params=[a], lr=1e-3), dict(params=[b], lr=1e-4)])
+
+    args = train.parse_args(["--scheduler", "cosine", "--epochs", "2", "--div-factor", "10"])
+    opt = optimizer()
+    scheduler = train.build_scheduler(opt, args, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        scheduler.step()
+    lrs.append([g["lr"] for g in opt.param_groups])
+    assert lrs[0] == pytest.approx([1e-3, 1e-4]) and lrs[5] == pytest.approx([5.5e-4, 5.5e-5])
+    assert lrs[10] == pytest.approx([1e-4, 1e-5]) and all(x[0] >= y[0] for x, y in zip(lrs, lrs[1:]))
+
+    args = train.parse_args(["--scheduler", "plateau", "--plateau-patience", "1", "--plateau-factor", "0.5"])
+    opt = optimizer()
+    scheduler = train.build_scheduler(opt, args, steps_per_epoch=5)
+    for score in (0.3, 0.4, 0.4):   # a gain, then one evaluation without: still within patience
+        scheduler.step(score)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])
+    scheduler.step(0.39)              # the second without a gain
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-5])
 
 
 def test_gradient_accumulation_equals_one_big_batch(cache, tiny_bert, tokenizer):
@@ -286,6 +316,37 @@ def test_demo_end_to_end_with_wandb_offline_and_hub_upload_failing_cleanly(tmp_p
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(metrics["test"]["emotion"]["per_class"]) == set(data.EMOTIONS)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert evaluate.load_checkpoint(out / "best.pt")["model_config"]["video_arch"] == "tiny"
+    assert evaluate.load_checkpoint(out / "best.pt")["model_config"]["video_size"] == "tiny"
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert (out / "hub" / "model.safetensors").is_file() and (out / "hub" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("encoders", ["frames+lstm", "speech"])
+def test_other_encoders_train_evaluate_and_rebuild(cache, tiny_bert, tmp_path, encoders):
+    """--video-arch frames with --audio-encoder lstm, and --audio-encoder hf: (a tiny random wav2vec2
+    folder; the loader then sends the waveform): a short run, plateau schedule, the speech encoder
+    fine-tuned from the start at --lr-audio, the test split evaluated from the rebuilt best.pt."""
+    out = tmp_path / "run"
+    extra = ["--epochs", "1", "--min-epochs", "1", "--max-steps-per-epoch", "2", "--scheduler", "plateau"]
+    if encoders == "speech":
+        folder = tmp_path / "wav2vec2"
+        config = transformers.Wav2Vec2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, conv_dim=(16, 16),
+            conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2, feat_extract_norm="layer",
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+        transformers.Wav2Vec2Model(config).save_pretrained(folder)
+        extra += ["--modalities", "audio,text", "--audio-encoder", f"hf:{folder}", "--lr-audio", "2e-5"]
+    else:
+        extra += ["--video-arch", "frames", "--audio-encoder", "lstm"]
+    result = run_train(small_args(cache, tiny_bert, out, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    config = evaluate.load_checkpoint(out / "best.pt")["model_config"]
+    if encoders == "speech":
+        assert config["audio_encoder"] == f"hf:{tmp_path / 'wav2vec2'}"
+        assert record["lr"]["audio.pretrained.decay"] == pytest.approx(2e-5)  # trained from the start, own LR
+    else:
+        assert (config["video_arch"], config["audio_encoder"]) == ("frames", "lstm")
+        assert record["lr"]["video.new.decay"] == pytest.approx(1e-3)        # plateau: no per-step schedule
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["test"]["emotion"]["n"] > 0
