@@ -20,6 +20,7 @@ train    python train.py --demo on freshly synthesised demo data with --workers 
 """
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -168,10 +169,7 @@ def bench_model(args, device, work):
         batch = data.to_device(synthetic_batch(batch_size, frames, crop, args.n_mels, vocab), device)
         criteria = [c.to(device) for c in train.build_criteria(args, [0, 1, 2, 3, 4, 5, 6], len(data.EMOTIONS))]
 
-        def step():
-            net.zero_grad(set_to_none=True)
-            train.accumulate_gradients(net, [batch], criteria, args.sentiment_weight, amp_dtype, scaler)
-
+        step = functools.partial(gradient_step, net, batch, criteria, args.sentiment_weight, amp_dtype, scaler)
         flops = count_flops(step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -183,8 +181,14 @@ def bench_model(args, device, work):
                          flop_utilisation=round(flops / seconds / 1e9 / rate, 3),
                          peak_memory_mb=round(train.peak_memory_mb(device), 1) if device.type == "cuda" else None,
                          params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)))
-        del net, batch
+        del net, batch, step
     return rows, rate
+
+
+def gradient_step(net, batch, criteria, sentiment_weight, amp_dtype, scaler):
+    """Forward, loss and backward exactly as train.py runs them (no optimizer step)."""
+    net.zero_grad(set_to_none=True)
+    train.accumulate_gradients(net, [batch], criteria, sentiment_weight, amp_dtype, scaler)
 
 
 def bench_slowfast_vs_pytorchvideo(args, device, rate):
@@ -226,7 +230,7 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
         steps.append(("pytorchvideo", theirs_step))
     flops = {name: count_flops(fn) for name, fn in steps}
     times = {name: [] for name, _ in steps}
-    for name, fn in steps:                         # warm-up
+    for _, fn in steps:                            # warm-up
         time_calls(fn, device, 1)
     for _ in range(args.pairs):                    # A B A B ...
         for name, fn in steps:
