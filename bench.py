@@ -167,7 +167,8 @@ def bench_model(args, device, work):
         net = model_lib.EmotionModel(**config, load_pretrained=False).to(device).train()
         vocab = net.text.model.config.vocab_size if "text" in config["modalities"] else 2000
         batch = data.to_device(synthetic_batch(batch_size, frames, crop, args.n_mels, vocab), device)
-        criteria = [c.to(device) for c in train.build_criteria(args, [0, 1, 2, 3, 4, 5, 6], len(data.EMOTIONS))]
+        criteria = {task: c.to(device) for task, c in
+                    train.build_criteria(args, list(range(len(data.EMOTIONS))), net.config["tasks"]).items()}
 
         step = functools.partial(gradient_step, net, batch, criteria, args.sentiment_weight, amp_dtype, scaler)
         flops = count_flops(step)

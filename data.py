@@ -3,6 +3,7 @@
     python data.py synth --out data/synth                          # small MELD-format set, no network
     python data.py prepare --meld-root data/synth --out data/synth-cache
     python data.py prepare --meld-root /path/to/MELD.Raw --out data/meld-cache --workers 8
+    python data.py prepare --csv my_clips.csv --out data/my-cache     # any labelled videos, audio, images
 
 `prepare` decodes every clip once (frames as JPEG at a fixed rate and short side, audio as 16 kHz
 mono int16) and writes `manifest.jsonl`, one line per clip with its status. It can be killed at any
@@ -19,6 +20,7 @@ and `collate` builds the batch every model in this repo takes:
     input_ids, attention_mask, token_type_ids   long [B, L]   padded to the longest in the batch
     emotion      long  [B]               index into EMOTIONS
     sentiment    long  [B]               index into SENTIMENTS
+                 (--dataset csv: label long [B], index into the classes of the train split)
     ids          list[str]               e.g. "train/dia0_utt0"
 
 A modality that is not selected is absent from the batch and is never read from disk.
@@ -29,6 +31,7 @@ import collections
 import csv
 import ctypes
 import functools
+import hashlib
 import io
 import json
 import math
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 import torchaudio
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg, read_file
 
 # The one label order used everywhere (model heads, metrics, checkpoints, reports).
 EMOTIONS = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
@@ -79,6 +82,7 @@ class Utterance:
     sentiment: int     # index into SENTIMENTS
     start: str = ""    # StartTime / EndTime as written, e.g. "00:16:16,059" (times in the episode)
     end: str = ""
+    label: int = -1    # --dataset csv: index into the class list (emotion and sentiment are then -1)
 
 
 def read_text(path):
@@ -134,8 +138,92 @@ def find_csv(root, split):
     return None
 
 
-def available_splits(root):
+def available_splits(root, dataset="meld"):
+    if dataset == "csv":
+        return [s for s in SPLITS if (Path(root) / f"{s}_clips.csv").is_file()]
     return [s for s in SPLITS if find_csv(root, s) is not None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Any labelled clips, audio files or images: a CSV manifest (--dataset csv)
+# ------------------------------------------------------------------------------------------------
+
+CLIP_COLUMNS = ("id", "path", "label", "text", "group")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def read_manifest_csv(path):
+    """A user's manifest: columns path and label, optional text, split, group (others ignored).
+    -> list of dicts with those five keys, paths resolved against the CSV's folder. A missing column,
+    an empty path or label, or a split other than train/dev/test is a ValueError naming the row."""
+    path = Path(path)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    fields = [f.strip().lower() for f in reader.fieldnames or []]
+    missing = [c for c in ("path", "label") if c not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+    rows = []
+    for line, raw in enumerate(reader, start=2):
+        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if not row["path"] or not row["label"]:
+            raise ValueError(f"{path}, row {line}: empty path or label")
+        split = row.get("split", "")
+        if split and split not in SPLITS:
+            raise ValueError(f"{path}, row {line}: split {split!r} is not one of {SPLITS}")
+        rows.append(dict(path=str((path.parent / row["path"]).resolve()), label=row["label"],
+                         text=row.get("text", ""), split=split, group=row.get("group", "")))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def assign_splits(rows, ratio=(0.8, 0.1, 0.1), seed=0):
+    """Rows without a split get one: per label, a seeded shuffle cut by ratio (stratified); a
+    label with fewer rows than splits goes to train first. Rows that have a split keep it."""
+    ratio = np.asarray(ratio, dtype=float) / sum(ratio)
+    by_label = collections.defaultdict(list)
+    for i, row in enumerate(rows):
+        if not row["split"]:
+            by_label[row["label"]].append(i)
+    rng = np.random.default_rng(seed)
+    for label in sorted(by_label):
+        indices = rng.permutation(by_label[label])
+        counts = np.floor(ratio * len(indices)).astype(int)
+        counts[0] += len(indices) - counts.sum()         # the remainder trains
+        for split, part in zip(SPLITS, np.split(indices, np.cumsum(counts)[:-1])):
+            for i in part:
+                rows[i]["split"] = split
+    return rows
+
+
+def csv_clip_id(row):
+    """"split/stem-hash": readable, unique per source path, stable across runs."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(row["path"]).stem)[:40]
+    return f"{row['split']}/{stem}-{hashlib.sha1(row['path'].encode()).hexdigest()[:8]}"
+
+
+def read_clips_csv(root, split, classes):
+    """{split}_clips.csv of a prepared csv dataset -> list of Utterance (label = index into classes;
+    group = the dialogue for --context). A label missing from classes is a ValueError."""
+    path = Path(root) / f"{split}_clips.csv"
+    rows, position = [], collections.Counter()
+    for line, row in enumerate(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")), start=2):
+        if row["label"] not in classes:
+            raise ValueError(f"{path}, row {line}: label {row['label']!r} does not occur in the train split "
+                             f"(classes: {', '.join(classes)})")
+        group = row["group"] or row["id"]
+        rows.append(Utterance(row["id"], split, group, position[group], row["text"], "", -1, -1,
+                              label=classes.index(row["label"])))
+        position[group] += 1
+    return rows
+
+
+def csv_classes(root):
+    """The class list of a prepared csv dataset: the sorted labels of its train split."""
+    path = Path(root) / "train_clips.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no train split (prepare --csv writes it)")
+    return sorted({row["label"] for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,6 +438,8 @@ def extract_clip(src, dst, settings, threads=0):
     Returns the manifest fields; raises on failure."""
     dst = Path(dst)
     dst.mkdir(parents=True)
+    if Path(src).suffix.lower() in IMAGE_SUFFIXES:
+        return extract_image(src, dst, settings)
     frames_written, audio, audio_samples, video_seconds = 0, [], 0, 0.0
     with av.open(str(src)) as container:
         source_seconds = (container.duration or 0) / av.time_base
@@ -422,6 +512,22 @@ def extract_clip(src, dst, settings, threads=0):
                 audio_samples=int(len(audio)))
 
 
+def extract_image(src, dst, settings):
+    """An image -> dst/000000.jpg at the cache's short side (never enlarged): a one-frame clip."""
+    try:
+        image = decode_image(read_file(str(src)), mode=ImageReadMode.RGB)           # [3, h, w] uint8
+    except RuntimeError as e:
+        raise ValueError(f"not a readable image ({str(e).strip().splitlines()[0]})") from None
+    h, w = image.shape[1:]
+    scale = min(1.0, settings.short_side / min(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        image = TF.resize(image, list(size), antialias=True)
+    (dst / "000000.jpg").write_bytes(encode_jpeg(image, quality=settings.jpeg_quality).numpy().tobytes())
+    return dict(status="ok", reason="no audio stream", frames=1, fps=settings.fps, source_fps=0, width=size[1],
+                height=size[0], seconds=0.0, source_seconds=0.0, truncated=False, audio_samples=0)
+
+
 def _prepare_one(task):
     """Worker: extract one clip into a temporary folder, then rename it into place (atomic)."""
     clip_id, src, out, settings, threads, error = task
@@ -460,13 +566,8 @@ def _worker_init():
     torch.set_num_threads(1)
 
 
-def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1, progress=True):
-    """Decode MELD.Raw (or synth output) at meld_root into the cache folder out. Resumable.
-
-    Returns {split: Counter(reason)} for the clips processed in this call and before."""
-    from tqdm import tqdm
-
-    meld_root, out = Path(meld_root), Path(out)
+def _start_cache(out, settings):
+    """Create the cache folder and record the settings; continuing with other settings is an error."""
     out.mkdir(parents=True, exist_ok=True)
     settings = PrepareSettings(float(settings.fps), int(settings.short_side), float(settings.max_seconds),
                                int(settings.jpeg_quality))
@@ -475,7 +576,21 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
         raise SystemExit(f"{out} was prepared with {settings_path.read_text().strip()}; asked for {wanted}. "
                          "Use the same settings to continue it, or another --out.")
     settings_path.write_text(json.dumps(wanted) + "\n")
+    return settings
 
+
+def _write_atomic(path, text):
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+
+
+def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1, progress=True):
+    """Decode MELD.Raw (or synth output) at meld_root into the cache folder out. Resumable.
+
+    Returns {split: Counter(reason)} for the clips processed in this call and before."""
+    meld_root, out = Path(meld_root), Path(out)
+    settings = _start_cache(out, settings)
     tasks = []
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0  # cores shared by the workers
     for split in splits:
@@ -484,13 +599,8 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
             print(f"{split}: no {split}_sent_emo.csv under {meld_root}: skipped")
             continue
         rows = read_meld_csv(csv_path, split)
-        tmp = out / f".{split}_sent_emo.csv.tmp"
-        tmp.write_text(read_text(csv_path), encoding="utf-8", newline="")
-        os.replace(tmp, out / f"{split}_sent_emo.csv")
+        _write_atomic(out / f"{split}_sent_emo.csv", read_text(csv_path))
         folder = meld_root / VIDEO_DIRS[split]
-        (out / split).mkdir(exist_ok=True)
-        for stale in (out / split).glob(".tmp-*"):
-            shutil.rmtree(stale)
         labelled = set()
         for row in rows:
             name = row.id.split("/")[1]
@@ -501,13 +611,50 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
             if stray.name not in labelled:
                 tasks.append((f"{split}/{stray.stem}", stray, out, settings, threads,
                               f"unlabelled: not in {csv_path.name}"))
+    return _run_prepare(meld_root, out, tasks, workers, progress)
 
+
+def prepare_csv(csv_path, out, settings=PrepareSettings(), split_ratio=(0.8, 0.1, 0.1), seed=0, workers=1,
+                progress=True):
+    """Decode every file a manifest CSV lists (videos, audio-only files, images) into the cache
+    folder out, as `prepare` does for MELD, and write out/{split}_clips.csv (id, path, label, text,
+    group). Rows without a split are split by label, seeded (assign_splits). Resumable."""
+    out = Path(out)
+    settings = _start_cache(out, settings)
+    rows = assign_splits(read_manifest_csv(csv_path), split_ratio, seed)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    tasks, seen = [], {}
+    for row in rows:
+        row["id"] = csv_clip_id(row)
+        if row["id"] in seen:
+            raise ValueError(f"{csv_path}: {row['path']} is listed twice")
+        seen[row["id"]] = row
+        src = Path(row["path"])
+        tasks.append((row["id"], src, out, settings, threads, None if src.is_file() else f"missing: {src} not found"))
+    for split in SPLITS:
+        lines = io.StringIO()
+        writer = csv.DictWriter(lines, CLIP_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["split"] == split)
+        _write_atomic(out / f"{split}_clips.csv", lines.getvalue())
+    return _run_prepare(csv_path, out, tasks, workers, progress)
+
+
+def _run_prepare(source, out, tasks, workers, progress):
+    """Extract the clips of `tasks` not yet in out/manifest.jsonl, appending a line per clip as it
+    finishes (so a killed run resumes); print and return {split: Counter(reason)}."""
+    from tqdm import tqdm
+
+    for split in {t[0].split("/")[0] for t in tasks}:
+        (out / split).mkdir(exist_ok=True)
+        for stale in (out / split).glob(".tmp-*"):
+            shutil.rmtree(stale)
     done = read_manifest(out)
     manifest = out / "manifest.jsonl"
     with open(manifest, "w") as f:  # rewrite without a line cut off by a kill
         f.writelines(json.dumps(e) + "\n" for e in done.values())
     todo = [t for t in tasks if t[0] not in done]
-    print(f"prepare {meld_root} -> {out}: {len(tasks)} clips, {len(tasks) - len(todo)} already done, "
+    print(f"prepare {source} -> {out}: {len(tasks)} clips, {len(tasks) - len(todo)} already done, "
           f"{len(todo)} to do with {workers} worker(s)")
     with open(manifest, "a") as f:
         if workers > 1 and len(todo) > 1:
@@ -645,7 +792,7 @@ class MELDDataset(Dataset):
 
     def __init__(self, root, split, modalities=("video", "audio", "text"), tokenizer=None, train=False,
                  num_frames=32, crop_size=224, frame_sampling="fixed", n_mels=64, max_audio_seconds=10.0,
-                 max_text_tokens=128, context=0, seed=0, audio_input="logmel"):
+                 max_text_tokens=128, context=0, seed=0, audio_input="logmel", dataset="meld"):
         self.root, self.split, self.modalities, self.train = Path(root), split, tuple(modalities), train
         unknown = set(self.modalities) - {"video", "audio", "text"}
         if unknown or not self.modalities:
@@ -660,11 +807,22 @@ class MELDDataset(Dataset):
         self.seed = seed
         self.tokenizer, self.max_text_tokens = tokenizer, max_text_tokens
         rows = []
-        if split is not None:
-            csv_path = find_csv(self.root, split)
-            if csv_path is None:
-                raise FileNotFoundError(f"{self.root / f'{split}_sent_emo.csv'}: no {split} split here")
-            rows = read_meld_csv(csv_path, split)
+        if dataset == "csv":  # one task: the manifest's labels, classes from the train split
+            self.tasks = [("label", tuple(csv_classes(self.root)) if split is not None else ())]
+            if split is not None:
+                if not (self.root / f"{split}_clips.csv").is_file():
+                    raise FileNotFoundError(f"{self.root / f'{split}_clips.csv'}: no {split} split here "
+                                            "(python data.py prepare --csv MANIFEST --out CACHE writes it)")
+                rows = read_clips_csv(self.root, split, self.tasks[0][1])
+        elif dataset == "meld":
+            self.tasks = [("emotion", EMOTIONS), ("sentiment", SENTIMENTS)]
+            if split is not None:
+                csv_path = find_csv(self.root, split)
+                if csv_path is None:
+                    raise FileNotFoundError(f"{self.root / f'{split}_sent_emo.csv'}: no {split} split here")
+                rows = read_meld_csv(csv_path, split)
+        else:
+            raise ValueError(f"unknown dataset {dataset!r} (expected 'meld' or 'csv')")
 
         self.excluded = collections.Counter()
         self.entries = {}
@@ -672,7 +830,7 @@ class MELDDataset(Dataset):
             manifest = read_manifest(self.root)
             if not manifest:
                 raise FileNotFoundError(f"{self.root / 'manifest.jsonl'} not found or empty: run "
-                                        f"`python data.py prepare --meld-root MELD_RAW --out {self.root}` first, "
+                                        f"`python data.py prepare --meld-root MELD_RAW (or --csv MANIFEST) --out {self.root}` first, "
                                         "or use text only")
             missing = [r.id for r in rows if r.id not in manifest]
             if missing:
@@ -732,7 +890,8 @@ class MELDDataset(Dataset):
         return len(self.rows)
 
     def labels(self):
-        return [r.emotion for r in self.rows]
+        """Class indices of the first (primary) task, row by row."""
+        return [getattr(r, self.tasks[0][0]) for r in self.rows]
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -741,7 +900,7 @@ class MELDDataset(Dataset):
         if self.train:  # augmentation keyed by (seed, epoch, index), not by worker
             state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2, np.uint64)
             generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-        sample = dict(id=row.id, emotion=row.emotion, sentiment=row.sentiment)
+        sample = dict(id=row.id, **{task: getattr(row, task) for task, _ in self.tasks})
         if "video" in self.modalities:
             sample["video"] = self.load_video(self.root / row.id, self.entries[row.id]["frames"], generator)
         if "audio" in self.modalities:
@@ -791,7 +950,8 @@ def dataset_from_args(args, root, split, tokenizer, train=False):
                        crop_size=args["crop_size"], frame_sampling=args["frame_sampling"], n_mels=args["n_mels"],
                        max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
                        context=args["context"], seed=args["seed"],
-                       audio_input="waveform" if args.get("audio_encoder", "cnn").startswith("hf:") else "logmel")
+                       audio_input="waveform" if args.get("audio_encoder", "cnn").startswith("hf:") else "logmel",
+                       dataset=args.get("dataset", "meld"))
 
 
 def to_device(batch, device):
@@ -810,11 +970,10 @@ def pad_time(items, length):
     return padded, mask
 
 
-def collate(samples, num_frames=None, pad_token_id=0):
-    """List of samples -> the batch dict of the module docstring. Video is padded to num_frames."""
-    batch = dict(ids=[s["id"] for s in samples],
-                 emotion=torch.tensor([s["emotion"] for s in samples]),
-                 sentiment=torch.tensor([s["sentiment"] for s in samples]))
+def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment")):
+    """List of samples -> the batch dict of the module docstring (one long [B] per task name).
+    Video is padded to num_frames."""
+    batch = dict(ids=[s["id"] for s in samples], **{t: torch.tensor([s[t] for s in samples]) for t in tasks})
     B = len(samples)
     if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
         T = num_frames or max(s["video"].shape[1] for s in samples)
@@ -907,7 +1066,8 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
     return DataLoader(
         dataset, batch_size=batch_size, sampler=order, drop_last=train, num_workers=workers,
         collate_fn=functools.partial(collate, num_frames=dataset.num_frames if "video" in dataset.modalities else None,
-                                     pad_token_id=getattr(dataset, "pad_token_id", 0)),
+                                     pad_token_id=getattr(dataset, "pad_token_id", 0),
+                                     tasks=[task for task, _ in dataset.tasks]),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=reuse_freed_memory,
@@ -932,9 +1092,13 @@ def main(argv=None):
     s.add_argument("--max-seconds", type=float, default=6.0, help="longest clip")
     s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="parallel processes")
     p = commands.add_parser("prepare", help="decode every clip once into a cache folder (resumable)")
-    p.add_argument("--meld-root", required=True, help="MELD.Raw folder (or synth output)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--meld-root", help="MELD.Raw folder (or synth output)")
+    source.add_argument("--csv", help="manifest CSV: path, label[, text, split, group] (videos, audio files, images)")
     p.add_argument("--out", required=True, help="cache folder to write; re-run the same command to continue")
-    p.add_argument("--splits", default="train,dev,test", help="comma-separated splits to prepare")
+    p.add_argument("--splits", default="train,dev,test", help="MELD: comma-separated splits to prepare")
+    p.add_argument("--split-ratio", default="0.8,0.1,0.1", help="--csv rows without a split: train,dev,test shares")
+    p.add_argument("--seed", type=int, default=0, help="--csv: seed of the stratified split")
     p.add_argument("--fps", type=float, default=PrepareSettings.fps, help="frames kept per second")
     p.add_argument("--short-side", type=int, default=PrepareSettings.short_side, help="frame short side, pixels")
     p.add_argument("--max-seconds", type=float, default=PrepareSettings.max_seconds,
@@ -949,7 +1113,11 @@ def main(argv=None):
         print(f"wrote {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
     else:
         settings = PrepareSettings(args.fps, args.short_side, args.max_seconds, args.jpeg_quality)
-        prepare(args.meld_root, args.out, args.splits.split(","), settings, args.workers)
+        if args.csv:
+            ratio = tuple(float(x) for x in args.split_ratio.split(","))
+            prepare_csv(args.csv, args.out, settings, ratio, args.seed, args.workers)
+        else:
+            prepare(args.meld_root, args.out, args.splits.split(","), settings, args.workers)
 
 
 if __name__ == "__main__":

