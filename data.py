@@ -234,7 +234,8 @@ def csv_classes(root):
 # capped well below 100% and fusing them beats the best single one. In video, the trace is the colour
 # of a disk that sweeps across the frame; surprise and fear share a colour and differ only in the
 # direction of the sweep: a fear clip is the frames of a surprise clip in reverse order, so only a
-# model that sees time can tell them apart. Audio: a tone whose pitch depends on the class. Text: a
+# model that sees time can tell them apart. Their sweep is vertical, a direction that the training
+# augmentation (horizontal flip, small rotations) keeps. Audio: a tone whose pitch depends on the class. Text: a
 # keyword of the class among filler words.
 
 TEMPORAL_PAIR = ("surprise", "fear")   # same frames, opposite order
@@ -262,7 +263,8 @@ def synth_frames(trace, seconds, width, height, fps, seed):
     """Frames of one synthetic clip carrying the video trace of emotion `trace`: uint8 [N, H, W, 3].
 
     A disk of the trace's colour crosses a noisy background. For TEMPORAL_PAIR the two classes get
-    the same frames (same seed), the second in reverse order.
+    the same frames (same seed), the second in reverse order: the disk moves down for the first and
+    up for the second (vertical, so that a horizontal flip does not turn one class into the other).
     """
     rng = np.random.default_rng(seed)
     n = max(1, round(seconds * fps))
@@ -270,11 +272,12 @@ def synth_frames(trace, seconds, width, height, fps, seed):
     background = (rng.uniform(0, 70, size=3).astype(np.float32) + 30 * (xx / width)[..., None]
                   + rng.normal(0, 8, size=(height, width, 1)).astype(np.float32))  # static texture
     radius = rng.uniform(0.12, 0.2) * height
-    y0, y1 = rng.uniform(0.25, 0.75, size=2) * height
-    if trace in TEMPORAL_PAIR:  # left to right; reversed below for the second class of the pair
-        x0, x1 = 0.1 * width, 0.9 * width
-    else:                       # any direction: only the colour carries the class
+    if trace in TEMPORAL_PAIR:  # top to bottom; reversed below for the second class of the pair
+        x0, x1 = rng.uniform(0.35, 0.65, size=2) * width
+        y0, y1 = 0.1 * height, 0.9 * height
+    else:                       # left or right: only the colour carries the class
         x0, x1 = rng.permutation([0.1 * width, 0.9 * width])
+        y0, y1 = rng.uniform(0.25, 0.75, size=2) * height
     colour = np.array(SYNTH_COLOURS[trace], np.float32)
     frames = np.empty((n, height, width, 3), np.uint8)
     for i in range(n):
@@ -711,14 +714,15 @@ def _uniform(generator, low, high):
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
-def transform_video(frames, crop_size, generator=None):
+def transform_video(frames, crop_size, generator=None, hflip=0.5):
     """t frames uint8 [3, h, w] (a list, or a tensor [t, 3, h, w]) -> uint8 [3, t, crop, crop] (the
     model's layout, contiguous), the same geometry for every frame of the clip. Frames are cropped
     before they are stacked.
 
     Evaluation: resize the short side to crop·8/7 (256 for 224) and take the centre crop.
     Training (a generator given): scale jitter (short side uniform in crop·[8/7, 10/7], i.e. 256–320
-    for 224, as SlowFast trains), a random square crop, horizontal flip, rotation within ±15° (zeros
+    for 224, as SlowFast trains), a random square crop, a horizontal flip with probability `hflip`
+    (0 for data where left and right differ in meaning), rotation within ±15° (zeros
     outside the frame), brightness and contrast within ±20%. Crop, scale, flip and rotation are one
     bilinear `grid_sample` from the source frames, and the colour change one affine map on its
     float output: about 3x cheaper than applying the steps one by one.
@@ -733,7 +737,7 @@ def transform_video(frames, crop_size, generator=None):
     box = round(crop_size * short / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
     top = int(torch.randint(h - box + 1, (1,), generator=generator))
     left = int(torch.randint(w - box + 1, (1,), generator=generator))
-    flip = float(torch.rand((), generator=generator)) < 0.5
+    flip = float(torch.rand((), generator=generator)) < hflip
     angle = _uniform(generator, -15, 15)
     brightness, contrast = _uniform(generator, 0.8, 1.2), _uniform(generator, 0.8, 1.2)
     return augment_video(frames, crop_size, top, left, box, flip, angle, brightness, contrast)
@@ -792,12 +796,12 @@ class MELDDataset(Dataset):
 
     def __init__(self, root, split, modalities=("video", "audio", "text"), tokenizer=None, train=False,
                  num_frames=32, crop_size=224, frame_sampling="fixed", n_mels=64, max_audio_seconds=10.0,
-                 max_text_tokens=128, context=0, seed=0, audio_input="logmel", dataset="meld"):
+                 max_text_tokens=128, context=0, seed=0, audio_input="logmel", dataset="meld", hflip=0.5):
         self.root, self.split, self.modalities, self.train = Path(root), split, tuple(modalities), train
         unknown = set(self.modalities) - {"video", "audio", "text"}
         if unknown or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of video, audio, text; got {modalities}")
-        self.num_frames, self.crop_size, self.frame_sampling = num_frames, crop_size, frame_sampling
+        self.num_frames, self.crop_size, self.frame_sampling, self.hflip = num_frames, crop_size, frame_sampling, hflip
         self.view, self.num_views = 0, 1  # evaluation window (evaluate.py --views sets them)
         if audio_input not in ("logmel", "waveform"):
             raise ValueError(f"audio_input must be logmel or waveform, got {audio_input!r}")
@@ -921,7 +925,7 @@ class MELDDataset(Dataset):
             raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
                                     "the cache is damaged, re-run prepare into a new folder") from None
         frames = decode_jpeg(jpegs)                                  # t x [3, h, w] uint8
-        return transform_video(frames, self.crop_size, generator)    # [3, t, crop, crop]
+        return transform_video(frames, self.crop_size, generator, self.hflip)    # [3, t, crop, crop]
 
     def load_audio(self, folder, generator=None):
         """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A <= max_audio_frames
@@ -951,7 +955,7 @@ def dataset_from_args(args, root, split, tokenizer, train=False):
                        max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
                        context=args["context"], seed=args["seed"],
                        audio_input="waveform" if args.get("audio_encoder", "cnn").startswith("hf:") else "logmel",
-                       dataset=args.get("dataset", "meld"))
+                       dataset=args.get("dataset", "meld"), hflip=args["hflip"])
 
 
 def to_device(batch, device):

@@ -56,6 +56,8 @@ def get_args_parser():
     parser.add_argument("--max-audio-seconds", type=float, default=10.0, help="audio kept per clip")
     parser.add_argument("--max-text-tokens", type=int, default=128, help="tokens per utterance, context included")
     parser.add_argument("--context", type=int, default=0, help="previous utterances of the dialogue given as context (0 = none)")
+    parser.add_argument("--hflip", type=float, default=0.5,
+                        help="probability of a horizontal flip in training (0 = never: left and right differ in meaning)")
     parser.add_argument("--sampler", default="random", choices=["random", "balanced"],
                         help="balanced: draw classes equally often in training")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")

@@ -384,6 +384,20 @@ def test_video_transforms_geometry_and_colour():
     assert flat[:, 1].unique().tolist() == [50]
 
 
+def test_horizontal_flip_probability():
+    """hflip=0 never mirrors a clip, 1 always does, the default 0.5 about half the time. Frames that
+    brighten from left to right still do under any crop, scale and ±15° rotation unless mirrored."""
+    frames = (torch.arange(85) * 3).to(torch.uint8).expand(4, 3, 48, 85).contiguous()
+
+    def mirrored(hflip, seed):
+        out = data.transform_video(frames, 32, torch.Generator().manual_seed(seed), hflip).float()
+        return bool(out[..., :16].mean() > out[..., 16:].mean())
+
+    assert not any(mirrored(0.0, seed) for seed in range(40))
+    assert all(mirrored(1.0, seed) for seed in range(40))
+    assert 10 <= sum(mirrored(0.5, seed) for seed in range(40)) <= 30
+
+
 def test_sampler_orders_shards_and_resumes():
     labels = [0] * 30 + [1] * 10 + [2] * 3
     full = data.ClipSampler(labels, shuffle=True, seed=4)
