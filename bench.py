@@ -8,21 +8,29 @@ per section; the last line is one JSON object with every number.
 prepare  synthetic clips at MELD's resolution (1280x720, 24 fps, 3.6 s) decoded into a cache:
          clips/s with 1 process and with --prepare-workers processes.
 loader   MELDDataset + DataLoader from that cache at --num-frames x --crop-size² with audio and
-         text and training augmentation, clips/s with 0, 1 and 2 workers, warm-up batches excluded.
+         text and training augmentation, clips/s with each of --loader-workers (0, 1, 2) worker
+         processes, warm-up batches excluded.
 model    forward + backward (loss and backward exactly as train.py runs them) of the full
          SlowFast-R50 model and of the --demo model, video only and all three branches, with
          FLOPs counted by torch's FlopCounterMode and FLOP utilisation = achieved FLOP/s divided by
          the dense matmul rate measured in the same run (so the ratio survives a busy machine).
          The bare SlowFast-R50 backbone is timed against pytorchvideo's slowfast_r50 on the same
          input, interleaved (A B A B ...), when pytorchvideo is installed.
-train    python train.py --demo on freshly synthesised demo data with --workers 2: per-epoch
-         clips/s and data-wait fraction (time blocked on the loader / epoch time).
+train    python train.py --demo on freshly synthesised data with --train-workers loader workers:
+         per-epoch clips/s, data-wait fraction (time blocked on the loader / epoch time) and peak
+         memory. --train-size meld synthesises clips at --width x --height and caches them at
+         --short-side; --train-args adds train.py flags (they override --demo's), e.g. the full model:
+
+    python bench.py --only train --device cuda --train-size meld --train-workers 14 \
+        --train-args "--video-size r50 --num-frames 32 --crop-size 224 --batch-size 16 --accum-steps 4 \
+                      --text-model BERT_FOLDER --fusion-dim 256 --audio-channels 32,64,128,256"
 """
 
 import contextlib
 import functools
 import json
 import os
+import shlex
 import shutil
 import statistics
 import tempfile
@@ -68,7 +76,7 @@ def bench_loader(cache, args):
     if len(ds) < args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(ds)} usable clips")
     rows = []
-    for workers in (0, 1, 2):
+    for workers in args.loader_workers:
         loader = data.make_loader(ds, batch_size=args.batch_size, train=True, workers=workers)
         clips, batches, start, epoch = 0, 0, None, 0
         while clips < args.loader_clips:
@@ -164,7 +172,7 @@ def bench_model(args, device, work):
         defaults = train.DEMO_DEFAULTS if name.startswith("demo") else vars(args)
         frames, crop = defaults["num_frames"], defaults["crop_size"]
         torch.manual_seed(0)
-        net = model_lib.EmotionModel(**config, load_pretrained=False).to(device).train()
+        net = model_lib.place(model_lib.EmotionModel(**config, load_pretrained=False), device).train()
         vocab = net.text.model.config.vocab_size if "text" in config["modalities"] else 2000
         batch = data.to_device(synthetic_batch(batch_size, frames, crop, args.n_mels, vocab), device)
         criteria = {task: c.to(device) for task, c in
@@ -206,7 +214,7 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
     video = torch.randint(0, 256, (B, 3, T, S, S), dtype=torch.uint8, device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     torch.manual_seed(0)
-    ours = model_lib.SlowFast("r50").to(device).train()
+    ours = model_lib.place(model_lib.SlowFast("r50"), device).train()
 
     def ours_step():
         ours.zero_grad(set_to_none=True)
@@ -216,7 +224,7 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
 
     steps = [("ours", ours_step)]
     if create_slowfast is not None:
-        theirs = create_slowfast().to(device).train()
+        theirs = model_lib.place(create_slowfast(), device).train()  # the same layout as ours
         x = ours.normalize(video, mask)
 
         def theirs_step():
@@ -260,19 +268,24 @@ def bench_train(args, work):
     for path in (raw, cache, out):
         shutil.rmtree(path, ignore_errors=True)
     n = args.train_clips
-    data.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1)
-    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2, progress=False)
+    size = (dict(width=args.width, height=args.height, min_seconds=args.seconds, max_seconds=args.seconds)
+            if args.train_size == "meld" else {})
+    short_side = args.short_side if args.train_size == "meld" else 90
+    data.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1, **size)
+    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=short_side),
+                 workers=min(os.cpu_count() or 1, 16), progress=False)
     argv = ["--demo", "--data", str(cache), "--out", str(out), "--epochs", str(args.train_epochs),
-            "--min-epochs", str(args.train_epochs), "--workers", "2", "--seed", "0"]
+            "--min-epochs", str(args.train_epochs), "--workers", str(args.train_workers), "--seed", "0",
+            *shlex.split(args.train_args)]
     if args.device != "auto":
         argv += ["--device", args.device]
     with contextlib.redirect_stdout(open(work / "demo-run.log", "w")):
         train.main(argv)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    rows = [dict(bench="train", epoch=r["epoch"], workers=2, clips_per_s=r["clips_per_s"], seconds=r["seconds"],
-                 data_wait=r["data_wait"]) for r in log]
+    rows = [dict(bench="train", epoch=r["epoch"], workers=args.train_workers, clips_per_s=r["clips_per_s"],
+                 seconds=r["seconds"], data_wait=r["data_wait"], peak_memory_mb=r["peak_memory_mb"]) for r in log]
     total = sum(r["seconds"] for r in log)
-    rows.append(dict(bench="train", epoch="all", workers=2, clips_per_s=None, seconds=round(total, 2),
+    rows.append(dict(bench="train", epoch="all", workers=args.train_workers, clips_per_s=None, seconds=round(total, 2),
                      data_wait=round(sum(r["data_wait"] * r["seconds"] for r in log) / total, 4)))
     return rows
 
@@ -296,6 +309,7 @@ def get_args_parser():
     bench.add_argument("--short-side", type=int, default=data.PrepareSettings.short_side, help="short side of cached frames")
     bench.add_argument("--prepare-workers", type=int, default=2, help="prepare processes for the parallel run")
     bench.add_argument("--loader-clips", type=int, default=96, help="clips timed per loader setting")
+    bench.add_argument("--loader-workers", default="0,1,2", help="comma-separated loader worker counts to time")
     bench.add_argument("--warmup-batches", type=int, default=2, help="batches before timing starts")
     bench.add_argument("--model-batch", type=int, default=None,
                        help="clips per model step (default: 1 on the CPU, --batch-size on CUDA)")
@@ -304,6 +318,12 @@ def get_args_parser():
     bench.add_argument("--matmul-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
     bench.add_argument("--train-clips", type=int, default=96, help="train clips of the demo data for the training run")
     bench.add_argument("--train-epochs", type=int, default=3, help="epochs of the training run")
+    bench.add_argument("--train-workers", type=int, default=2, help="loader workers of the training run")
+    bench.add_argument("--train-size", default="demo", choices=["demo", "meld"],
+                       help="training run's clips: demo = 160x90 cached at short side 90 (the --demo data); "
+                            "meld = --width x --height cached at --short-side")
+    bench.add_argument("--train-args", default="",
+                       help="more train.py flags for the training run, in one string (they override --demo's)")
     bench.add_argument("--work-dir", default=None, help="folder for the synthetic clips and caches (default: temp)")
     return parser
 
@@ -317,12 +337,14 @@ def print_table(rows, columns):
 
 def main():
     args = get_args_parser().parse_args()
+    args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
     sections = args.only.split(",")
     if set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown section(s) {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     args.model_batch = args.model_batch or (args.batch_size if device.type == "cuda" else 1)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    train.setup_environment(args, 0, device)  # as training runs: cuDNN autotuning and TF32 on CUDA
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="meld-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results, extra = [], {}
@@ -357,9 +379,10 @@ def main():
         results += rows
 
     if "train" in sections:
-        print(f"\ntraining run: --demo, {args.train_clips} train clips, {args.train_epochs} epochs, 2 workers")
+        print(f"\ntraining run: --demo {args.train_args}, {args.train_size}-size clips, {args.train_clips} train "
+              f"clips, {args.train_epochs} epochs, {args.train_workers} workers")
         rows = bench_train(args, work)
-        print_table(rows, ["epoch", "seconds", "clips_per_s", "data_wait"])
+        print_table(rows, ["epoch", "seconds", "clips_per_s", "data_wait", "peak_memory_mb"])
         results += rows
 
     if not args.work_dir:

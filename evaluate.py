@@ -146,7 +146,7 @@ def load_checkpoint_model(path, device):
     checkpoint = load_checkpoint(path)
     model = model_lib.EmotionModel(**checkpoint["model_config"], load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint
+    return model_lib.place(model, device).eval(), checkpoint
 
 
 def dataset_for(checkpoint, root, split):

@@ -508,7 +508,8 @@ def main(argv=None):
         audio_channels=args.audio_channels, fusion=args.fusion,
         fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
         tasks=[(task, len(names)) for task, names in train_set.tasks],
-        load_pretrained=checkpoint is None).to(device)
+        load_pretrained=checkpoint is None)
+    raw_model = model_lib.place(raw_model, device)
 
     schedule = parse_unfreeze(args.unfreeze)
     frozen = frozen_at_start(raw_model, schedule)

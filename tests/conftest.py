@@ -18,6 +18,12 @@ SYNTH_KWARGS = dict(sizes=SYNTH_SIZES, seed=3, width=96, height=54, fps=24, min_
 PREPARE_SETTINGS = data.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
 
 
+def needs_cuda(count=1):
+    """Mark for tests of the CUDA paths (fp16 AMP, NCCL): skipped on machines without enough GPUs."""
+    import torch
+    return pytest.mark.skipif(torch.cuda.device_count() < count, reason=f"needs {count} CUDA device(s)")
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")

@@ -5,6 +5,7 @@ and the text / audio branches. CPU only, random weights, nothing is downloaded.
     python -m pytest tests/test_model.py
 """
 
+import copy
 import importlib
 import json
 import os
@@ -143,6 +144,20 @@ def test_faster_convolutions_equal_the_plain_one(fast, plain):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)  # sums of ~700 products
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_frame_max_pool_equals_max_pool_3d():
+    """The stem's 1x3x3 max-pool as a 2-D pool: the same output and input gradient, odd sizes too."""
+    x = torch.randn(2, 5, 7, 15, 18, generator=torch.Generator().manual_seed(0))
+    outputs, grads = [], []
+    for pool in (M.FrameMaxPool(), nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))):
+        xi = x.clone().requires_grad_()
+        y = pool(xi)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view(y.shape))
+        outputs.append(y)
+        grads.append(xi.grad)
+    assert outputs[0].shape == (2, 5, 7, 8, 9)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
 
 
 def test_slowfast_architecture_details():
@@ -591,3 +606,32 @@ def test_config_rebuilds_the_same_model(tiny_bert):
     batch = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(model(batch)["emotion"], rebuilt(batch)["emotion"])
+
+
+def test_channels_last_layout_gives_the_same_results():
+    """place() puts 3-D convolution weights channels-last on CUDA; the network computes the same
+    values and gradients in that layout (checked here on the CPU), and its activations stay
+    channels-last through the stem's max-pool and the fast stem. Eval mode: in training mode this
+    small random network is so ill-conditioned at 40x40 that a 1e-5 relative change of one weight
+    tensor moves its gradients by 10% (a ReLU or max-pool decision flips), so any change of
+    summation order, a layout's included, does the same."""
+    torch.manual_seed(0)
+    plain = M.SlowFast("tiny")
+    randomize_(plain, seed=1)
+    fast = M.channels_last_(copy.deepcopy(plain))
+    assert M.is_channels_last(fast.slow.layer1[0].conv2.weight) and not M.is_channels_last(plain.slow.layer1[0].conv2.weight)
+    video, mask = random_video(2, 12, 40, 40, seed=2), torch.arange(12)[None] < torch.tensor([[12], [7]])
+    outputs, grads = [], []
+    for net in (plain, fast):
+        net.eval()
+        y = net(video, mask)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view(y.shape))
+        outputs.append(y)
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-4, msg=name)
+    x = torch.randn(2, 4, 8, 16, 16)
+    layout = x.contiguous(memory_format=torch.channels_last_3d)
+    assert M.is_channels_last(M.FrameMaxPool()(layout)) and torch.equal(M.FrameMaxPool()(layout), M.FrameMaxPool()(x))
+    assert M.is_channels_last(fast.fast.conv1(layout[:, :3]))
