@@ -340,14 +340,16 @@ class SlowFast(nn.Module):
 
     def normalize(self, video, mask):
         """uint8 [B, 3, T, H, W] -> float [B, 3, T, H, W]: scaled to [0, 1], mean/std normalised,
-        padded frames zero (after normalisation, so they equal the convolutions' zero padding)."""
+        padded frames zero (after normalisation, so they equal the convolutions' zero padding;
+        mask None: nothing is padded)."""
         x = video.float() / 255.0
         x = (x - self.mean) / self.std
         return mask_time_(x, mask)
 
     def fuse(self, i, slow, fast, slow_mask):
         """Concatenate lateral i onto the slow path: [B, Cs, Ts, h, w] -> [B, Cs + 2 Cf, Ts, h, w].
-        The lateral's BN + ReLU makes padded steps non-zero, so mask again."""
+        The lateral's BN + ReLU makes padded steps non-zero, so mask again (slow_mask None: nothing
+        is padded)."""
         return mask_time_(torch.cat([slow, self.lateral[i](fast)], dim=1), slow_mask)
 
     def forward_features(self, video, mask):
@@ -355,26 +357,27 @@ class SlowFast(nn.Module):
 
         Returns slow [B, Cs, ceil(T/alpha), H/32, W/32], fast [B, Cf, T, H/32, W/32] and their
         masks [B, ceil(T/alpha)], [B, T]. Padded time steps of both maps are zero."""
-        mask = mask.bool()
-        fast_mask, slow_mask = mask, mask[:, :: self.alpha]
-        if not mask.is_meta and bool(mask.all()):  # no padding: skip every masking pass (one host sync)
-            mask = slow_mask = None
-        fast = self.normalize(video, mask)                  # [B, 3, T, H, W]
+        fast_mask = mask.bool()
+        slow_mask = fast_mask[:, :: self.alpha]
+        # the masks of the in-place masking passes: None when nothing is padded (one host sync)
+        padded = fast_mask.is_meta or not bool(fast_mask.all())
+        fast_pad, slow_pad = (fast_mask, slow_mask) if padded else (None, None)
+        fast = self.normalize(video, fast_pad)              # [B, 3, T, H, W]
         slow = fast[:, :, :: self.alpha]                    # [B, 3, ceil(T/alpha), H, W]
 
         # masking in place where the tensor is fresh: after max pooling, after concatenation, and
         # inside each block before its last ReLU (ReLU keeps zeros zero)
-        slow = mask_time_(self.slow.stem(slow), slow_mask)  # [B, Cs, Ts, H/4, W/4]
-        fast = mask_time_(self.fast.stem(fast), mask)       # [B, Cf, T, H/4, W/4]
-        slow = self.fuse(0, slow, fast, slow_mask)
+        slow = mask_time_(self.slow.stem(slow), slow_pad)   # [B, Cs, Ts, H/4, W/4]
+        fast = mask_time_(self.fast.stem(fast), fast_pad)   # [B, Cf, T, H/4, W/4]
+        slow = self.fuse(0, slow, fast, slow_pad)
         for i, (slow_layer, fast_layer) in enumerate(zip(self.slow.layers, self.fast.layers)):
             for block in slow_layer:
-                slow = block(slow, slow_mask)
+                slow = block(slow, slow_pad)
             for block in fast_layer:
-                fast = block(fast, mask)
+                fast = block(fast, fast_pad)
             if i < 3:
-                slow = self.fuse(i + 1, slow, fast, slow_mask)
-        return slow, fast, fast_mask[:, :: self.alpha], fast_mask
+                slow = self.fuse(i + 1, slow, fast, slow_pad)
+        return slow, fast, slow_mask, fast_mask
 
     def forward(self, video, mask):
         """-> [B, Cs + Cf]: masked mean over real time and mean over space of each pathway."""
