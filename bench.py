@@ -15,7 +15,11 @@ model    forward + backward (loss and backward exactly as train.py runs them) of
          FLOPs counted by torch's FlopCounterMode and FLOP utilisation = achieved FLOP/s divided by
          the dense matmul rate measured in the same run (so the ratio survives a busy machine).
          The bare SlowFast-R50 backbone is timed against pytorchvideo's slowfast_r50 on the same
-         input, interleaved (A B A B ...), when pytorchvideo is installed.
+         input, interleaved (A B A B ...), when pytorchvideo is installed. Masked BatchNorm:
+         SlowFast-R50 in training mode, batch max(--model-batch, 2), unpadded and with half the
+         clips padded (12 of 32 real frames, scaled to --num-frames), with BatchNorm statistics
+         from real frames (masked_batch_norm) and over every position (as before it), interleaved;
+         reported as ratios to the unpadded batch with plain BatchNorm.
 train    python train.py --demo on freshly synthesised data with --train-workers loader workers:
          per-epoch clips/s, data-wait fraction (time blocked on the loader / epoch time) and peak
          memory. --train-size meld synthesises clips at --width x --height and caches them at
@@ -259,6 +263,54 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
     return rows
 
 
+@contextlib.contextmanager
+def batchnorm_over_padding():
+    """SlowFast as it ran before masked BatchNorm: plain BatchNorm statistics over every position."""
+    masked = model_lib.masked_batch_norm
+    model_lib.masked_batch_norm = lambda bn, x, mask, time_dim=2: bn(x)
+    try:
+        yield
+    finally:
+        model_lib.masked_batch_norm = masked
+
+
+def bench_masked_batchnorm(args, device):
+    """SlowFast-R50 forward + backward in training mode: {unpadded, half the clips padded} x
+    {masked BatchNorm, BatchNorm over padding}, interleaved A B C D A B C D ... -> rows with the
+    median time ratio of each to the unpadded batch with BatchNorm over padding."""
+    amp_dtype, _ = train.amp_settings(args, device)
+    B, T, S = max(args.model_batch, 2), args.num_frames, args.crop_size
+    video = torch.randint(0, 256, (B, 3, T, S, S), dtype=torch.uint8, device=device)
+    real = torch.full((B,), T, device=device)
+    real[B // 2:] = max(1, round(12 * T / 32))                  # half the clips: 12 of 32 real frames
+    masks = {"unpadded": torch.ones(B, T, dtype=torch.bool, device=device),
+             "padded": torch.arange(T, device=device)[None, :] < real[:, None]}
+    torch.manual_seed(0)
+    net = model_lib.place(model_lib.SlowFast("r50"), device).train()
+
+    def step(mask, masked):
+        with contextlib.nullcontext() if masked else batchnorm_over_padding():
+            net.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = net(video, mask).float().sum()
+            loss.backward()
+
+    cases = [(f"{padding}, {'masked' if masked else 'plain'} BN", functools.partial(step, masks[padding], masked))
+             for padding in ("unpadded", "padded") for masked in (False, True)]
+    times = {name: [] for name, _ in cases}
+    for _, fn in cases:                            # warm-up
+        time_calls(fn, device, 1)
+    for _ in range(args.pairs):                    # A B C D A B C D ...
+        for name, fn in cases:
+            times[name] += time_calls(fn, device, 1, warmup=0)
+    baseline = times["unpadded, plain BN"]
+    return [dict(bench="masked_bn", name=name, batch=B, frames=T, crop=S, runs=len(times[name]),
+                 seconds_per_step=round(statistics.median(times[name]), 3),
+                 clips_per_s=round(B / statistics.median(times[name]), 2),
+                 time_ratio=round(statistics.median(a / b for a, b in zip(times[name], baseline)), 3))
+            for name, _ in cases]
+
+
 # ------------------------------------------------------------------------------------------------
 # Training run
 # ------------------------------------------------------------------------------------------------
@@ -376,6 +428,11 @@ def main():
         extra["matmul_gflop_per_s"] = round(rate, 1)
         print_table(rows, ["name", "batch", "frames", "crop", "amp", "seconds_per_step", "clips_per_s",
                            "gflop_per_clip", "flop_utilisation", "peak_memory_mb", "time_ratio_vs_pytorchvideo"])
+        results += rows
+        rows = bench_masked_batchnorm(args, device)
+        print("\nSlowFast-R50 in training mode: BatchNorm statistics from real frames (masked) or over padding "
+              "(plain); time_ratio = time / time of the unpadded batch with plain BatchNorm")
+        print_table(rows, ["name", "batch", "frames", "crop", "runs", "seconds_per_step", "clips_per_s", "time_ratio"])
         results += rows
 
     if "train" in sections:

@@ -31,8 +31,10 @@ name, and the official Kinetics checkpoints map onto the whole network through `
 modelling, the baseline SlowFast must beat (with one frame, an image classifier). video_size picks
 r50 / small / tiny for either. Padded frames are handled by masking: real frames first, padding
 last; every tensor is zeroed at padded time steps after each operation that can make them
-non-zero (frames: padded frames are not computed at all), and pooling is a masked mean over valid
-time. In eval mode a clip padded with anything gives exactly the logits of the unpadded clip.
+non-zero (frames: padded frames are not computed at all), every BatchNorm takes its training
+statistics from real time steps only (masked_batch_norm), and pooling is a masked mean over valid
+time. In eval and in training mode the same real frames padded with anything give the same
+outputs, gradients and BatchNorm running statistics.
 
 Audio (audio_encoder): "cnn" (AudioCNN) and "lstm" (AudioLSTM: MFCC, BiLSTM, attention pooling)
 read the log-mel spectrogram; "hf:NAME_OR_PATH" (SpeechEncoder: wav2vec2, HuBERT or WavLM) reads the
@@ -90,6 +92,48 @@ def masked_mean(x, mask, time_dim=2):
     return x.sum(2) / valid.clamp(min=1.0)                       # [B, C]
 
 
+def masked_batch_norm(bn, x, mask, time_dim=2):
+    """bn(x) whose training statistics come from real time steps only.
+
+    bn: an nn.BatchNorm1d/2d/3d; x [B, C, ...] with T at time_dim; mask [B, T] bool (True = real)
+    or None (nothing is padded). In training mode with a mask, the batch mean and (biased) variance
+    per channel are taken over the real positions, and the running mean and unbiased variance are
+    updated from them with bn.momentum (None: cumulative average): what bn does on the real
+    positions alone, so padding, whatever it holds, changes neither the output at real positions,
+    nor the gradients, nor the running statistics. Padded positions of the output hold finite
+    values that the caller masks. In eval mode, or with mask None, this is bn(x) itself (cuDNN's
+    kernel on CUDA). Parameters and buffers are bn's own, so state dicts are unchanged.
+    Statistics are computed in fp32 for fp16/bf16 input; the output has x's dtype."""
+    if mask is None or not bn.training:
+        return bn(x)
+    shape = [1] * x.dim()
+    shape[0], shape[time_dim] = mask.shape
+    real = mask.reshape(shape)
+    dims = [0] + list(range(2, x.dim()))                          # every dimension but channels
+    # var_mean over all positions with padding zeroed, then rescaled to the real positions: one
+    # pass over x and no host sync (the count of real positions stays a tensor)
+    zeroed = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).masked_fill(~real, 0.0)
+    var_all, mean_all = torch.var_mean(zeroed, dims, correction=0)   # [C], [C]
+    per_step = x.numel() // (x.shape[1] * mask.numel())          # positions per (sample, time step)
+    n = (mask.sum() * per_step).clamp(min=1).to(zeroed.dtype)    # real positions per channel
+    share = n / (x.numel() // x.shape[1])                         # real / all
+    mean = mean_all / share
+    var = ((var_all + mean_all.square()) / share - mean.square()).clamp(min=0.0)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            unbiased = var * n / (n - 1).clamp(min=1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    view = [1, -1] + [1] * (x.dim() - 2)
+    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # SlowFast
 
@@ -107,6 +151,7 @@ ALPHA = 4                             # fast frames per slow frame
 SLOW_TEMPORAL_KERNELS = (1, 1, 3, 3)  # conv_a (conv1 of a block) in res2..res5
 FAST_TEMPORAL_KERNELS = (3, 3, 3, 3)
 LATERAL_RATIO = 2                     # a lateral carries 2 x C_fast channels into the slow path
+LATERAL_INIT_GAIN = 0.01              # ImageNet inflation: scale of the lateral-reading weights' init
 
 
 class StridedPointwiseConv3d(nn.Conv3d):
@@ -119,10 +164,54 @@ class StridedPointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
 
     def forward(self, x):
-        if x.is_cuda:  # cuDNN's strided kernel is the faster one there
-            return super().forward(x)
-        st, sh, sw = self.stride
-        return F.conv3d(x[:, :, ::st, ::sh, ::sw], self.weight)
+        return pointwise_conv3d(x, self.weight, self.stride)
+
+
+def pointwise_conv3d(x, weight, stride):
+    """F.conv3d(x, weight, stride=stride) for a 1 x 1 x 1 weight: slicing then the stride-1
+    convolution on the CPU, cuDNN's strided kernel on CUDA (the faster one there)."""
+    if x.is_cuda:
+        return F.conv3d(x, weight, stride=stride)
+    st, sh, sw = stride
+    return F.conv3d(x[:, :, ::st, ::sh, ::sw], weight)
+
+
+class LateralInputConv3d(nn.Conv3d):
+    """A bias-free Conv3d whose input is the slow features followed by a lateral's 2 x C_fast
+    channels (conv_a and the shortcut of a slow stage's first block), with the weight held as two
+    parameters: `weight` [O, C_slow, kt, kh, kw] reads the slow channels (the ImageNet-inflated,
+    frozen-until-its-stage-unfreezes part) and `lateral_weight` [O, C_lateral, kt, kh, kw] reads
+    the lateral (always new, trained from the first step at the new parts' LR: see
+    SlowFast.stages). The state dict holds them concatenated under `weight`
+    ([O, C_slow + C_lateral, ...], the layout of PySlowFast and pytorchvideo), so key maps,
+    Kinetics checkpoints and our own checkpoints read and write one tensor; loading splits it.
+    x [B, C_slow + C_lateral, T, H, W] -> [B, O, T', H', W']."""
+
+    def __init__(self, in_channels, lateral_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.lateral_weight = nn.Parameter(torch.empty(out_channels, lateral_channels, *self.kernel_size))
+        nn.init.kaiming_normal_(self.lateral_weight, mode="fan_out", nonlinearity="relu")
+
+    def full_weight(self):
+        return torch.cat([self.weight, self.lateral_weight], dim=1)   # [O, C_slow + C_lateral, ...]
+
+    def forward(self, x):
+        if self.kernel_size == (1, 1, 1) and self.padding == (0, 0, 0):
+            return pointwise_conv3d(x, self.full_weight(), self.stride)
+        return F.conv3d(x, self.full_weight(), None, self.stride, self.padding)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        lateral = destination.pop(prefix + "lateral_weight")
+        destination[prefix + "weight"] = torch.cat([destination[prefix + "weight"], lateral], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        full = state_dict.get(prefix + "weight")
+        if full is not None and prefix + "lateral_weight" not in state_dict and \
+                full.shape[1] == self.weight.shape[1] + self.lateral_weight.shape[1]:
+            state_dict[prefix + "weight"], state_dict[prefix + "lateral_weight"] = \
+                full.split([self.weight.shape[1], self.lateral_weight.shape[1]], dim=1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class TemporalTapConv3d(nn.Conv3d):
@@ -196,13 +285,19 @@ class Bottleneck3d(nn.Module):
 
     conv1 (SlowFast's conv_a) is kt x 1 x 1, conv2 1 x 3 x 3 with stride (1, s, s), conv3 1 x 1 x 1.
     Only conv1 mixes time, and it reads the block input, which the caller keeps zero at padded
-    time steps. Names follow torchvision so ImageNet weights load by name.
-    x [B, C_in, T, H, W] -> [B, C_out, T, H/s, W/s]"""
+    time steps. Names follow torchvision so ImageNet weights load by name. lateral_channels > 0
+    (the first block of a slow stage): the input is C_in slow channels followed by that many
+    lateral channels, read by LateralInputConv3d (conv1 and the shortcut).
+    x [B, C_in + lateral_channels, T, H, W] -> [B, C_out, T, H/s, W/s]"""
 
-    def __init__(self, in_channels, width, out_channels, temporal_kernel, stride):
+    def __init__(self, in_channels, width, out_channels, temporal_kernel, stride, lateral_channels=0):
         super().__init__()
         kt = temporal_kernel
-        self.conv1 = nn.Conv3d(in_channels, width, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
+        if lateral_channels:
+            self.conv1 = LateralInputConv3d(in_channels, lateral_channels, width, (kt, 1, 1),
+                                            padding=(kt // 2, 0, 0))
+        else:
+            self.conv1 = nn.Conv3d(in_channels, width, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
         self.bn1 = nn.BatchNorm3d(width)
         self.conv2 = nn.Conv3d(width, width, (1, 3, 3), stride=(1, stride, stride),
                                padding=(0, 1, 1), bias=False)
@@ -211,21 +306,24 @@ class Bottleneck3d(nn.Module):
         self.bn3 = nn.BatchNorm3d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
-        if in_channels != out_channels or stride != 1:
+        if in_channels + lateral_channels != out_channels or stride != 1:
             self.downsample = nn.Sequential(
-                StridedPointwiseConv3d(in_channels, out_channels, (1, stride, stride)),
+                LateralInputConv3d(in_channels, lateral_channels, out_channels, 1, stride=(1, stride, stride))
+                if lateral_channels else StridedPointwiseConv3d(in_channels, out_channels, (1, stride, stride)),
                 nn.BatchNorm3d(out_channels),
             )
 
     def forward(self, x, mask=None):
-        """mask [B, T] bool: zero the output at padded time steps (before the last ReLU, in place)."""
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out)) + identity
-        if mask is not None:
-            mask_time_(out, mask)
-        return self.relu(out)
+        """mask [B, T] bool or None (nothing padded): BatchNorm statistics from real time steps
+        only, and the output zeroed at padded time steps (before the last ReLU, in place)."""
+        identity = x
+        if self.downsample is not None:
+            conv, bn = self.downsample
+            identity = masked_batch_norm(bn, conv(x), mask)
+        out = self.relu(masked_batch_norm(self.bn1, self.conv1(x), mask))
+        out = self.relu(masked_batch_norm(self.bn2, self.conv2(out), mask))
+        out = masked_batch_norm(self.bn3, self.conv3(out), mask) + identity
+        return self.relu(mask_time_(out, mask))
 
 
 class Pathway(nn.Module):
@@ -247,7 +345,7 @@ class Pathway(nn.Module):
         for i, (depth, kt, extra) in enumerate(zip(depths, temporal_kernels, lateral_channels)):
             inner, out = width * 2**i, width * 2**i * 4
             stride = 1 if i == 0 else 2
-            blocks = [Bottleneck3d(in_channels + extra, inner, out, kt, stride)]
+            blocks = [Bottleneck3d(in_channels, inner, out, kt, stride, lateral_channels=extra)]
             blocks += [Bottleneck3d(out, inner, out, kt, 1) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             in_channels = out
@@ -257,9 +355,10 @@ class Pathway(nn.Module):
     def layers(self):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def stem(self, x):
-        """x [B, 3, T, H, W] -> [B, width, T, H/4, W/4]"""
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    def stem(self, x, mask=None):
+        """x [B, 3, T, H, W], mask [B, T] or None -> [B, width, T, H/4, W/4] (BatchNorm statistics
+        from real time steps; padded steps are not zeroed here)"""
+        return self.maxpool(self.relu(masked_batch_norm(self.bn1, self.conv1(x), mask)))
 
 
 class Lateral(nn.Module):
@@ -275,8 +374,9 @@ class Lateral(nn.Module):
                               stride=(alpha, 1, 1), padding=(3, 0, 0), bias=False)
         self.bn = nn.BatchNorm3d(LATERAL_RATIO * fast_channels)
 
-    def forward(self, fast):
-        return F.relu(self.bn(self.conv(fast)))
+    def forward(self, fast, slow_mask=None):
+        """slow_mask [B, ceil(T / alpha)] or None: BatchNorm statistics from real slow steps."""
+        return F.relu(masked_batch_norm(self.bn, self.conv(fast), slow_mask))
 
 
 class SlowFast(nn.Module):
@@ -332,6 +432,8 @@ class SlowFast(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, LateralInputConv3d):
+                nn.init.kaiming_normal_(m.lateral_weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -350,7 +452,7 @@ class SlowFast(nn.Module):
         """Concatenate lateral i onto the slow path: [B, Cs, Ts, h, w] -> [B, Cs + 2 Cf, Ts, h, w].
         The lateral's BN + ReLU makes padded steps non-zero, so mask again (slow_mask None: nothing
         is padded)."""
-        return mask_time_(torch.cat([slow, self.lateral[i](fast)], dim=1), slow_mask)
+        return mask_time_(torch.cat([slow, self.lateral[i](fast, slow_mask)], dim=1), slow_mask)
 
     def forward_features(self, video, mask):
         """video uint8 [B, 3, T, H, W], mask bool [B, T] (True = real frame, real frames first).
@@ -367,8 +469,8 @@ class SlowFast(nn.Module):
 
         # masking in place where the tensor is fresh: after max pooling, after concatenation, and
         # inside each block before its last ReLU (ReLU keeps zeros zero)
-        slow = mask_time_(self.slow.stem(slow), slow_pad)   # [B, Cs, Ts, H/4, W/4]
-        fast = mask_time_(self.fast.stem(fast), fast_pad)   # [B, Cf, T, H/4, W/4]
+        slow = mask_time_(self.slow.stem(slow, slow_pad), slow_pad)   # [B, Cs, Ts, H/4, W/4]
+        fast = mask_time_(self.fast.stem(fast, fast_pad), fast_pad)   # [B, Cf, T, H/4, W/4]
         slow = self.fuse(0, slow, fast, slow_pad)
         for i, (slow_layer, fast_layer) in enumerate(zip(self.slow.layers, self.fast.layers)):
             for block in slow_layer:
@@ -386,15 +488,20 @@ class SlowFast(nn.Module):
 
     def stages(self):
         """Freezing units: {slow,fast,lateral}.{stem,res2,res3,res4,res5} -> modules.
-        lateral.<stage> is the fusion that runs after <stage> (there is none after res5)."""
+        lateral.<stage> is the fusion that runs after <stage> (there is none after res5) together
+        with the weights of the next slow stage that read it (LateralInputConv3d.lateral_weight,
+        held in an nn.ParameterList); the slow stage holds the rest of its parameters. So the
+        lateral-reading weights are new parameters whatever the slow pathway was loaded from,
+        and train while their slow stage is frozen."""
         stages = {}
         for path_name, path in (("slow", self.slow), ("fast", self.fast)):
             stages[f"{path_name}.stem"] = [path.conv1, path.bn1]
             for i, layer in enumerate(path.layers):
-                stages[f"{path_name}.res{i + 2}"] = [layer]
-        stages["lateral.stem"] = [self.lateral[0]]
-        for i in range(1, 4):
-            stages[f"lateral.res{i + 1}"] = [self.lateral[i]]
+                own = [p for name, p in layer.named_parameters() if not name.endswith("lateral_weight")]
+                stages[f"{path_name}.res{i + 2}"] = [layer] if path is self.fast else [nn.ParameterList(own)]
+        for i, stage in enumerate(("stem", "res2", "res3", "res4")):
+            reads = [m.lateral_weight for m in self.slow.layers[i][0].modules() if isinstance(m, LateralInputConv3d)]
+            stages[f"lateral.{stage}"] = [self.lateral[i], nn.ParameterList(reads)]
         return stages
 
     def pretrained_stages(self):
@@ -429,23 +536,26 @@ def inflate_resnet50(slowfast, resnet):
     """Copy a torchvision ResNet-50 into the slow pathway, inflated to 3-D (centre inflation).
 
     A 2-D kernel [O, I, kh, kw] goes to the centre temporal tap of the 3-D kernel
-    [O, I + I_lateral, kt, kh, kw]; the other taps, and the input channels that read the lateral
-    (fast -> slow) features, are zero. With zero temporal padding each output frame then sees
-    only its own input frame through the 2-D weights, so the slow pathway reproduces the 2-D
-    network's activations frame by frame for any clip, and the fast pathway enters through the
-    lateral slices as they learn. BN parameters and statistics are copied as they are."""
+    [O, I, kt, kh, kw] and the other taps are zero: with zero temporal padding each output frame
+    sees only its own input frame, so the slow pathway computes the 2-D network frame by frame
+    for any clip. BN parameters and statistics are copied as they are. The weights that read the
+    laterals (LateralInputConv3d.lateral_weight, new parameters) keep their random init scaled by
+    LATERAL_INIT_GAIN: the network starts within about 1% of ResNet-50, and yet every lateral
+    gets a gradient from the first step (with zero there, the laterals themselves would get none
+    until these weights had moved)."""
     target = slowfast.slow.state_dict()
     source = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
     if set(source) != set(target):
         raise ValueError("slow pathway and ResNet-50 differ: "
                          f"{sorted(set(source) ^ set(target))[:5]}")
     for name, w2d in source.items():
-        w3d = target[name]
+        w3d = target[name]                                  # conv [O, I + I_lateral, kt, kh, kw]
         if w2d.dim() == 4:                                  # conv [O, I, kh, kw]
             O, I, kh, kw = w2d.shape
             assert w3d.shape[0] == O and w3d.shape[3:] == (kh, kw) and w3d.shape[1] >= I, name
-            w3d.zero_()
-            w3d[:, :I, w3d.shape[2] // 2] = w2d             # [O, I, kh, kw] into [O, I', kt, kh, kw]
+            w3d[:, :I] = 0
+            w3d[:, :I, w3d.shape[2] // 2] = w2d             # [O, I, kh, kw] into the centre tap
+            w3d[:, I:] *= LATERAL_INIT_GAIN                 # the lateral_weight part, if any
         else:                                               # BN weight / bias / stats
             w3d.copy_(w2d)
     slowfast.slow.load_state_dict(target, strict=True)
@@ -729,8 +839,8 @@ class AudioBlock(nn.Module):
     """Two (3x3 conv, BN, ReLU) then a 2x2 max-pool with ceil_mode.
 
     x [B, C_in, F, A] (frequency, time), mask [B, A] -> [B, C_out, ceil(F/2), ceil(A/2)], mask
-    [B, ceil(A/2)]. Padded time steps are zeroed before every conv (so they act as the conv's
-    zero padding); the values are >= 0 after ReLU, so a pool window that holds the last real step
+    [B, ceil(A/2)]. BatchNorm statistics come from real time steps; padded time steps are zeroed
+    before every conv (so they act as the conv's zero padding); the values are >= 0 after ReLU, so a pool window that holds the last real step
     and a zeroed pad step gives what ceil_mode's partial window gives on the unpadded input."""
 
     def __init__(self, in_channels, out_channels):
@@ -742,15 +852,16 @@ class AudioBlock(nn.Module):
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
 
     def forward(self, x, mask):
-        x = mask_time(F.relu(self.bn1(self.conv1(x))), mask, time_dim=3)
-        x = mask_time(F.relu(self.bn2(self.conv2(x))), mask, time_dim=3)
+        x = mask_time(F.relu(masked_batch_norm(self.bn1, self.conv1(x), mask, time_dim=3)), mask, time_dim=3)
+        x = mask_time(F.relu(masked_batch_norm(self.bn2, self.conv2(x), mask, time_dim=3)), mask, time_dim=3)
         x = self.pool(x)                                                    # [B, C, F/2, A/2]
         mask = F.max_pool1d(mask[:, None].float(), 2, ceil_mode=True)[:, 0] > 0   # [B, ceil(A/2)]
         return mask_time(x, mask, time_dim=3), mask
 
 
 class AudioCNN(nn.Module):
-    """Log-mel CNN: per-mel-bin BatchNorm, VGG-like AudioBlocks, masked mean pooling.
+    """Log-mel CNN: per-mel-bin BatchNorm, VGG-like AudioBlocks, masked mean pooling; every
+    BatchNorm's training statistics come from real frames only.
 
     forward(mel float [B, n_mels, A] (natural-log mel power), mask bool [B, A]) -> [B, C_last].
     A sample with no real frame gives zeros."""
@@ -765,7 +876,7 @@ class AudioCNN(nn.Module):
     def forward(self, mel, mask):
         mask = mask.bool()
         x = mask_time(mel, mask)                       # [B, n_mels, A]; pad values are not data
-        x = mask_time(self.input_norm(x), mask)
+        x = mask_time(masked_batch_norm(self.input_norm, x, mask), mask)
         x = x.unsqueeze(1)                             # [B, 1, n_mels, A]
         for block in self.blocks:
             x, mask = block(x, mask)                   # [B, C, F', A'], [B, A']

@@ -18,7 +18,8 @@ def test_bench_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     rows = report["results"]
-    by_bench = {b: [r for r in rows if r["bench"] == b] for b in ("prepare", "loader", "model", "slowfast", "train")}
+    by_bench = {b: [r for r in rows if r["bench"] == b]
+                for b in ("prepare", "loader", "model", "slowfast", "masked_bn", "train")}
     assert [r["workers"] for r in by_bench["prepare"]] == [1]
     assert [r["workers"] for r in by_bench["loader"]] == [0, 1, 2]
     assert by_bench["loader"][2]["shape"] == [2, 3, 8, 32, 32] and by_bench["loader"][2]["dtype"] == "torch.uint8"
@@ -31,5 +32,8 @@ def test_bench_smoke(tmp_path):
     assert all(r["clips_per_s"] > 0 for b in ("prepare", "loader", "model", "slowfast") for r in by_bench[b])
     assert all(0 < r["flop_utilisation"] for r in by_bench["model"] + by_bench["slowfast"])
     assert report["matmul_gflop_per_s"] > 0
+    assert [r["name"] for r in by_bench["masked_bn"]] == ["unpadded, plain BN", "unpadded, masked BN",
+                                                          "padded, plain BN", "padded, masked BN"]
+    assert by_bench["masked_bn"][0]["time_ratio"] == 1.0 and all(r["time_ratio"] > 0 for r in by_bench["masked_bn"])
     assert [r["epoch"] for r in by_bench["train"]] == [0, "all"]
     assert all(0 <= r["data_wait"] <= 1 for r in by_bench["train"])

@@ -253,8 +253,10 @@ def test_pyslowfast_checkpoint_loads_strictly(reference_slowfast, tmp_path):
     assert torch.equal(ours.fast.layer4[2].bn3.running_var,
                        pyslowfast_state["s5.pathway1_res2.branch2.c_bn.running_var"])
     assert torch.equal(ours.lateral[2].conv.weight, pyslowfast_state["s3_fuse.conv_f2s.weight"])
-    assert torch.equal(ours.slow.layer2[0].downsample[0].weight,
-                       pyslowfast_state["s3.pathway0_res0.branch1.weight"])
+    shortcut = pyslowfast_state["s3.pathway0_res0.branch1.weight"]         # [512, 256 + 64, 1, 1, 1]
+    assert torch.equal(ours.slow.layer2[0].downsample[0].weight, shortcut[:, :256])
+    assert torch.equal(ours.slow.layer2[0].downsample[0].lateral_weight, shortcut[:, 256:])
+    assert torch.equal(ours.state_dict()["slow.layer2.0.downsample.0.weight"], shortcut)
     assert ours.mean.flatten().tolist() == pytest.approx([0.45] * 3)     # Kinetics normalisation
     assert ours.std.flatten().tolist() == pytest.approx([0.225] * 3)
 
@@ -276,8 +278,13 @@ def test_inflated_slow_pathway_reproduces_resnet50_frame_by_frame(monkeypatch):
     monkeypatch.setattr(M, "load_imagenet_resnet50", lambda: resnet)
     video_model = M.SlowFast("r50", init="imagenet").eval()   # inflates `resnet`
     assert video_model.mean.flatten().tolist() == pytest.approx(list(M.IMAGENET_MEAN))
-    assert (video_model.slow.layer1[0].conv1.weight[:, 64:] == 0).all()   # lateral slice
     assert (video_model.slow.layer3[0].conv1.weight[:, :, [0, 2]] == 0).all()  # non-centre taps
+    # the weights that read the laterals: new, small, not zero (so the laterals get gradients)
+    lateral_weights = [m.lateral_weight for m in video_model.slow.modules() if isinstance(m, M.LateralInputConv3d)]
+    assert len(lateral_weights) == 8                                      # conv_a and shortcut of 4 stages
+    for w in lateral_weights:
+        expected_std = M.LATERAL_INIT_GAIN * (2 / (w.shape[0] * w[0, 0].numel())) ** 0.5   # He, fan_out
+        assert w.std().item() == pytest.approx(expected_std, rel=0.1)
 
     outputs = {}
 
@@ -292,16 +299,27 @@ def test_inflated_slow_pathway_reproduces_resnet50_frame_by_frame(monkeypatch):
         theirs.register_forward_hook(keep(f"resnet.{name}"))
 
     clip, mask = random_video(1, 12, 64, 64, seed=4), torch.ones(1, 12, dtype=torch.bool)
+
+    def errors():
+        """relative error of our slow pathway against ResNet-50 frame by frame, per stage"""
+        with torch.no_grad():
+            video_model(clip, mask)
+            frames = video_model.normalize(clip, mask)[:, :, ::4]     # slow frames [1, 3, 3, 64, 64]
+            B, C, T, H, W = frames.shape
+            resnet(frames.transpose(1, 2).reshape(B * T, C, H, W))    # [B*T, 3, H, W]
+        result = {}
+        for name, _, _ in stages:
+            ours_out = outputs[f"ours.{name}"]                        # [B, C, T, h, w]
+            B, C, T, h, w = ours_out.shape
+            ours_frames = ours_out.transpose(1, 2).reshape(B * T, C, h, w)
+            result[name] = relative_error(ours_frames, outputs[f"resnet.{name}"])
+        return result
+
+    assert max(errors().values()) < 0.02                                 # as initialised: near ResNet-50
     with torch.no_grad():
-        video_model(clip, mask)
-        frames = video_model.normalize(clip, mask)[:, :, ::4]     # slow frames [1, 3, 3, 64, 64]
-        B, C, T, H, W = frames.shape
-        resnet(frames.transpose(1, 2).reshape(B * T, C, H, W))    # [B*T, 3, H, W]
-    for name, _, _ in stages:
-        ours_out = outputs[f"ours.{name}"]                        # [B, C, T, h, w]
-        B, C, T, h, w = ours_out.shape
-        ours_frames = ours_out.transpose(1, 2).reshape(B * T, C, h, w)
-        assert relative_error(ours_frames, outputs[f"resnet.{name}"]) < 1e-5, name
+        for w in lateral_weights:
+            w.zero_()
+    assert all(e < 1e-5 for e in errors().values()), errors()            # without laterals: exactly it
 
 
 def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
@@ -373,6 +391,79 @@ def test_audio_and_text_padding_do_not_change_logits(tiny_bert):
                                        rtol=1e-4, atol=1e-4)
         unmasked = model({**batch, "audio_mask": torch.ones(B, A, dtype=torch.bool)})
     assert (unmasked["emotion"] - logits["emotion"]).abs().max() > 1e-2
+
+
+def pad_with_noise(x, lengths, T, time_dim, seed):
+    """Real steps x[i, ..., :lengths[i]] (time at time_dim) padded to T steps of noise -> (x', mask)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = list(x.shape)
+    shape[time_dim] = T
+    out = torch.randn(shape, generator=g, dtype=x.dtype) * 50 + 100  # padding: loud noise
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    for i, k in enumerate(lengths):
+        out[i].narrow(time_dim - 1, 0, k).copy_(x[i].narrow(time_dim - 1, 0, k))
+    return out.requires_grad_(), mask
+
+
+def train_step_on(module, x, mask, time_dim, seed=0):
+    """One training-mode forward and backward of a copy of module on (x, mask) with a fixed random
+    output gradient -> (output, input gradient at real steps [list per sample], parameter
+    gradients, BatchNorm buffers after the step)."""
+    module = copy.deepcopy(module).train()
+    out = module(x, mask)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+    lengths = mask.sum(1).tolist()
+    real_grads = [x.grad[i].narrow(time_dim - 1, 0, k) for i, k in enumerate(lengths)]
+    params = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    buffers = {n: b for n, b in module.named_buffers() if "running" in n}
+    return out, real_grads, params, buffers
+
+
+def assert_same_training_step(a, b, tolerance=1e-7):
+    """Equal outputs, real-input gradients, parameter gradients and BatchNorm running statistics.
+    The tests run in float64: a training-mode BatchNorm over a few real positions (the r50's res5
+    at 32 x 32 sees 7) magnifies float32 rounding so much that fp32 runs of the same padding differ
+    from fp64 by 30% in some gradients, which would hide a real difference."""
+    out_a, real_a, params_a, buffers_a = a
+    out_b, real_b, params_b, buffers_b = b
+    assert relative_error(out_a, out_b) < tolerance
+    for ga, gb in zip(real_a, real_b):
+        assert relative_error(ga, gb) < tolerance
+    assert params_a.keys() == params_b.keys() and params_a
+    for name in params_a:
+        assert relative_error(params_a[name], params_b[name]) < tolerance, name
+    for name in buffers_a:
+        assert relative_error(buffers_a[name], buffers_b[name]) < tolerance, name
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "r50"])
+@pytest.mark.parametrize("lengths, T1, T2", [([1, 6, 13], 16, 21), ([30, 31, 33], 33, 40)])
+def test_slowfast_padding_changes_nothing_in_training(size, lengths, T1, T2):
+    """Training mode: BatchNorm statistics come from real frames only, so the same real frames
+    padded to two lengths with noise give the same features, gradients and running statistics."""
+    torch.manual_seed(0)
+    model = randomize_(M.SlowFast(size), seed=11).double()
+    real = torch.rand(len(lengths), 3, max(lengths), 32, 32, generator=torch.Generator().manual_seed(12),
+                      dtype=torch.float64) * 255
+    steps = [train_step_on(model, *pad_with_noise(real, lengths, T, 2, seed=T), time_dim=2) for T in (T1, T2)]
+    assert_same_training_step(*steps)
+    moved = [n for n, b in steps[0][3].items() if not torch.equal(b, model.get_buffer(n))]
+    assert len(moved) == len(steps[0][3])                             # every BatchNorm was in training mode
+
+
+def test_audio_cnn_padding_changes_nothing_in_training():
+    torch.manual_seed(0)
+    model = randomize_(M.AudioCNN(n_mels=16, channels=(8, 16, 32)), seed=13).double()
+    lengths = [1, 7, 50, 33]
+    real = torch.randn(len(lengths), 16, max(lengths), generator=torch.Generator().manual_seed(14),
+                       dtype=torch.float64) * 3 - 2
+    steps = [train_step_on(model, *pad_with_noise(real, lengths, A, 2, seed=A), time_dim=2) for A in (50, 200)]
+    assert_same_training_step(*steps)
+    # input_norm learns the statistics of real frames, whatever the padding share
+    real_frames = torch.cat([real[i, :, :k] for i, k in enumerate(lengths)], dim=1)     # [16, sum(lengths)]
+    momentum = model.input_norm.momentum
+    expected = (1 - momentum) * model.input_norm.running_mean + momentum * real_frames.mean(1)
+    torch.testing.assert_close(steps[1][3]["input_norm.running_mean"], expected, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "attention"])
@@ -491,16 +582,19 @@ def test_frozen_stage_gets_no_gradient_and_keeps_bn_statistics(tiny_bert):
     live_bns = [m for m in model.video.slow.layer3.modules() if isinstance(m, nn.BatchNorm3d)]
     assert not any(m.training for m in frozen_bns) and all(m.training for m in live_bns)
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in (*model.state_dict().items(), *model.named_parameters())}
     optimizer = torch.optim.AdamW(M.param_groups(model), lr=1e-2)
     out = model(make_batch())
     (out["emotion"].sum() + out["sentiment"].sum()).backward()
     optimizer.step()
-    after = model.state_dict()
+    after = dict(model.state_dict()) | dict(model.named_parameters())
 
     frozen = [n for n, _ in model.named_parameters()
-              if n.startswith(("video.slow.layer4.", "video.fast.layer4.", "text.model.encoder.layer.1."))]
+              if n.startswith(("video.slow.layer4.", "video.fast.layer4.", "text.model.encoder.layer.1."))
+              and not n.endswith("lateral_weight")]
     assert frozen and all(model.get_parameter(n).grad is None for n in frozen)
+    # slow res5's weights that read lateral res4 belong to that lateral's stage: they still train
+    assert model.video.slow.layer4[0].conv1.lateral_weight.grad.abs().sum() > 0
     assert all(torch.equal(before[n], after[n]) for n in frozen)
     for prefix, should_move in (("video.slow.layer4.0.bn1.", False),
                                 ("video.fast.layer4.0.bn2.", False),
