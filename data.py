@@ -209,8 +209,8 @@ def read_clips_csv(root, split, classes):
     rows, position = [], collections.Counter()
     for line, row in enumerate(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")), start=2):
         if row["label"] not in classes:
-            raise ValueError(f"{path}, row {line}: label {row['label']!r} does not occur in the train split "
-                             f"(classes: {', '.join(classes)})")
+            raise ValueError(f"{path}, row {line}: label {row['label']!r} is not a class of the train split "
+                             f"(or of the checkpoint: {', '.join(classes)})")
         group = row["group"] or row["id"]
         rows.append(Utterance(row["id"], split, group, position[group], row["text"], "", -1, -1,
                               label=classes.index(row["label"])))
@@ -684,28 +684,38 @@ def _run_prepare(source, out, tasks, workers, progress):
 # Dataset
 # ------------------------------------------------------------------------------------------------
 
+def window_start(extra, generator=None, view=0, num_views=1):
+    """Start of a window that leaves `extra` steps of a longer sequence out: uniform at random in
+    training (a generator given); in evaluation view v of num_views windows spaced evenly from the
+    start to the end (num_views 1: the centre). Frames and audio use it alike, so view v of a clip
+    takes its frames and its audio from the same part of the clip."""
+    if generator is not None:
+        return int(torch.randint(extra + 1, (1,), generator=generator))
+    if num_views > 1:
+        return round(view * extra / (num_views - 1))
+    return extra // 2
+
+
 def sample_frame_indices(available, num_frames, mode, generator=None, view=0, num_views=1):
     """Which of `available` cached frames (at the fixed rate) to read for one clip.
 
-    mode "fixed": num_frames consecutive frames; training (a generator given) picks a random start
-    (temporal jitter), evaluation the centre, or view v of num_views evenly spaced windows.
-    mode "uniform": one frame from each of num_frames equal segments spanning the whole clip
-    (random inside the segment in training, its centre in evaluation).
+    mode "fixed": num_frames consecutive frames from window_start (temporal jitter in training,
+    view v of num_views evenly spaced windows in evaluation).
+    mode "uniform": one frame from each of num_frames equal segments spanning the whole clip:
+    at a random place in its segment in training; in evaluation at (v + 1/2) / num_views of it
+    for view v (num_views 1: the segment's centre), so views take different frames once the
+    segments are num_views frames long.
     A clip shorter than num_frames gives all its frames: the caller pads and masks.
     """
     if available <= num_frames:
         return list(range(available))
     if mode == "fixed":
-        if generator is not None:
-            start = int(torch.randint(available - num_frames + 1, (1,), generator=generator))
-        elif num_views > 1:
-            start = round(view * (available - num_frames) / (num_views - 1))
-        else:
-            start = (available - num_frames) // 2
+        start = window_start(available - num_frames, generator, view, num_views)
         return list(range(start, start + num_frames))
     if mode == "uniform":
         edges = np.linspace(0, available, num_frames + 1)
-        offsets = torch.rand(num_frames, generator=generator).numpy() if generator is not None else 0.5
+        offsets = (torch.rand(num_frames, generator=generator).numpy() if generator is not None
+                   else (view + 0.5) / num_views)
         return np.minimum((edges[:-1] + offsets * np.diff(edges)).astype(int), available - 1).tolist()
     raise ValueError(f"unknown frame sampling {mode!r} (expected 'fixed' or 'uniform')")
 
@@ -785,9 +795,14 @@ class MELDDataset(Dataset):
     root: a cache written by `prepare`, or for modalities=("text",) any folder with the CSVs.
     split=None: no rows, only the clip loaders (load_video, load_audio, tokenize) with these settings,
     for clips prepared elsewhere (evaluate.py predict).
-    Items are keyed by (epoch, index) when training: the augmentation of sample i in epoch e comes
-    from a generator seeded with (seed, e, i), the same whichever worker loads it, so a resumed run
-    sees the same augmentations as an uninterrupted one. Plain integer keys mean epoch 0.
+    Items are keyed by (epoch, index, draw) when training: the augmentation of sample i in epoch e
+    comes from a generator seeded with (seed, e, i), the same whichever worker loads it, so a
+    resumed run sees the same augmentations as an uninterrupted one; the k-th repeat of a sample in
+    one epoch (draw k > 0: the balanced sampler draws with replacement) is seeded with
+    (seed, e, i, k), so repeats are augmented differently. Plain integer keys mean epoch 0, draw 0.
+
+    dataset "csv": classes = the class list (default: the sorted labels of root's train split;
+    evaluate.py passes the checkpoint's, so indices mean what they meant in training).
 
     Clips are excluded, and counted in self.excluded by reason, when their extraction failed or when
     they lack a selected modality (for example the video-only clip with no audio stream is used when
@@ -796,7 +811,8 @@ class MELDDataset(Dataset):
 
     def __init__(self, root, split, modalities=("video", "audio", "text"), tokenizer=None, train=False,
                  num_frames=32, crop_size=224, frame_sampling="fixed", n_mels=64, max_audio_seconds=10.0,
-                 max_text_tokens=128, context=0, seed=0, audio_input="logmel", dataset="meld", hflip=0.5):
+                 max_text_tokens=128, context=0, seed=0, audio_input="logmel", dataset="meld", hflip=0.5,
+                 classes=None):
         self.root, self.split, self.modalities, self.train = Path(root), split, tuple(modalities), train
         unknown = set(self.modalities) - {"video", "audio", "text"}
         if unknown or not self.modalities:
@@ -811,8 +827,9 @@ class MELDDataset(Dataset):
         self.seed = seed
         self.tokenizer, self.max_text_tokens = tokenizer, max_text_tokens
         rows = []
-        if dataset == "csv":  # one task: the manifest's labels, classes from the train split
-            self.tasks = [("label", tuple(csv_classes(self.root)) if split is not None else ())]
+        if dataset == "csv":  # one task: the manifest's labels, classes from the train split (or given)
+            self.tasks = [("label", tuple(classes) if classes is not None
+                           else tuple(csv_classes(self.root)) if split is not None else ())]
             if split is not None:
                 if not (self.root / f"{split}_clips.csv").is_file():
                     raise FileNotFoundError(f"{self.root / f'{split}_clips.csv'}: no {split} split here "
@@ -898,11 +915,12 @@ class MELDDataset(Dataset):
         return [getattr(r, self.tasks[0][0]) for r in self.rows]
 
     def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index, draw = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         row = self.rows[index]
         generator = None
-        if self.train:  # augmentation keyed by (seed, epoch, index), not by worker
-            state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2, np.uint64)
+        if self.train:  # augmentation keyed by (seed, epoch, index[, draw]), not by worker
+            entropy = [self.seed, epoch, index] + ([draw] if draw else [])
+            state = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
             generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         sample = dict(id=row.id, **{task: getattr(row, task) for task, _ in self.tasks})
         if "video" in self.modalities:
@@ -931,31 +949,33 @@ class MELDDataset(Dataset):
         """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A <= max_audio_frames
         (a random window in training, the centre in evaluation), SpecAugment in training; or with
         audio_input="waveform" the samples in [-1, 1] as [1, S], S <= max_audio_samples, windowed
-        the same way, without SpecAugment (speech models mask their own features in training)."""
+        the same way, without SpecAugment (speech models mask their own features in training).
+        Evaluation takes the window of view self.view of self.num_views, as load_video does."""
         wave = np.load(Path(folder) / "audio.npy", mmap_mode="r")
         if self.audio_input == "waveform":
             extra = max(len(wave) - self.max_audio_samples, 0)
-            start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator is not None else extra // 2
+            start = window_start(extra, generator, self.view, self.num_views)
             wave = wave[start:start + self.max_audio_samples]
             return torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)[None]      # [1, S]
         wave = torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)
         logmel = torch.log(self.melspec(wave) + 1e-6)                 # [n_mels, A]
         if logmel.shape[1] > self.max_audio_frames:
             extra = logmel.shape[1] - self.max_audio_frames
-            start = int(torch.randint(extra + 1, (1,), generator=generator)) if generator else extra // 2
+            start = window_start(extra, generator, self.view, self.num_views)
             logmel = logmel[:, start:start + self.max_audio_frames]
         return spec_augment(logmel, generator) if generator is not None else logmel
 
 
-def dataset_from_args(args, root, split, tokenizer, train=False):
+def dataset_from_args(args, root, split, tokenizer, train=False, classes=None):
     """MELDDataset with the data settings of train.py's flags, given as a dict: vars(args) of a
-    run, or the args stored in its checkpoint (evaluate.py)."""
+    run, or the args stored in its checkpoint (evaluate.py, which passes the checkpoint's classes
+    of a csv dataset)."""
     return MELDDataset(root, split, args["modalities"], tokenizer, train=train, num_frames=args["num_frames"],
                        crop_size=args["crop_size"], frame_sampling=args["frame_sampling"], n_mels=args["n_mels"],
                        max_audio_seconds=args["max_audio_seconds"], max_text_tokens=args["max_text_tokens"],
                        context=args["context"], seed=args["seed"],
                        audio_input="waveform" if args.get("audio_encoder", "cnn").startswith("hf:") else "logmel",
-                       dataset=args.get("dataset", "meld"), hflip=args["hflip"])
+                       dataset=args.get("dataset", "meld"), hflip=args["hflip"], classes=classes)
 
 
 def to_device(batch, device):
@@ -1001,7 +1021,8 @@ def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentime
 
 
 class ClipSampler(Sampler):
-    """Order of samples for one epoch, yielding (epoch, index) keys; the one sampler for every case.
+    """Order of samples for one epoch, yielding (epoch, index, draw) keys, draw = how often the
+    index came earlier in this epoch's order (0 unless balanced); the one sampler for every case.
 
     shuffle: a permutation from a generator of its own seeded with (seed, epoch), so the order of an
     epoch can be rebuilt on resume; balanced: draws with replacement, probability ∝ 1 / class count
@@ -1032,7 +1053,11 @@ class ClipSampler(Sampler):
             order = torch.arange(n)
         if self.pad and n % self.num_replicas:
             order = torch.cat([order, order[: self.num_replicas - n % self.num_replicas]])
-        return order[self.rank::self.num_replicas].tolist()
+        seen, keys = collections.Counter(), []   # (index, draw) over every rank's samples
+        for i in order.tolist():
+            keys.append((i, seen[i]))
+            seen[i] += 1
+        return keys[self.rank::self.num_replicas]
 
     def __len__(self):
         n = len(self.labels)
@@ -1040,7 +1065,7 @@ class ClipSampler(Sampler):
         return per_rank - self.skip
 
     def __iter__(self):
-        return iter([(self.epoch, i) for i in self._order()[self.skip:]])
+        return iter([(self.epoch, i, draw) for i, draw in self._order()[self.skip:]])
 
 
 def reuse_freed_memory(_worker_id=None):

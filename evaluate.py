@@ -150,10 +150,12 @@ def load_checkpoint_model(path, device):
 
 
 def dataset_for(checkpoint, root, split):
-    """A MELDDataset (evaluation mode) with the data settings the checkpoint was trained with."""
+    """A MELDDataset (evaluation mode) with the data settings and classes the checkpoint was
+    trained with (the classes of a csv dataset come from the checkpoint, never from root)."""
     args = checkpoint["args"]
     tokenizer = model_lib.load_tokenizer(args["text_model"]) if "text" in args["modalities"] else None
-    return data.dataset_from_args(args, root, split, tokenizer)
+    classes = dict(checkpoint["tasks"]).get("label") if args.get("dataset") == "csv" else None
+    return data.dataset_from_args(args, root, split, tokenizer, classes=classes)
 
 
 def device_from(name):

@@ -327,10 +327,38 @@ def test_frame_sampling():
     assert [v[0] for v in views] == [0, 6, 12]
     uniform = data.sample_frame_indices(80, 8, "uniform")
     assert uniform == [5, 15, 25, 35, 45, 55, 65, 75]
+    views = [data.sample_frame_indices(80, 8, "uniform", view=v, num_views=3) for v in range(3)]
+    assert views == [[1, 11, 21, 31, 41, 51, 61, 71], [5, 15, 25, 35, 45, 55, 65, 75],
+                     [8, 18, 28, 38, 48, 58, 68, 78]]
     jittered = data.sample_frame_indices(80, 8, "uniform", g)
     assert all(10 * i <= k < 10 * (i + 1) for i, k in enumerate(jittered))
     with pytest.raises(ValueError, match="unknown frame sampling"):
         data.sample_frame_indices(80, 8, "random")
+
+
+@pytest.mark.parametrize("sampling", ["fixed", "uniform"])
+def test_views_take_different_frames_and_the_same_part_of_the_audio(cache, sampling):
+    """Multi-view testing: view v of N reads other frames than the other views (both sampling
+    modes) and an audio window at the same relative place in the clip."""
+    ds = data.MELDDataset(cache, "test", ("video", "audio"), num_frames=4, crop_size=32, frame_sampling=sampling,
+                          max_audio_seconds=0.5)
+    index = max(range(len(ds)), key=lambda i: ds.entries[ds.rows[i].id]["frames"])
+    clip = ds.root / ds.rows[index].id
+    available = ds.entries[ds.rows[index].id]["frames"]
+    assert available >= 3 * 4, "the longest test clip is too short for three views"
+    full = ds.melspec(torch.from_numpy(np.load(clip / "audio.npy").astype(np.float32) / 32768.0))
+    extra = full.shape[1] - ds.max_audio_frames
+    assert extra > 0
+    picks, audio = [], []
+    for view in range(3):
+        ds.view, ds.num_views = view, 3
+        picks.append(data.sample_frame_indices(available, 4, sampling, view=view, num_views=3))
+        audio.append(ds.load_audio(clip))
+        assert torch.equal(ds[index]["audio"], audio[-1])
+    assert len({tuple(p) for p in picks}) == 3
+    for view, window in enumerate(audio):  # view 0 at the start, 1 in the middle, 2 at the end
+        start = round(view * extra / 2)
+        torch.testing.assert_close(window, torch.log(full[:, start:start + ds.max_audio_frames] + 1e-6))
 
 
 def test_augmentation_is_keyed_by_epoch_and_index_not_by_worker(cache, tokenizer):
@@ -403,22 +431,46 @@ def test_sampler_orders_shards_and_resumes():
     full = data.ClipSampler(labels, shuffle=True, seed=4)
     full.set_epoch(1)
     order = list(full)
-    assert sorted(i for _, i in order) == list(range(43)) and {e for e, _ in order} == {1}
+    assert sorted(i for _, i, _ in order) == list(range(43)) and {(e, d) for e, _, d in order} == {(1, 0)}
     full.set_epoch(1, skip=10)
     assert list(full) == order[10:] and len(full) == 33
     full.set_epoch(2)
-    assert list(full) != [(2, i) for _, i in order]
+    assert list(full) != [(2, i, 0) for _, i, _ in order]
     # Evaluation across 4 ranks: disjoint shards, every sample exactly once.
     shards = [list(data.ClipSampler(labels, shuffle=False, num_replicas=4, rank=r, pad=False)) for r in range(4)]
-    flat = [i for shard in shards for _, i in shard]
+    flat = [i for shard in shards for _, i, _ in shard]
     assert sorted(flat) == list(range(43)) and [len(s) for s in shards] == [11, 11, 11, 10]
     # Training across 4 ranks: the same number of samples everywhere.
     train = [data.ClipSampler(labels, shuffle=True, num_replicas=4, rank=r, seed=4) for r in range(4)]
     assert {len(list(s)) for s in train} == {11} and {len(s) for s in train} == {11}
     # Balanced: classes drawn about equally often.
     balanced = data.ClipSampler(labels * 50, shuffle=True, balanced=True, seed=0)
-    counts = collections.Counter(labels[i % 43] for _, i in balanced)
+    counts = collections.Counter(labels[i % 43] for _, i, _ in balanced)
     assert all(abs(n / sum(counts.values()) - 1 / 3) < 0.05 for n in counts.values()), counts
+
+
+def test_balanced_sampler_repeats_get_their_own_augmentation(cache, tokenizer):
+    """Drawn with replacement, a clip comes several times in one epoch: each repeat is its draw k
+    (counted over every rank's samples) and is augmented differently; draw 0 keeps (seed, epoch, index)."""
+    ds = data.MELDDataset(cache, "train", ("video", "audio"), train=True, num_frames=8, crop_size=32, seed=1)
+    sampler = data.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    repeated = [(epoch, i, draw) for epoch, i, draw in keys if draw == 1]
+    assert repeated, "no clip was drawn twice"
+    for index in {i for _, i, _ in keys}:  # draws of an index count 0, 1, 2, ... in order
+        assert [d for _, i, d in keys if i == index] == list(range(sum(i == index for _, i, _ in keys)))
+    shards = [data.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0, num_replicas=2, rank=r)
+              for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(3)
+    interleaved = [key for pair in zip(*shards) for key in pair]
+    assert interleaved[:len(keys)] == keys                  # rank r takes every 2nd key, draws included
+    epoch, index, _ = repeated[0]
+    first, again = ds[(epoch, index, 0)], ds[(epoch, index, 1)]
+    assert not torch.equal(first["video"], again["video"]) and not torch.equal(first["audio"], again["audio"])
+    assert torch.equal(first["video"], ds[(epoch, index)]["video"])              # draw 0 = the plain key
+    assert torch.equal(again["video"], ds[(epoch, index, 1)]["video"])           # and still reproducible
 
 
 def test_loader_drops_the_last_partial_batch_in_training(cache, tokenizer):

@@ -12,6 +12,7 @@ Plus the failure paths: a missing and a corrupt file in a manifest, and a label 
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import wave
@@ -208,6 +209,19 @@ def test_audio_encoders_tell_applause_from_tones(audio_cache, tmp_path, encoder)
         again = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())["single_view"]["label"]
         assert again["confusion"] == metrics["confusion"]
         assert again["roc_auc"] == pytest.approx(metrics["roc_auc"])
+        # the classes are the checkpoint's, whatever the evaluated folder's train split holds
+        other = tmp_path / "other-cache"
+        shutil.copytree(audio_cache, other)
+        train_rows = list(csv.DictReader(open(other / "train_clips.csv", newline="")))
+        train_rows[0]["label"] = "aardvark"                          # sorts first: would shift every index
+        write_manifest(other / "train_clips.csv", train_rows)
+        for folder in ("relabelled", "no-train-split"):
+            if folder == "no-train-split":
+                (other / "train_clips.csv").unlink()
+            run_script("evaluate.py", "--checkpoint", str(out / "best.pt"), "--data", str(other), "--split", "test",
+                       "--out", str(tmp_path / folder), "--workers", "0", "--device", "cpu")
+            again = json.loads((tmp_path / folder / "metrics_test.json").read_text())["single_view"]["label"]
+            assert again["confusion"] == metrics["confusion"] and set(again["per_class"]) == {"applause", "tone"}
 
 
 def test_frames_model_classifies_28_kinds_of_images(image_cache, tmp_path):
