@@ -207,21 +207,36 @@ def parse_unfreeze(spec):
     return schedule
 
 
+def fit_schedule(model, schedule):
+    """The unfreeze schedule without the stages of branches the model does not have (the default
+    names video stages; a text-only run has none) -> (schedule, skipped stage names)."""
+    branches = {name.split(".")[0] for name in model.stages()}
+    fitted, skipped = {}, []
+    for epoch, names in schedule.items():
+        for name in names:
+            if name.split(".")[0] in branches:
+                fitted.setdefault(epoch, []).append(name)
+            else:
+                skipped.append(name)
+    return fitted, skipped
+
+
 def frozen_at_start(model, schedule):
     """What starts frozen: exactly the stages loaded from pretrained weights, except the text and
-    speech encoders (fine-tuned from the start at their own LRs) unless the schedule names them.
-    Stage names in the schedule must exist and hold parameters: anything else is an error."""
+    speech encoders, which are fine-tuned from the start at their own LRs unless the schedule
+    names one of their stages: then the whole encoder starts frozen, as the video stages do, and
+    the named stages unfreeze at their epochs. Stage names in the schedule must exist and hold
+    parameters: anything else is an error."""
     stages = model.stages()
     for name in (n for names in schedule.values() for n in names):
         if name not in stages:
             raise SystemExit(f"--unfreeze: unknown stage {name!r}; stages of this model: {', '.join(stages)}")
         if not any(True for m in stages[name] for _ in m.parameters()):
             raise SystemExit(f"--unfreeze: stage {name!r} has no parameters")
-    named = {n for names in schedule.values() for n in names}
-    fine_tuned = ("text.", "audio.")  # transformer encoders: the only pretrained audio is hf:
-    frozen = [s for s in model.pretrained_stages() if not s.startswith(fine_tuned)]
-    frozen += [s for s in named if s.startswith(fine_tuned)]
-    return frozen
+    scheduled_encoders = {n.split(".")[0] for names in schedule.values() for n in names}
+    fine_tuned = ("text", "audio")  # transformer encoders: the only pretrained audio is hf:
+    return [s for s in model.pretrained_stages()
+            if s.split(".")[0] not in fine_tuned or s.split(".")[0] in scheduled_encoders]
 
 
 def stage_params(model, names):
@@ -386,12 +401,22 @@ class EarlyStopping:
 
 
 def rng_state():
-    """RNG states as tensors and plain values, so that torch.load(weights_only=True) reads them."""
+    """This process's RNG states as tensors and plain values, so that torch.load(weights_only=True)
+    reads them."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return dict(python=[version, list(mt), gauss], numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
                 torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def rng_states(world):
+    """Every rank's rng_state(), indexed by rank (a collective call under DDP: every rank calls it)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state):
@@ -402,6 +427,46 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Flags a resumed run may change: they cannot change what it computes.
+RESUME_FREE_FLAGS = ("resume", "out", "workers", "log_every", "save_every", "wandb", "wandb_project",
+                     "push_to_hub", "device", "demo")
+
+
+def check_resume(checkpoint, args, world, path):
+    """Refuse, in one line, a resume whose flags (or process count) differ from the run's in
+    anything that changes the result; flags in RESUME_FREE_FLAGS may differ. Flags the checkpoint
+    does not record (added later) are not compared."""
+    saved, now = checkpoint["args"], dict(vars(args), modalities=list(args.modalities))
+    changed = [k for k in now if k in saved and k not in RESUME_FREE_FLAGS and saved[k] != now[k]]
+    if changed:
+        raise SystemExit(f"--resume {path}: the run was trained with {format_flags(saved, changed)}, now "
+                         f"{format_flags(now, changed)}; that changes the result: pass the run's values, or start "
+                         "a new run with another --out")
+    saved_world = checkpoint.get("world_size", 1)
+    if saved_world != world:
+        raise SystemExit(f"--resume {path}: the run was trained with {saved_world} process(es), now {world}; "
+                         "that changes the result: resume with the same torchrun --nproc_per_node")
+
+
+def format_flags(values, keys):
+    """{'batch_size': 16, 'modalities': ['video', 'text']} -> "--batch-size 16 --modalities video,text"."""
+    def show(value):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value) if value == "" else str(value)
+    return " ".join(f"--{key.replace('_', '-')} {show(values[key])}" for key in keys)
+
+
+def finished_reason(checkpoint, args):
+    """Why the run a checkpoint comes from is over (all --epochs done, or early stopping), or None."""
+    epoch = checkpoint["epoch"]
+    if epoch >= args.epochs:
+        return f"all {args.epochs} epochs done"
+    stopper = EarlyStopping(args.patience, args.min_epochs, args.min_delta)
+    stopper.load_state_dict(checkpoint["early_stopping"])
+    if epoch > 0 and checkpoint["step_in_epoch"] == 0 and stopper.should_stop(epoch - 1):
+        return f"early-stopped after epoch {epoch - 1}"
+    return None
 
 
 def save_checkpoint(path, state):
@@ -495,6 +560,16 @@ def main(argv=None):
     elif args.resume:
         resume_path = Path(args.resume)
     checkpoint = evaluate.load_checkpoint(resume_path) if resume_path else None
+    finished = None
+    if checkpoint is not None:
+        check_resume(checkpoint, args, world, resume_path)
+        finished = finished_reason(checkpoint, args)
+        if finished and (out / "test_metrics.json").exists():  # nothing to train, nothing to rewrite
+            if is_main:
+                print(f"{resume_path}: the run is finished ({finished}); its results are in {out}: nothing to do")
+            if world > 1:
+                dist.destroy_process_group()
+            return json.loads((out / "test_metrics.json").read_text())
 
     tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
     loaders = build_loaders(args, tokenizer, rank, world)
@@ -511,7 +586,7 @@ def main(argv=None):
         load_pretrained=checkpoint is None)
     raw_model = model_lib.place(raw_model, device)
 
-    schedule = parse_unfreeze(args.unfreeze)
+    schedule, skipped_stages = fit_schedule(raw_model, parse_unfreeze(args.unfreeze))
     frozen = frozen_at_start(raw_model, schedule)
     frozen_ids = set(stage_params(raw_model, frozen))
     trainable_from_start = [n for names in schedule.values() for n in names
@@ -537,7 +612,8 @@ def main(argv=None):
         stopper.load_state_dict(checkpoint["early_stopping"])
         start_epoch, step_in_epoch, global_step = checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]
         history, wandb_id, epoch_losses = checkpoint["history"], checkpoint.get("wandb_id"), checkpoint["epoch_losses"]
-        set_rng_state(checkpoint["rng"])
+        rng = checkpoint["rng"]
+        set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: a checkpoint of one process
     # Frozen state at the start epoch: what was frozen at first, less what has been unfrozen since.
     unfrozen = [n for epoch, names in schedule.items() if epoch < start_epoch or (epoch == start_epoch and step_in_epoch)
                 for n in names]
@@ -555,6 +631,8 @@ def main(argv=None):
               f"({args.batch_size} x {args.accum_steps} accumulation x {world}), {steps_per_epoch} optimizer steps per epoch")
         print(f"parameters: {n_params:,} total, {n_train:,} trainable now; frozen at start: {', '.join(frozen) or 'nothing'}")
         print("peak LR per group: " + ", ".join(f"{name} {lr:.1e}" for name, lr in peak_lrs.items()))
+        if skipped_stages:
+            print(f"note: --unfreeze stages of branches this model does not have are skipped: {', '.join(skipped_stages)}")
         if trainable_from_start:
             print(f"note: --unfreeze names stages trainable from the start (not loaded pretrained): {', '.join(trainable_from_start)}")
         earliest = max(stopper.min_epochs, args.patience)
@@ -562,7 +640,9 @@ def main(argv=None):
             print(f"warning: early stopping may end the run after epoch {earliest}, before the LR has annealed: "
                   f"there the {args.lr:.0e}-peak group is still at {onecycle_lr(earliest / args.epochs, args.lr, args):.1e}; "
                   f"it reaches {args.lr / args.div_factor / args.final_div_factor:.0e} only at epoch {args.epochs}")
-        if checkpoint is not None:
+        if finished:
+            print(f"resumed from {resume_path}: the run is finished ({finished}) but was not tested: testing best.pt")
+        elif checkpoint is not None:
             print(f"resumed from {resume_path}: epoch {start_epoch}, optimizer step {step_in_epoch} of that epoch")
 
     wandb_run = None
@@ -581,16 +661,16 @@ def main(argv=None):
 
     model = wrap(raw_model)
 
-    def checkpoint_state(epoch, step_in_epoch, epoch_losses=()):
+    def checkpoint_state(epoch, step_in_epoch, rng, epoch_losses=()):
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                     scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch, step=global_step,
-                    epoch_losses=list(epoch_losses),
-                    early_stopping=stopper.state_dict(), history=history, rng=rng_state(), wandb_id=wandb_id,
+                    epoch_losses=list(epoch_losses), world_size=world,
+                    early_stopping=stopper.state_dict(), history=history, rng=rng, wandb_id=wandb_id,
                     args=dict(vars(args), modalities=list(args.modalities)), model_config=raw_model.config,
                     prepare=prepare_settings, tasks=[[task, list(names)] for task, names in train_set.tasks])
 
     epoch = start_epoch
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, start_epoch if finished else args.epochs):
         # --- unfreeze at the epoch boundary; under DDP wrap again (DDP syncs only what required grad when wrapped)
         if step_in_epoch == 0 and schedule.get(epoch):
             model_lib.set_frozen(raw_model, schedule[epoch], False)
@@ -627,8 +707,10 @@ def main(argv=None):
                                 clips_s=f"{clips / (time.perf_counter() - start):.1f}")
                 if wandb_run:
                     wandb_run.log(dict(train_loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"]), step=global_step)
-            if args.save_every and global_step % args.save_every == 0 and step + 1 < steps_per_epoch and is_main:
-                save_checkpoint(out / "last.pt", checkpoint_state(epoch, step + 1, losses))
+            if args.save_every and global_step % args.save_every == 0 and step + 1 < steps_per_epoch:
+                rng = rng_states(world)  # every rank's, gathered
+                if is_main:
+                    save_checkpoint(out / "last.pt", checkpoint_state(epoch, step + 1, rng, losses))
         bar.close()
         seconds = time.perf_counter() - start
         steps_done = steps_per_epoch - step_in_epoch
@@ -648,6 +730,7 @@ def main(argv=None):
                       clips_per_s=round(steps_done * args.batch_size * args.accum_steps * world / seconds, 2),
                       data_wait=round(wait / seconds, 4), peak_memory_mb=round(peak_memory_mb(device), 1),
                       trainable=sum(p.numel() for p in raw_model.parameters() if p.requires_grad))
+        rng = rng_states(world)
         if world > 1:  # the same weights on every rank, or the run is broken
             sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
             dist.all_gather(sums, params_checksum(raw_model))
@@ -662,7 +745,7 @@ def main(argv=None):
                   f"{dev[primary]['weighted_f1']:.4f} (best {stopper.best:.4f} at epoch {stopper.best_epoch}), "
                   + "".join(f"{task} {dev[task]['weighted_f1']:.4f}, " for task, _ in train_set.tasks[1:])
                   + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
-            state = checkpoint_state(epoch + 1, 0)
+            state = checkpoint_state(epoch + 1, 0, rng)
             save_checkpoint(out / "last.pt", state)
             if improved:
                 save_checkpoint(out / "best.pt", state)

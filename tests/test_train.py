@@ -1,12 +1,15 @@
 """train.py: schedule, accumulation, unfreezing, early stopping, checkpoints, exact resume, DDP,
 the demo, W&B offline and the Hub upload failing cleanly."""
 
+import collections
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +173,62 @@ def test_unfreeze_schedule_trains_exactly_the_named_stages_from_their_epoch(cach
     assert all(p.requires_grad for p in heads.values())  # new parts trained all along
 
 
+def test_laterals_learn_from_the_first_step_while_pretrained_slow_stages_stay_frozen(monkeypatch):
+    """ImageNet-inflated SlowFast-R50 (random ResNet-50 weights, no download) under the default
+    schedule: at epoch 0 every lateral (stem included) and every weight that reads one gets a
+    gradient and moves in the first optimizer step, at the new parts' LR; every pretrained slow
+    weight and BatchNorm statistic stays bitwise as loaded; after the step the lateral fusion
+    changes what the model computes."""
+    import torchvision
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50()
+    monkeypatch.setattr(model_lib, "load_imagenet_resnet50", lambda: resnet)
+    model = model_lib.EmotionModel(modalities=("video",), video_size="r50", video_init="imagenet",
+                                   head_hidden=(32, 16))
+    args = train.parse_args([])
+    schedule = train.parse_unfreeze(args.unfreeze)
+    assert not schedule.get(0)
+    model_lib.set_frozen(model, train.frozen_at_start(model, schedule), True)
+    optimizer = train.build_optimizer(model, args)
+    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=10)
+    stages = model.stages()
+    lateral = {f"{stage}.{name}": p for stage in ("stem", "res2", "res3", "res4")
+               for m in stages[f"video.lateral.{stage}"] for name, p in m.named_parameters()}
+    readers = [p for m in model.video.slow.modules() if isinstance(m, model_lib.LateralInputConv3d)
+               for p in [m.lateral_weight]]
+    assert len(readers) == 8 and all(any(p is q for q in lateral.values()) for p in readers)
+    pretrained = {n: p.detach().clone() for n, p in model.video.slow.named_parameters()
+                  if not n.endswith("lateral_weight")}
+    slow_stats = {n: b.clone() for n, b in model.video.slow.named_buffers()}
+    before = {n: p.detach().clone() for n, p in lateral.items()}
+    for group in optimizer.param_groups:  # the lateral parts learn at the new parts' LR
+        if any(p is readers[0] for p in group["params"]):
+            assert group["name"] == "video.new.decay" and not group["pretrained"]
+
+    g = torch.Generator().manual_seed(1)
+    batch = dict(video=torch.randint(0, 256, (2, 3, 16, 32, 32), dtype=torch.uint8, generator=g),
+                 video_mask=torch.arange(16)[None, :] < torch.tensor([[16], [7]]),     # one clip padded
+                 emotion=torch.tensor([1, 4]), sentiment=torch.tensor([0, 2]))
+    criteria = train.build_criteria(args, [0, 1, 2, 3, 4, 5, 6], [("emotion", 7), ("sentiment", 3)])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    train.accumulate_gradients(model, [batch], criteria, args.sentiment_weight, None, scaler)
+    no_gradient = [n for n, p in lateral.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_gradient, no_gradient
+    train.optimizer_step(model, optimizer, scaler, args.clip_grad)
+    scheduler.step()
+    unchanged = [n for n, p in lateral.items() if torch.equal(p, before[n])]
+    assert not unchanged, unchanged
+    assert all(torch.equal(p, pretrained[n]) for n, p in model.video.slow.named_parameters() if n in pretrained)
+    assert all(torch.equal(b, slow_stats[n]) for n, b in model.video.slow.named_buffers())
+
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)["emotion"]
+        model.video.lateral[0].conv.weight.mul_(3.0)               # lateral.stem, read by slow res2
+        assert (model(batch)["emotion"] - out).abs().max() > 1e-6
+
+
 def test_unknown_or_empty_stage_is_an_error_at_start_up(cache, tiny_bert, tmp_path):
     result = run_train(small_args(cache, tiny_bert, tmp_path / "run", "--unfreeze", "3:video.res9"))
     assert result.returncode != 0 and "unknown stage 'video.res9'" in result.stderr
@@ -232,50 +291,143 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- whole runs
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda())])
-def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path, device):
-    """A run killed (SIGKILL) inside epoch 2, after the unfreeze at epoch 2, and resumed, ends
-    with bitwise the same weights and the same metrics as the uninterrupted run. On CUDA the run
-    uses fp16 autocast with a GradScaler (--amp auto), whose state and the CUDA RNG are resumed."""
-    extra = ("--epochs", "4", "--min-epochs", "4", "--workers", "2", "--deterministic", "--save-every", "1",
-             "--unfreeze", "2:text.layer.1", "--device", device)
-    reference = run_train(small_args(cache, tiny_bert, tmp_path / "reference", *extra))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def process_state(pid):
+    """(state, parent pid) of a process from /proc/PID/stat (Linux), or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
 
-    argv = small_args(cache, tiny_bert, tmp_path / "killed", *extra)
+
+def descendants(pid):
+    """Process ids of every descendant of pid."""
+    children = collections.defaultdict(list)
+    for folder in Path("/proc").glob("[0-9]*"):
+        state = process_state(folder.name)
+        if state:
+            children[state[1]].append(int(folder.name))
+    found, todo = [], [pid]
+    while todo:
+        found += children[todo[-1]]
+        todo = todo[:-1] + children[todo[-1]]
+    return found
+
+
+def kill_inside_epoch(command, out, epoch, step):
+    """Start `command` (a train.py run writing to out, with --save-every 1), SIGKILL it once its
+    last.pt is inside `epoch` at `step` or later, and return that checkpoint."""
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=environment, start_new_session=True)
-    last, deadline, seen = tmp_path / "killed" / "last.pt", time.time() + 300, None
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment,
+                               start_new_session=True)
+    last, deadline, seen = out / "last.pt", time.time() + 300, None
     while time.time() < deadline and process.poll() is None:
         stamp = last.stat().st_mtime_ns if last.exists() else None
         if stamp != seen:  # a new checkpoint (written atomically): where is the run?
             seen, state = stamp, torch.load(last, weights_only=True)
-            if state["epoch"] == 2 and state["step_in_epoch"] >= 2:
+            if state["epoch"] == epoch and state["step_in_epoch"] >= step:
                 break
         time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)
+    tree = [process.pid] + descendants(process.pid)   # torchrun's workers run in sessions of their own
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+    while any((process_state(pid) or ("Z",))[0] != "Z" for pid in tree[1:]):  # until they are gone
+        time.sleep(0.01)
     state = torch.load(last, weights_only=True)
-    assert state["epoch"] == 2 and 2 <= state["step_in_epoch"], "the kill did not land inside epoch 2"
-    assert not (tmp_path / "killed" / "test_metrics.json").exists()
+    assert state["epoch"] == epoch and step <= state["step_in_epoch"], f"the kill did not land inside epoch {epoch}"
+    assert not (out / "test_metrics.json").exists()
+    return state
 
+
+def assert_same_run(a, b, epochs):
+    """Two output folders hold bitwise the same final weights, per-rank RNG states, log and metrics."""
+    last_a, last_b = (torch.load(out / "last.pt", weights_only=True) for out in (a, b))
+    assert last_a["model"].keys() == last_b["model"].keys()
+    for key in last_a["model"]:
+        assert torch.equal(last_a["model"][key], last_b["model"][key]), key
+    assert len(last_a["rng"]) == len(last_b["rng"]) == last_a["world_size"]
+    for rank, (x, y) in enumerate(zip(last_a["rng"], last_b["rng"])):  # each rank's stream where it ended
+        assert torch.equal(x["torch"], y["torch"]) and x["python"] == y["python"], f"rank {rank}"
+        assert torch.equal(x["numpy"][1], y["numpy"][1]) and x["numpy"][2] == y["numpy"][2], f"rank {rank}"
+    log_a, log_b = ([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (a, b))
+    assert len(log_a) == len(log_b) == epochs
+    for x, y in zip(log_a, log_b):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+    assert (a / "test_metrics.json").read_text() == (b / "test_metrics.json").read_text()
+    return log_a
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda())])
+def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path, device):
+    """A run killed (SIGKILL) inside epoch 2, after the unfreeze at epoch 2, and resumed, ends
+    with bitwise the same weights and the same metrics as the uninterrupted run; the balanced
+    sampler's repeated draws included. On CUDA the run uses fp16 autocast with a GradScaler
+    (--amp auto), whose state and the CUDA RNG are resumed."""
+    extra = ("--epochs", "4", "--min-epochs", "4", "--workers", "2", "--deterministic", "--save-every", "1",
+             "--unfreeze", "2:text.layer.1", "--sampler", "balanced", "--device", device)
+    reference = run_train(small_args(cache, tiny_bert, tmp_path / "reference", *extra))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    argv = small_args(cache, tiny_bert, tmp_path / "killed", *extra)
+    kill_inside_epoch([sys.executable, str(ROOT / "train.py"), *argv], tmp_path / "killed", epoch=2, step=2)
     resumed = run_train(argv + ["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    log_a = [json.loads(line) for line in (tmp_path / "reference" / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
-    assert len(log_a) == len(log_b) == 4
-    for x, y in zip(log_a, log_b):
-        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
-    assert log_a[2]["trainable"] > log_a[1]["trainable"]  # the unfreeze happened in epoch 2
-    assert (tmp_path / "reference" / "test_metrics.json").read_text() == \
-        (tmp_path / "killed" / "test_metrics.json").read_text()
+    log = assert_same_run(tmp_path / "reference", tmp_path / "killed", epochs=4)
+    assert log[2]["trainable"] > log[1]["trainable"]  # the unfreeze happened in epoch 2
+
+
+def test_ddp_resume_restores_every_ranks_random_stream(cache, tiny_bert, tmp_path):
+    """Two gloo ranks killed inside epoch 1 and resumed end where the uninterrupted run ends: each
+    rank continues its own RNG stream (dropout differs per rank), not rank 0's."""
+    extra = ("--epochs", "2", "--min-epochs", "2", "--deterministic", "--save-every", "1", "--modalities", "audio,text")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                str(ROOT / "train.py")]
+    environment = dict(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    reference = subprocess.run(torchrun + small_args(cache, tiny_bert, tmp_path / "reference", *extra),
+                               capture_output=True, text=True, env=dict(os.environ, **environment), timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    argv = small_args(cache, tiny_bert, tmp_path / "killed", *extra)
+    state = kill_inside_epoch(torchrun + argv, tmp_path / "killed", epoch=1, step=1)
+    assert state["world_size"] == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    resumed = subprocess.run(torchrun + argv + ["--resume", "auto"], capture_output=True, text=True,
+                             env=dict(os.environ, **environment), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "reference", tmp_path / "killed", epochs=2)
+
+
+def test_resume_refuses_changed_settings_and_leaves_a_finished_run_alone(cache, tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    argv = small_args(cache, tiny_bert, out, "--modalities", "audio,text", "--epochs", "2", "--save-every", "1")
+    kill_inside_epoch([sys.executable, str(ROOT / "train.py"), *argv], out, epoch=1, step=1)
+    for flag, value in (("--lr", "0.002"), ("--batch-size", "4"), ("--seed", "1")):
+        refused = run_train(argv + ["--resume", "auto", flag, value])
+        assert refused.returncode != 0
+        assert refused.stderr.strip().count("\n") == 0 and "Traceback" not in refused.stderr, refused.stderr
+        assert f"{flag} " in refused.stderr and value in refused.stderr
+    resumed = run_train(argv + ["--resume", "auto", "--workers", "1"])     # workers cannot change the result
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and (out / "test_metrics.json").exists()
+
+    outputs = ("last.pt", "best.pt", "test_metrics.json", "args.json", "log.jsonl")
+    before = {name: (out / name).read_bytes() for name in outputs}
+    finished = run_train(argv + ["--resume", "auto", "--log-every", "3"])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "the run is finished (all 2 epochs done)" in finished.stdout
+    assert {name: (out / name).read_bytes() for name in outputs} == before
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_default_unfreeze_skips_the_video_stages_of_a_model_without_video(cache, tiny_bert, tmp_path, modality):
+    argv = small_args(cache, tiny_bert, tmp_path / "run", "--modalities", modality, "--epochs", "1",
+                      "--min-epochs", "1", "--max-steps-per-epoch", "1")
+    argv[argv.index("--unfreeze"):argv.index("--unfreeze") + 2] = []          # the default schedule
+    result = run_train(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if "skipped" in line]
+    assert notes == ["note: --unfreeze stages of branches this model does not have are skipped: "
+                     "video.res5, video.res4, video.res3"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda(2))])
