@@ -92,46 +92,73 @@ def masked_mean(x, mask, time_dim=2):
     return x.sum(2) / valid.clamp(min=1.0)                       # [B, C]
 
 
+def pack_time(x, lengths, time_dim=2):
+    """The real time steps of every sample side by side: x [B, C, ..T.., ...] (real steps first)
+    -> [1, C, ..n.., ...], n = sum(lengths)."""
+    return torch.cat([x[b:b + 1].narrow(time_dim, 0, k) for b, k in enumerate(lengths)], dim=time_dim)
+
+
+def unpack_time(packed, lengths, shape, memory_format, time_dim=2):
+    """pack_time's inverse: [1, C, ..n.., ...] -> [B, C, ..T.., ...] (T = shape[time_dim]), zero at
+    padded time steps."""
+    out = torch.empty(shape, dtype=packed.dtype, device=packed.device, memory_format=memory_format)
+    T, start = shape[time_dim], 0
+    for b, k in enumerate(lengths):
+        out[b:b + 1].narrow(time_dim, 0, k).copy_(packed.narrow(time_dim, start, k))
+        out[b:b + 1].narrow(time_dim, k, T - k).zero_()
+        start += k
+    return out
+
+
+class PackTime(torch.autograd.Function):
+    """pack_time with unpack_time as its backward (and the reverse for UnpackTime): autograd's own
+    backward of the slices would build a zero tensor the size of x for every sample."""
+
+    @staticmethod
+    def forward(ctx, x, lengths, time_dim):
+        ctx.lengths, ctx.time_dim, ctx.shape = lengths, time_dim, x.shape
+        ctx.memory_format = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+        return pack_time(x, lengths, time_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return unpack_time(grad, ctx.lengths, ctx.shape, ctx.memory_format, ctx.time_dim), None, None
+
+
+class UnpackTime(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, packed, lengths, shape, memory_format, time_dim):
+        ctx.lengths, ctx.time_dim = lengths, time_dim
+        return unpack_time(packed, lengths, shape, memory_format, time_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return pack_time(grad, ctx.lengths, ctx.time_dim), None, None, None, None
+
+
 def masked_batch_norm(bn, x, mask, time_dim=2):
     """bn(x) whose training statistics come from real time steps only.
 
-    bn: an nn.BatchNorm1d/2d/3d; x [B, C, ...] with T at time_dim; mask [B, T] bool (True = real)
-    or None (nothing is padded). In training mode with a mask, the batch mean and (biased) variance
-    per channel are taken over the real positions, and the running mean and unbiased variance are
-    updated from them with bn.momentum (None: cumulative average): what bn does on the real
-    positions alone, so padding, whatever it holds, changes neither the output at real positions,
-    nor the gradients, nor the running statistics. Padded positions of the output hold finite
-    values that the caller masks. In eval mode, or with mask None, this is bn(x) itself (cuDNN's
-    kernel on CUDA). Parameters and buffers are bn's own, so state dicts are unchanged.
-    Statistics are computed in fp32 for fp16/bf16 input; the output has x's dtype."""
-    if mask is None or not bn.training:
+    bn: an nn.BatchNorm1d/2d/3d; x [B, C, ...] with T at time_dim; mask [B, T] bool (True = real,
+    real steps first) or None (nothing is padded). In training mode with a mask, the real time
+    steps of all samples are packed side by side ([1, C, ..n.., ...]) and bn's own batch_norm runs
+    on them (PyTorch's fused kernels: batch statistics, gradients, and the running mean and
+    unbiased variance updated with bn.momentum, exactly as bn on the real positions alone); the
+    result is unpacked with zeros at padded steps. So padding, whatever it holds, changes neither
+    the output at real positions, nor the gradients, nor the running statistics. In eval mode, or
+    with mask None, this is bn(x) itself (cuDNN's kernel on CUDA). Parameters and buffers are
+    bn's own, so state dicts are unchanged. One host sync (the real lengths); on the meta device
+    (shapes and FLOP counts only) bn(x)."""
+    if mask is None or not bn.training or mask.is_meta:
         return bn(x)
-    shape = [1] * x.dim()
-    shape[0], shape[time_dim] = mask.shape
-    real = mask.reshape(shape)
-    dims = [0] + list(range(2, x.dim()))                          # every dimension but channels
-    # var_mean over all positions with padding zeroed, then rescaled to the real positions: one
-    # pass over x and no host sync (the count of real positions stays a tensor)
-    zeroed = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).masked_fill(~real, 0.0)
-    var_all, mean_all = torch.var_mean(zeroed, dims, correction=0)   # [C], [C]
-    per_step = x.numel() // (x.shape[1] * mask.numel())          # positions per (sample, time step)
-    n = (mask.sum() * per_step).clamp(min=1).to(zeroed.dtype)    # real positions per channel
-    share = n / (x.numel() // x.shape[1])                         # real / all
-    mean = mean_all / share
-    var = ((var_all + mean_all.square()) / share - mean.square()).clamp(min=0.0)
-    if bn.track_running_stats:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-            unbiased = var * n / (n - 1).clamp(min=1)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
-    scale = torch.rsqrt(var + bn.eps)
-    shift = -mean * scale
-    if bn.affine:
-        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-    view = [1, -1] + [1] * (x.dim() - 2)
-    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+    lengths = mask.sum(1).tolist()                                     # real steps per sample
+    if bn.track_running_stats:  # as nn.BatchNorm's forward: count the batch, momentum None = average
+        bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    packed = PackTime.apply(x, lengths, time_dim)                      # [1, C, ..n.., ...]
+    normalised = F.batch_norm(packed, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
+    memory_format = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+    return UnpackTime.apply(normalised, lengths, x.shape, memory_format, time_dim)
 
 
 # ---------------------------------------------------------------------------------------------

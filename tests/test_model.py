@@ -232,6 +232,14 @@ def test_parity_with_pytorchvideo(reference_slowfast):
     pooled = torch.cat([reference[0].mean((2, 3, 4)), reference[1].mean((2, 3, 4))], dim=1)
     torch.testing.assert_close(features, pooled, rtol=1e-4, atol=1e-4)
 
+    # and back: our state dict exports to pytorchvideo's names and shapes through the same key map
+    exported = {M.slowfast_key_map(ours.depths)[k][0]: v for k, v in ours.state_dict().items()}
+    head = {k: v for k, v in reference_slowfast.state_dict().items() if k.startswith(M.KINETICS_HEAD_PREFIXES)}
+    again = copy.deepcopy(reference_slowfast)
+    again.load_state_dict(exported | head, strict=True)
+    for key, tensor in reference_slowfast.state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
+
 
 def test_pyslowfast_checkpoint_loads_strictly(reference_slowfast, tmp_path):
     reference_state = reference_slowfast.state_dict()
