@@ -136,29 +136,38 @@ class UnpackTime(torch.autograd.Function):
         return pack_time(grad, ctx.lengths, ctx.time_dim), None, None, None, None
 
 
-def masked_batch_norm(bn, x, mask, time_dim=2):
+def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
     """bn(x) whose training statistics come from real time steps only.
 
     bn: an nn.BatchNorm1d/2d/3d; x [B, C, ...] with T at time_dim; mask [B, T] bool (True = real,
     real steps first) or None (nothing is padded). In training mode with a mask, the real time
-    steps of all samples are packed side by side ([1, C, ..n.., ...]) and bn's own batch_norm runs
-    on them (PyTorch's fused kernels: batch statistics, gradients, and the running mean and
-    unbiased variance updated with bn.momentum, exactly as bn on the real positions alone); the
-    result is unpacked with zeros at padded steps. So padding, whatever it holds, changes neither
-    the output at real positions, nor the gradients, nor the running statistics. In eval mode, or
-    with mask None, this is bn(x) itself (cuDNN's kernel on CUDA). Parameters and buffers are
-    bn's own, so state dicts are unchanged. One host sync (the real lengths); on the meta device
-    (shapes and FLOP counts only) bn(x)."""
+    steps of all samples are packed together and bn's own batch_norm runs on them (PyTorch's fused
+    kernels: batch statistics, gradients, and the running mean and unbiased variance updated with
+    bn.momentum, exactly as bn on the real positions alone); the result is unpacked with zeros at
+    padded steps. So padding, whatever it holds, changes neither the output at real positions, nor
+    the gradients, nor the running statistics. In eval mode, or with mask None, this is bn(x)
+    itself (cuDNN's kernel on CUDA). Parameters and buffers are bn's own, so state dicts are
+    unchanged. pack: "slices" (per-sample slices into [1, C, ..n.., ...], the faster on the CPU),
+    "index" (boolean indexing into [n, C, ...]: one kernel each way, for CUDA) or "auto" (index on
+    CUDA). One host sync (the real count); on the meta device (shapes and FLOPs only) bn(x)."""
     if mask is None or not bn.training or mask.is_meta:
         return bn(x)
-    lengths = mask.sum(1).tolist()                                     # real steps per sample
     if bn.track_running_stats:  # as nn.BatchNorm's forward: count the batch, momentum None = average
         bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    packed = PackTime.apply(x, lengths, time_dim)                      # [1, C, ..n.., ...]
-    normalised = F.batch_norm(packed, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
+
+    def norm(packed):
+        return F.batch_norm(packed, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
+
+    if pack == "index" or (pack == "auto" and x.is_cuda):
+        moved = x.movedim(time_dim, 1)                                 # [B, T, C, ...], a view
+        out = torch.zeros_like(moved)
+        out[mask] = norm(moved[mask])                                  # [n, C, ...]
+        return out.movedim(1, time_dim)
+    lengths = mask.sum(1).tolist()                                     # real steps per sample
     memory_format = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
-    return UnpackTime.apply(normalised, lengths, x.shape, memory_format, time_dim)
+    packed = PackTime.apply(x, lengths, time_dim)                      # [1, C, ..n.., ...]
+    return UnpackTime.apply(norm(packed), lengths, x.shape, memory_format, time_dim)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -444,6 +444,37 @@ def assert_same_training_step(a, b, tolerance=1e-7):
         assert relative_error(buffers_a[name], buffers_b[name]) < tolerance, name
 
 
+@pytest.mark.parametrize("dims, time_dim", [((3, 5, 6, 4, 4), 2), ((3, 5, 4, 6), 3), ((3, 5, 6), 2)])
+def test_masked_batch_norm_packs_by_slices_and_by_index_alike(dims, time_dim):
+    """The CPU packing (per-sample slices) and the CUDA one (boolean indexing), run here on the CPU
+    in float64: the same outputs, gradients and running statistics as BatchNorm on real steps."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(dims, generator=g, dtype=torch.float64) * 3 + 1
+    lengths = [2, 6, 1]
+    mask = torch.arange(dims[time_dim])[None, :] < torch.tensor(lengths)[:, None]
+    bn = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(dims)](dims[1]).double()
+    randomize_(bn, seed=16).train()
+    results = []
+    for pack in ("slices", "index"):
+        norm, inputs = copy.deepcopy(bn), x.clone().requires_grad_()
+        out = M.masked_batch_norm(norm, inputs, mask, time_dim, pack=pack)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(17), dtype=out.dtype))
+        results.append((out, inputs.grad, norm.weight.grad, norm.running_var, norm.num_batches_tracked))
+        # padded steps: output zero, no gradient
+        padded = ~mask.reshape([3] + [1] * (time_dim - 1) + [dims[time_dim]] + [1] * (len(dims) - time_dim - 1))
+        assert (out.masked_select(padded.expand_as(out)) == 0).all()
+        assert (inputs.grad.masked_select(padded.expand_as(out)) == 0).all()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # against nn.BatchNorm on the real steps alone, gathered by hand
+    reference = copy.deepcopy(bn)
+    real = torch.cat([x[b].narrow(time_dim - 1, 0, k) for b, k in enumerate(lengths)], dim=time_dim - 1)[None]
+    expected = reference(real)
+    got = torch.cat([results[0][0][b].narrow(time_dim - 1, 0, k) for b, k in enumerate(lengths)], dim=time_dim - 1)
+    torch.testing.assert_close(got[None], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][3], reference.running_var, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size", ["tiny", "small", "r50"])
 @pytest.mark.parametrize("lengths, T1, T2", [([1, 6, 13], 16, 21), ([30, 31, 33], 33, 40)])
 def test_slowfast_padding_changes_nothing_in_training(size, lengths, T1, T2):
