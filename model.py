@@ -149,7 +149,8 @@ def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
     itself (cuDNN's kernel on CUDA). Parameters and buffers are bn's own, so state dicts are
     unchanged. pack: "slices" (per-sample slices into [1, C, ..n.., ...], the faster on the CPU),
     "index" (boolean indexing into [n, C, ...]: one kernel each way, for CUDA) or "auto" (index on
-    CUDA). One host sync (the real count); on the meta device (shapes and FLOPs only) bn(x)."""
+    CUDA). Host syncs: the real lengths (slices) or the mask's nonzero (index). On the meta
+    device (shapes and FLOPs only) bn(x)."""
     if mask is None or not bn.training or mask.is_meta:
         return bn(x)
     if bn.track_running_stats:  # as nn.BatchNorm's forward: count the batch, momentum None = average
