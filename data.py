@@ -85,14 +85,56 @@ class Utterance:
     label: int = -1    # --dataset csv: index into the class list (emotion and sentiment are then -1)
 
 
+def _utf16_codec(raw):
+    """The codec of a UTF-16 file (a spreadsheet's "Unicode text"), else None. Without a BOM it is told
+    by its zero bytes: ASCII in UTF-16 LE is "S\0r\0", in BE "\0S\0r"; UTF-8 and cp1252 CSVs have none."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"  # reads the BOM for the byte order and drops it
+    head = raw[:4096]
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if odd > len(head) // 8 and even * 4 < odd:
+        return "utf-16-le"
+    if even > len(head) // 8 and odd * 4 < even:
+        return "utf-16-be"
+    return None
+
+
 def read_text(path):
-    """Decode a CSV file from UTF-8 (with or without BOM), or the cp1252/latin-1 copies of MELD.Raw."""
+    """Decode a CSV file (a MELD annotation CSV or a user's manifest) to str, line endings kept.
+
+    Accepted: UTF-16 LE or BE, with or without BOM; otherwise line by line, each line UTF-8 (a UTF-8
+    BOM at the start is dropped) or, where it is not valid UTF-8, cp1252: MELD.Raw's own CSVs are
+    cp1252, and a UTF-8 file with one row typed in an old editor keeps its UTF-8 rows intact.
+    Raises a one-line ValueError naming the file for a line that is neither UTF-8 nor cp1252 (with its
+    1-based line number and the byte), for broken UTF-16, and for NUL characters (UTF-32, binary files).
+    """
+    # Not chardet/charset-normalizer: they guess one encoding per file, which mangles mixed files.
     raw = Path(path).read_bytes()
-    for encoding in ("utf-8-sig", "cp1252", "latin-1"):  # latin-1 decodes any byte string
+    codec = _utf16_codec(raw)
+    if codec:
         try:
-            return raw.decode(encoding)
-        except UnicodeDecodeError:
-            continue
+            text = raw.decode(codec)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: looks like {codec.upper()} but is not ({e.reason} at byte {e.start}); "
+                             f"save the file as UTF-8") from None
+    else:
+        lines = raw.removeprefix(b"\xef\xbb\xbf").splitlines(keepends=True)  # \r, \n, \r\n: never in a character
+        text = "".join(_decode_line(path, n, line) for n, line in enumerate(lines, start=1))
+    if "\0" in text:
+        raise ValueError(f"{path}: contains NUL characters (UTF-32, or not a text file?); save the file as UTF-8")
+    return text
+
+
+def _decode_line(path, n, line):
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return line.decode("cp1252")
+    except UnicodeDecodeError as e:  # cp1252 leaves 0x81, 0x8D, 0x8F, 0x90, 0x9D undefined
+        raise ValueError(f"{path}, line {n}: neither UTF-8 nor cp1252 (byte 0x{line[e.start]:02X} at column "
+                         f"{e.start + 1}); save the file as UTF-8") from None
 
 
 def read_meld_csv(path, split):
