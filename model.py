@@ -47,9 +47,12 @@ audio.encoder, ... (hf); fusion; heads.
 """
 
 import importlib
+import math
 import os
+import pickletools
 import socket
 import urllib.parse
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -644,9 +647,9 @@ KINETICS_HEAD_PREFIXES = ("blocks.6.", "head.")   # the 400-class heads, which w
 def convert_slowfast_state_dict(state, depths, own_state):
     """Map a pytorchvideo or PySlowFast SlowFast state dict onto our names, strictly.
 
-    Every backbone tensor must be there (num_batches_tracked may be absent: older checkpoints
-    lack it, and it is then taken from own_state) and nothing but the 400-class head may be
-    left over. Returns a state dict for SlowFast.load_state_dict(strict=True)."""
+    Every backbone tensor must be there with our shape (num_batches_tracked may be absent: older
+    checkpoints lack it, and it is then taken from own_state) and nothing but the 400-class head
+    may be left over. Returns a state dict for SlowFast.load_state_dict(strict=True)."""
     key_map = slowfast_key_map(depths)
     style = 0 if any(k.startswith("blocks.") for k in state) else 1    # 0 pytorchvideo, 1 PySlowFast
     theirs_to_ours = {names[style]: ours for ours, names in key_map.items()}
@@ -654,19 +657,105 @@ def convert_slowfast_state_dict(state, depths, own_state):
                if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state
                   if k not in theirs_to_ours and not k.startswith(KINETICS_HEAD_PREFIXES)]
-    if missing or unexpected:
-        raise ValueError(f"not a SlowFast-R50 state dict: {len(missing)} missing keys "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    reshaped = [f"{k} {tuple(state[k].shape)} instead of {tuple(own_state[ours].shape)}"
+                for k, ours in theirs_to_ours.items()
+                if k in state and state[k].shape != own_state[ours].shape]
+    problems = {"missing keys": missing, "unexpected keys": unexpected, "of another shape": reshaped}
+    if any(problems.values()):
+        raise ValueError("not a SlowFast-R50 state dict: " + ", ".join(
+            f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})" for what, keys in problems.items() if keys))
     return {ours: state.get(theirs, own_state[ours]) for theirs, ours in theirs_to_ours.items()}
 
 
+CHECKPOINT_WRAPPERS = ("model_state", "state_dict", "model", "module")
+STATE_DICT_PREFIXES = ("module.", "model.", "_orig_mod.")    # DDP, Lightning, torch.compile
+
+
+def unwrap_state_dict(checkpoint):
+    """The tensors of a checkpoint, without its wrappers and key prefixes ({} if there are none).
+
+    Wrappers, top-level dict keys, nested in any order: model_state (PySlowFast and pytorchvideo
+    hub .pyth), state_dict (PyTorch Lightning .ckpt), model, module. Key prefixes, repeated or
+    combined: module. (DDP), model. (Lightning), _orig_mod. (torch.compile); one is removed only
+    when every key has it. Values that are not tensors (epoch, optimizer state, ...) are dropped."""
+    while isinstance(checkpoint, dict):
+        wrapper = next((w for w in CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(w), dict)), None)
+        if wrapper is None:
+            break
+        checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, dict):
+        return {}
+    state = {k: v for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    while state:
+        prefix = next((p for p in STATE_DICT_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def is_caffe2_pickle(path):
+    """Whether path is a plain pickle (not torch.save's zip) of a dict with a "blobs" key: the
+    Caffe2 / Detectron .pkl layout {"blobs": {name: numpy array}, ...} of the PySlowFast model
+    zoo. Reads pickle opcodes only (pickletools), never unpickles."""
+    if zipfile.is_zipfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) not in (b"\x80", b"(", b"}"):     # PROTO (protocol 2+), MARK, EMPTY_DICT
+                return False
+            f.seek(0)
+            for opcode, arg, _ in pickletools.genops(f):
+                if arg in ("blobs", b"blobs"):
+                    return True
+                if opcode.name == "STOP":
+                    return False
+    except Exception:                                       # not a pickle after all
+        return False
+    return False
+
+
+TORCH_LOAD_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation")
+
+
+def load_error_reason(e):
+    """One line from a torch.load error: the first sentence of its first line that is not torch's
+    generic weights_only advice (for a pickled object, the unpickler's reason)."""
+    lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    reasons = [line for line in lines if not line.startswith(TORCH_LOAD_ADVICE)] or lines
+    return f"{type(e).__name__}: {reasons[0].split('. ')[0]}" if reasons else type(e).__name__
+
+
 def load_kinetics_checkpoint(path, depths, own_state):
-    """Read a Kinetics-400 SlowFast checkpoint ({"model_state": ...} or a bare state dict)."""
+    """Read a Kinetics-400 SlowFast-R50 checkpoint -> a state dict for SlowFast (strict).
+
+    Accepted: a torch.save file holding a pytorchvideo (blocks.*) or PySlowFast (s1.*, ...)
+    state dict, bare or inside the wrappers and key prefixes of unwrap_state_dict: PySlowFast and
+    pytorchvideo hub .pyth, Lightning .ckpt, DDP, torch.compile. Loaded with weights_only=True
+    only. Everything else is a one-line ValueError that names the file: a Caffe2 .pkl, a file
+    torch.load cannot read that way (corrupt, truncated, pickled objects), a state dict that is
+    not SlowFast-R50. A missing file is a FileNotFoundError."""
+    flag = f"--video-init kinetics:{path}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--video-init kinetics:{path}: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model_state", checkpoint)
-    return convert_slowfast_state_dict(state, depths, own_state)
+        raise FileNotFoundError(f"{flag}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if is_caffe2_pickle(path):
+            raise ValueError(f"{flag}: a Caffe2 pickle ({{'blobs': numpy arrays}}), which is not "
+                             "supported; pass the PyTorch .pyth checkpoint of the same model from "
+                             "the PySlowFast or pytorchvideo model zoo") from None
+        raise ValueError(f"{flag}: not a plain-tensor PyTorch checkpoint (torch.load with "
+                         f"weights_only=True failed: {load_error_reason(e)})") from None
+    state = unwrap_state_dict(checkpoint)
+    if not state:
+        top = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{flag}: holds no state dict of tensors (top level: {top})")
+    try:
+        return convert_slowfast_state_dict(state, depths, own_state)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
