@@ -354,6 +354,8 @@ def get_args_parser():
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     bench.add_argument("--clips", type=int, default=16, help="synthetic clips to prepare")
+    bench.add_argument("--meld-root", default=None,
+                       help="prepare and load the train split of this MELD.Raw-layout folder instead of synthetic clips")
     bench.add_argument("--width", type=int, default=1280, help="source width (MELD: 1280)")
     bench.add_argument("--height", type=int, default=720, help="source height (MELD: 720)")
     bench.add_argument("--seconds", type=float, default=3.6, help="clip length (MELD mean: about 3.6 s)")
@@ -402,13 +404,17 @@ def main():
     results, extra = [], {}
 
     if "prepare" in sections or "loader" in sections:
-        root = work / "raw"
-        shutil.rmtree(root, ignore_errors=True)
-        start = time.perf_counter()
-        data.synth(root, sizes=(args.clips + 2, 1, 1), seed=0, width=args.width, height=args.height, fps=24,
-                   min_seconds=args.seconds, max_seconds=args.seconds, workers=os.cpu_count() or 1)
-        print(f"synth: {args.clips + 2} train clips of {args.width}x{args.height}, {args.seconds} s, "
-              f"in {time.perf_counter() - start:.1f} s")
+        if args.meld_root:
+            root = Path(args.meld_root)
+            print(f"clips: the train split of {root}")
+        else:
+            root = work / "raw"
+            shutil.rmtree(root, ignore_errors=True)
+            start = time.perf_counter()
+            data.synth(root, sizes=(args.clips + 2, 1, 1), seed=0, width=args.width, height=args.height, fps=24,
+                       min_seconds=args.seconds, max_seconds=args.seconds, workers=os.cpu_count() or 1)
+            print(f"synth: {args.clips + 2} train clips of {args.width}x{args.height}, {args.seconds} s, "
+                  f"in {time.perf_counter() - start:.1f} s")
         rows, cache = bench_prepare(root, work, args)
         print(f"\nprepare (cache: {rows[0]['cache_kb_per_clip']} KiB per clip at {args.fps:g} fps, "
               f"short side {args.short_side})")

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -192,6 +193,7 @@ def available_splits(root, dataset="meld"):
 
 CLIP_COLUMNS = ("id", "path", "label", "text", "group")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EXIF_ORIENTATION = 0x0112   # the EXIF tag: 1 upright … 8, mirrored and/or turned (TIFF 6.0 / Exif 2.3)
 
 
 def read_manifest_csv(path):
@@ -480,7 +482,14 @@ def extract_clip(src, dst, settings, threads=0):
     """Decode src (mp4) into the folder dst: 000000.jpg … at settings.fps and short side, audio.npy
     (int16, 16 kHz mono). Memory stays bounded: frames are resized and written as they are decoded,
     and decoding stops at settings.max_seconds. threads: decoder threads (0 = one per core).
-    Returns the manifest fields; raises on failure."""
+
+    Frames are stored as a player shows them: non-square pixels are stretched to the display
+    aspect ratio (width × sample aspect ratio) and the track's display rotation is applied (any
+    multiple of 90°, FFmpeg's display matrix as PyAV's `VideoFrame.rotation` reads it,
+    counter-clockwise degrees). The manifest fields `rotation` (degrees applied, counter-clockwise)
+    and `sample_aspect_ratio` ("num:den") record what was done. Returns the manifest fields;
+    raises ValueError (no stream, no frame, a rotation that is not a multiple of 90°) or
+    av.FFmpegError (undecodable data)."""
     dst = Path(dst)
     dst.mkdir(parents=True)
     if Path(src).suffix.lower() in IMAGE_SUFFIXES:
@@ -498,7 +507,7 @@ def extract_clip(src, dst, settings, threads=0):
             s.codec_context.thread_count = threads
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE) if astream else None
         src_fps = float(vstream.average_rate or 25) if vstream else 25.0
-        next_k, t0, size, done = 0, None, None, set()
+        next_k, t0, size, turns, sar, done = 0, None, None, 0, 1, set()
         for packet in container.demux(streams):
             stream = packet.stream
             if stream in done:
@@ -514,10 +523,12 @@ def extract_clip(src, dst, settings, threads=0):
                     if not ks:
                         continue
                     if size is None:
-                        scale = min(1.0, settings.short_side / min(frame.width, frame.height))
-                        size = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
+                        sar = vstream.codec_context.sample_aspect_ratio or vstream.sample_aspect_ratio or 1
+                        size, turns = display_geometry(frame.width, frame.height, sar, frame.rotation,
+                                                       settings.short_side)
                     rgb = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
-                    jpeg = encode_jpeg(torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1),
+                    image = torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1)           # [3, h, w] uint8
+                    jpeg = encode_jpeg(torch.rot90(image, turns, dims=(1, 2)).contiguous(),
                                        quality=settings.jpeg_quality).numpy().tobytes()
                     for k in ks:
                         (dst / f"{k:06d}.jpg").write_bytes(jpeg)
@@ -551,17 +562,37 @@ def extract_clip(src, dst, settings, threads=0):
     truncated = source_seconds > settings.max_seconds + 0.5
     if truncated:
         reasons.append(f"too long: kept the first {settings.max_seconds:g} of {source_seconds:.1f} s")
+    width, height = (size[::-1] if turns % 2 else size) if size else (0, 0)     # as stored, after rotation
     return dict(status="ok", reason="; ".join(reasons), frames=frames_written, fps=settings.fps,
-                source_fps=round(src_fps, 3) if vstream else 0, width=size[0] if size else 0, height=size[1] if size else 0,
+                source_fps=round(src_fps, 3) if vstream else 0, width=width, height=height,
+                rotation=90 * turns if size else 0,
+                sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}" if size else "1:1",
                 seconds=round(kept, 3), source_seconds=round(source_seconds, 3), truncated=truncated,
                 audio_samples=int(len(audio)))
 
 
+def display_geometry(width, height, sample_aspect_ratio, rotation, short_side):
+    """Size to resize a decoded frame to, and the counter-clockwise quarter turns that then show it
+    upright: (w, h) = the display size (width × sample aspect ratio, height) shrunk so that
+    min(w, h) <= short_side (never enlarged); turns = rotation / 90 mod 4. rotation: degrees,
+    counter-clockwise (PyAV's `VideoFrame.rotation`); not a multiple of 90 is a ValueError."""
+    if rotation % 90:
+        raise ValueError(f"display rotation of {rotation}° is not a multiple of 90°")
+    display_width = width * float(sample_aspect_ratio)
+    scale = min(1.0, short_side / min(display_width, height))
+    return (max(1, round(display_width * scale)), max(1, round(height * scale))), round(rotation / 90) % 4
+
+
 def extract_image(src, dst, settings):
-    """An image -> dst/000000.jpg at the cache's short side (never enlarged): a one-frame clip."""
+    """An image -> dst/000000.jpg at the cache's short side (never enlarged): a one-frame clip,
+    turned upright by its EXIF orientation (1–8, JPEG and PNG), which the manifest field
+    `exif_orientation` records (1 = none or absent)."""
     try:
-        image = decode_image(read_file(str(src)), mode=ImageReadMode.RGB)           # [3, h, w] uint8
-    except RuntimeError as e:
+        image = decode_image(read_file(str(src)), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)                             # [3, h, w] uint8
+        with PIL.Image.open(src) as header:                                       # reads the header only
+            orientation = int(header.getexif().get(EXIF_ORIENTATION, 1))
+    except (RuntimeError, PIL.UnidentifiedImageError) as e:
         raise ValueError(f"not a readable image ({str(e).strip().splitlines()[0]})") from None
     h, w = image.shape[1:]
     scale = min(1.0, settings.short_side / min(h, w))
@@ -570,7 +601,8 @@ def extract_image(src, dst, settings):
         image = TF.resize(image, list(size), antialias=True)
     (dst / "000000.jpg").write_bytes(encode_jpeg(image, quality=settings.jpeg_quality).numpy().tobytes())
     return dict(status="ok", reason="no audio stream", frames=1, fps=settings.fps, source_fps=0, width=size[1],
-                height=size[0], seconds=0.0, source_seconds=0.0, truncated=False, audio_samples=0)
+                height=size[0], exif_orientation=orientation, seconds=0.0, source_seconds=0.0, truncated=False,
+                audio_samples=0)
 
 
 def _prepare_one(task):
@@ -848,7 +880,8 @@ class MELDDataset(Dataset):
 
     Clips are excluded, and counted in self.excluded by reason, when their extraction failed or when
     they lack a selected modality (for example the video-only clip with no audio stream is used when
-    audio is not selected, and excluded when it is). Nothing is ever replaced by a blank.
+    audio is not selected, and excluded when it is; a row whose utterance is empty or whitespace is
+    excluded as "no text" when text is selected). Nothing is ever replaced by a blank.
     """
 
     def __init__(self, root, split, modalities=("video", "audio", "text"), tokenizer=None, train=False,
@@ -914,6 +947,11 @@ class MELDDataset(Dataset):
             all_rows, rows = rows, kept
         else:
             all_rows = rows
+        if "text" in self.modalities:  # an empty transcript would train on [CLS] [SEP] alone
+            kept = [r for r in rows if r.text.strip()]
+            if len(kept) < len(rows):
+                self.excluded["no text"] += len(rows) - len(kept)
+            rows = kept
         self.rows = rows
 
         if "text" in self.modalities:
@@ -922,7 +960,8 @@ class MELDDataset(Dataset):
             self.pad_token_id = tokenizer.pad_token_id
             history = collections.defaultdict(dict)  # context comes from the CSV, whatever the clips
             for r in all_rows:
-                history[r.dialogue][r.index] = f"{r.speaker}: {r.text}"
+                if r.text.strip():
+                    history[r.dialogue][r.index] = f"{r.speaker}: {r.text}"
             self.tokens = [self.tokenize(r.text, [history[r.dialogue][i] for i in range(r.index - context, r.index)
                                                   if i in history[r.dialogue]])
                            for r in rows]
@@ -988,8 +1027,10 @@ class MELDDataset(Dataset):
         return transform_video(frames, self.crop_size, generator, self.hflip)    # [3, t, crop, crop]
 
     def load_audio(self, folder, generator=None):
-        """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A <= max_audio_frames
-        (a random window in training, the centre in evaluation), SpecAugment in training; or with
+        """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A = 1 + samples // 160
+        up to max_audio_frames (a random window in training, the centre in evaluation; a clip of
+        at most 200 samples, 12.5 ms, too short for the STFT's reflect padding, is zero-padded
+        past its end instead), SpecAugment in training; or with
         audio_input="waveform" the samples in [-1, 1] as [1, S], S <= max_audio_samples, windowed
         the same way, without SpecAugment (speech models mask their own features in training).
         Evaluation takes the window of view self.view of self.num_views, as load_video does."""
@@ -1000,7 +1041,10 @@ class MELDDataset(Dataset):
             wave = wave[start:start + self.max_audio_samples]
             return torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)[None]      # [1, S]
         wave = torch.from_numpy(np.asarray(wave, dtype=np.float32) / 32768.0)
-        logmel = torch.log(self.melspec(wave) + 1e-6)                 # [n_mels, A]
+        frames = 1 + len(wave) // MEL_HOP                            # what a centred STFT gives
+        if len(wave) <= MEL_WINDOW // 2:    # too short for the STFT's reflect padding: zeros after it
+            wave = F.pad(wave, (0, MEL_WINDOW // 2 + 1 - len(wave)))
+        logmel = torch.log(self.melspec(wave)[:, :frames] + 1e-6)     # [n_mels, A]
         if logmel.shape[1] > self.max_audio_frames:
             extra = logmel.shape[1] - self.max_audio_frames
             start = window_start(extra, generator, self.view, self.num_views)
@@ -1177,6 +1221,13 @@ def main(argv=None):
     p.add_argument("--jpeg-quality", type=int, default=PrepareSettings.jpeg_quality, help="JPEG quality 1-100")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="parallel processes")
     args = parser.parse_args(argv)
+    try:  # a bad CSV: one line that names the file and row, not a traceback
+        run_command(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_command(args):
     if args.command == "synth":
         sizes = tuple(int(x) for x in args.sizes.split(","))
         counts = synth(args.out, sizes, args.seed, args.width, args.height, args.fps, args.min_seconds,

@@ -268,7 +268,10 @@ def evaluate_main(argv):
     args = parser.parse_args(argv)
     device = device_from(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
-    dataset = dataset_for(checkpoint, args.data, args.split)
+    try:  # a bad CSV or cache: one line that names the file, not a traceback
+        dataset = dataset_for(checkpoint, args.data, args.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(dataset.summary())
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +311,10 @@ def predict_main(argv):
     if "text" in modalities and len(args.text) != count:
         raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per clip "
                          f"({count} clip(s), {len(args.text)} text(s) given)")
+    empty = [i + 1 for i, text in enumerate(args.text) if not text.strip()] if "text" in modalities else []
+    if empty:
+        raise SystemExit(f"--text: utterance {empty[0]} is empty, and this model reads text; give what is said in "
+                         "each clip")
     dataset = dataset_for(checkpoint, ".", None)
     settings = data.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
                                        if k in data.PrepareSettings.__dataclass_fields__})

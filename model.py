@@ -1073,7 +1073,10 @@ class SpeechEncoder(nn.Module):
 
     forward(wave float [B, 1, S] in [-1, 1], mask bool [B, S] (real samples first)) -> [B, D].
     A sample with no real sample runs as a zero clip and gives zeros; so does a clip shorter
-    than the convolutional receptive field (25 ms for wav2vec2)."""
+    than the convolutional receptive field (400 samples, 25 ms, for wav2vec2). A batch whose
+    padded length S is shorter than the receptive field is zero-padded to it; in training, to
+    the mask_time_length output frames (10 for wav2vec2: 3,280 samples) that the model's own
+    SpecAugment needs when it is on (mask_time_prob > 0)."""
 
     def __init__(self, name_or_path, load_pretrained=True):
         super().__init__()
@@ -1083,9 +1086,20 @@ class SpeechEncoder(nn.Module):
                              "a wav2vec2-style speech encoder (wav2vec2, HuBERT, WavLM)")
         self.use_attention_mask = getattr(self.model.config, "feat_extract_norm", None) == "layer"
         self.out_channels = self.model.config.hidden_size
+        config = self.model.config
+        self.receptive_field = 1                           # samples that make one output frame
+        for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
+            self.receptive_field = (self.receptive_field - 1) * stride + kernel
+        masks_time = getattr(config, "apply_spec_augment", False) and getattr(config, "mask_time_prob", 0) > 0
+        frames = getattr(config, "mask_time_length", 1) if masks_time else 1   # in training
+        self.min_train_samples = self.receptive_field + math.prod(config.conv_stride) * (frames - 1)
 
     def forward(self, wave, mask):
         mask = mask.bool()
+        shortest = self.min_train_samples if self.training else self.receptive_field
+        if wave.shape[-1] < shortest:   # the convolutions (and the time masks) need this many
+            wave = F.pad(wave, (0, shortest - wave.shape[-1]))
+            mask = F.pad(mask, (0, shortest - mask.shape[-1]))
         x = mask_time(wave[:, 0], mask, time_dim=1)                     # [B, S]
         count = mask.sum(1, keepdim=True).clamp(min=1)                  # [B, 1]
         mean = x.sum(1, keepdim=True) / count

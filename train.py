@@ -149,6 +149,10 @@ def parse_args(argv=None):
     if "--demo" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.batch_size < 2:  # per process, every micro-batch: drop_last never leaves a smaller one
+        raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 clips per micro-batch in "
+                         "training; to fit memory, use --batch-size 2 and raise --accum-steps "
+                         "(clips per optimizer step = batch size x accum steps x processes)")
     args.modalities = tuple(m for m in model_lib.MODALITIES if m in args.modalities.split(","))
     args.audio_channels = [int(c) for c in str(args.audio_channels).split(",")]
     return args
@@ -258,6 +262,11 @@ def build_loaders(args, tokenizer, rank, world):
         ds = data.dataset_from_args(vars(args), args.data, split, tokenizer, train=split == "train")
         if rank == 0:
             print(ds.summary())
+        if len(ds) == 0:
+            if split == "test":
+                print("test: no usable clip: not evaluated") if rank == 0 else None
+                continue
+            raise SystemExit(f"{args.data}: the {split} split has no usable clip ({ds.summary()})")
         loaders[split] = data.make_loader(
             ds, args.batch_size if split == "train" else args.eval_batch_size, train=split == "train",
             workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank)
@@ -571,19 +580,22 @@ def main(argv=None):
                 dist.destroy_process_group()
             return json.loads((out / "test_metrics.json").read_text())
 
-    tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
-    loaders = build_loaders(args, tokenizer, rank, world)
-    train_set = loaders["train"].dataset
+    try:  # bad data or a bad pretrained file: one line that names the file, not a traceback
+        tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
+        loaders = build_loaders(args, tokenizer, rank, world)
+        train_set = loaders["train"].dataset
+        raw_model = model_lib.EmotionModel(
+            modalities=args.modalities, video_arch=args.video_arch, video_size=args.video_size,
+            video_init=args.video_init, audio_encoder=args.audio_encoder,
+            text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
+            audio_channels=args.audio_channels, fusion=args.fusion,
+            fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
+            tasks=[(task, len(names)) for task, names in train_set.tasks],
+            load_pretrained=checkpoint is None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     prepare_json = Path(args.data) / "prepare.json"  # how the clips were decoded, for evaluate.py predict
     prepare_settings = json.loads(prepare_json.read_text()) if prepare_json.exists() else None
-    raw_model = model_lib.EmotionModel(
-        modalities=args.modalities, video_arch=args.video_arch, video_size=args.video_size, video_init=args.video_init,
-        audio_encoder=args.audio_encoder,
-        text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
-        audio_channels=args.audio_channels, fusion=args.fusion,
-        fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
-        tasks=[(task, len(names)) for task, names in train_set.tasks],
-        load_pretrained=checkpoint is None)
     raw_model = model_lib.place(raw_model, device)
 
     schedule, skipped_stages = fit_schedule(raw_model, parse_unfreeze(args.unfreeze))

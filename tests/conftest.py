@@ -60,3 +60,16 @@ def tiny_bert(tmp_path_factory, tokenizer):
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def run(cache, tiny_bert, tmp_path_factory):
+    """A short training run (in this process) on the synth cache, all three modalities: its folder
+    holds best.pt, the logs and the reports."""
+    import train
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--data", str(cache), "--out", str(out), "--video-size", "tiny", "--video-init", "random",
+                "--text-model", tiny_bert, "--num-frames", "8", "--crop-size", "32", "--audio-channels", "4,8,8,8",
+                "--fusion-dim", "32", "--batch-size", "4", "--accum-steps", "1", "--epochs", "2", "--min-epochs", "2",
+                "--workers", "0", "--device", "cpu", "--unfreeze", ""])
+    return out

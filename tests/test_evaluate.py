@@ -12,7 +12,6 @@ from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, 
 
 import data
 import evaluate
-import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,17 +20,6 @@ def assert_png(path):
     assert path.read_bytes()[:8] == PNG, path
     height, width, _ = matplotlib.image.imread(path).shape
     assert height > 200 and width > 300
-
-
-@pytest.fixture(scope="module")
-def run(cache, tiny_bert, tmp_path_factory):
-    """A short training run (in this process) on the synth cache: its folder holds best.pt etc."""
-    out = tmp_path_factory.mktemp("run")
-    train.main(["--data", str(cache), "--out", str(out), "--video-size", "tiny", "--video-init", "random",
-                "--text-model", tiny_bert, "--num-frames", "8", "--crop-size", "32", "--audio-channels", "4,8,8,8",
-                "--fusion-dim", "32", "--batch-size", "4", "--accum-steps", "1", "--epochs", "2", "--min-epochs", "2",
-                "--workers", "0", "--device", "cpu", "--unfreeze", ""])
-    return out
 
 
 def test_metrics_agree_with_scikit_learn_on_random_predictions():
