@@ -28,6 +28,8 @@ A modality that is not selected is absent from the batch and is never read from 
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import csv
 import ctypes
 import functools
@@ -138,6 +140,15 @@ def _decode_line(path, n, line):
                          f"{e.start + 1}); save the file as UTF-8") from None
 
 
+def csv_reader(path):
+    """csv.DictReader over read_text(path) with the delimiter its header line uses: comma, tab (a
+    spreadsheet's "Unicode text" export) or semicolon (spreadsheets where the decimal mark is a
+    comma). Not csv.Sniffer: it guesses from whole rows, and MELD's utterances are full of commas."""
+    text = read_text(path)
+    delimiter = max(",\t;", key=text.split("\n", 1)[0].count)
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+
+
 def read_meld_csv(path, split):
     """Parse one MELD annotation CSV into a list of Utterance, in file order.
 
@@ -145,13 +156,15 @@ def read_meld_csv(path, split):
     an unknown label, a missing column or a non-integer id is a ValueError naming the file and row.
     """
     path = Path(path)
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    reader = csv_reader(path)
     missing = [c for c in ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID")
                if c not in (reader.fieldnames or [])]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
     rows, seen = [], set()
     for line, row in enumerate(reader, start=2):  # line 1 is the header
+        if not any((v or "").strip() for v in row.values()):
+            continue                                 # a spreadsheet's trailing row of empty cells
         where = f"{path}, row {line}"
         emotion, sentiment = row["Emotion"].strip().lower(), row["Sentiment"].strip().lower()
         if emotion not in EMOTIONS:
@@ -201,7 +214,7 @@ def read_manifest_csv(path):
     -> list of dicts with those five keys, paths resolved against the CSV's folder. A missing column,
     an empty path or label, or a split other than train/dev/test is a ValueError naming the row."""
     path = Path(path)
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    reader = csv_reader(path)
     fields = [f.strip().lower() for f in reader.fieldnames or []]
     missing = [c for c in ("path", "label") if c not in fields]
     if missing:
@@ -209,12 +222,14 @@ def read_manifest_csv(path):
     rows = []
     for line, raw in enumerate(reader, start=2):
         row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if not any(row.values()):
+            continue                                 # a spreadsheet's trailing row of empty cells
         if not row["path"] or not row["label"]:
             raise ValueError(f"{path}, row {line}: empty path or label")
         split = row.get("split", "")
         if split and split not in SPLITS:
             raise ValueError(f"{path}, row {line}: split {split!r} is not one of {SPLITS}")
-        rows.append(dict(path=str((path.parent / row["path"]).resolve()), label=row["label"],
+        rows.append(dict(path=os.path.abspath(path.parent / row["path"]), label=row["label"],  # links kept
                          text=row.get("text", ""), split=split, group=row.get("group", "")))
     if not rows:
         raise ValueError(f"{path}: no rows")
@@ -484,12 +499,12 @@ def extract_clip(src, dst, settings, threads=0):
     and decoding stops at settings.max_seconds. threads: decoder threads (0 = one per core).
 
     Frames are stored as a player shows them: non-square pixels are stretched to the display
-    aspect ratio (width × sample aspect ratio) and the track's display rotation is applied (any
-    multiple of 90°, FFmpeg's display matrix as PyAV's `VideoFrame.rotation` reads it,
-    counter-clockwise degrees). The manifest fields `rotation` (degrees applied, counter-clockwise)
-    and `sample_aspect_ratio` ("num:den") record what was done. Returns the manifest fields;
-    raises ValueError (no stream, no frame, a rotation that is not a multiple of 90°) or
-    av.FFmpegError (undecodable data)."""
+    aspect ratio (width × sample aspect ratio) and the track's display matrix is applied
+    (display_orientation: a rotation by a multiple of 90°, then possibly a mirror). The manifest
+    fields `rotation` (degrees, counter-clockwise), `mirrored` and `sample_aspect_ratio`
+    ("num:den") record what was done. Returns the manifest fields; raises ValueError (no
+    stream, no frame, a rotation that is not a multiple of 90°) or av.FFmpegError (undecodable
+    data)."""
     dst = Path(dst)
     dst.mkdir(parents=True)
     if Path(src).suffix.lower() in IMAGE_SUFFIXES:
@@ -507,7 +522,7 @@ def extract_clip(src, dst, settings, threads=0):
             s.codec_context.thread_count = threads
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE) if astream else None
         src_fps = float(vstream.average_rate or 25) if vstream else 25.0
-        next_k, t0, size, turns, sar, done = 0, None, None, 0, 1, set()
+        next_k, t0, size, rotation, mirrored, sar, done = 0, None, None, 0, False, 1, set()
         for packet in container.demux(streams):
             stream = packet.stream
             if stream in done:
@@ -524,11 +539,12 @@ def extract_clip(src, dst, settings, threads=0):
                         continue
                     if size is None:
                         sar = vstream.codec_context.sample_aspect_ratio or vstream.sample_aspect_ratio or 1
-                        size, turns = display_geometry(frame.width, frame.height, sar, frame.rotation,
-                                                       settings.short_side)
+                        size = display_size(frame.width, frame.height, sar, settings.short_side)
+                        rotation, mirrored = display_orientation(frame)
                     rgb = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
                     image = torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1)           # [3, h, w] uint8
-                    jpeg = encode_jpeg(torch.rot90(image, turns, dims=(1, 2)).contiguous(),
+                    image = torch.rot90(image, rotation // 90, dims=(1, 2))               # counter-clockwise
+                    jpeg = encode_jpeg((image.flip(2) if mirrored else image).contiguous(),
                                        quality=settings.jpeg_quality).numpy().tobytes()
                     for k in ks:
                         (dst / f"{k:06d}.jpg").write_bytes(jpeg)
@@ -562,25 +578,40 @@ def extract_clip(src, dst, settings, threads=0):
     truncated = source_seconds > settings.max_seconds + 0.5
     if truncated:
         reasons.append(f"too long: kept the first {settings.max_seconds:g} of {source_seconds:.1f} s")
-    width, height = (size[::-1] if turns % 2 else size) if size else (0, 0)     # as stored, after rotation
+    width, height = (size[::-1] if rotation % 180 else size) if size else (0, 0)     # as stored
     return dict(status="ok", reason="; ".join(reasons), frames=frames_written, fps=settings.fps,
                 source_fps=round(src_fps, 3) if vstream else 0, width=width, height=height,
-                rotation=90 * turns if size else 0,
+                rotation=rotation, mirrored=mirrored,
                 sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}" if size else "1:1",
                 seconds=round(kept, 3), source_seconds=round(source_seconds, 3), truncated=truncated,
                 audio_samples=int(len(audio)))
 
 
-def display_geometry(width, height, sample_aspect_ratio, rotation, short_side):
-    """Size to resize a decoded frame to, and the counter-clockwise quarter turns that then show it
-    upright: (w, h) = the display size (width × sample aspect ratio, height) shrunk so that
-    min(w, h) <= short_side (never enlarged); turns = rotation / 90 mod 4. rotation: degrees,
-    counter-clockwise (PyAV's `VideoFrame.rotation`); not a multiple of 90 is a ValueError."""
-    if rotation % 90:
-        raise ValueError(f"display rotation of {rotation}° is not a multiple of 90°")
+def display_size(width, height, sample_aspect_ratio, short_side):
+    """(w, h) to resize a decoded width x height frame to: its display size (width × sample aspect
+    ratio, height), shrunk so that min(w, h) <= short_side (never enlarged)."""
     display_width = width * float(sample_aspect_ratio)
     scale = min(1.0, short_side / min(display_width, height))
-    return (max(1, round(display_width * scale)), max(1, round(height * scale))), round(rotation / 90) % 4
+    return max(1, round(display_width * scale)), max(1, round(height * scale))
+
+
+def display_orientation(frame):
+    """(rotation, mirrored) that show a decoded av.VideoFrame as a player does: rotate it
+    counter-clockwise by rotation degrees (0, 90, 180 or 270), then mirror it left-right if
+    mirrored. From the frame's DISPLAYMATRIX side data (FFmpeg's libavutil/display.h: 16.16
+    fixed point [a b u; c d v; x y w], a point (p, q) shown at (a·p + c·q, b·p + d·q)); none
+    means upright. A rotation that is not a multiple of 90° is a ValueError."""
+    matrix = next((bytes(d) for d in frame.side_data if d.type.name == "DISPLAYMATRIX"), None)
+    if matrix is None:
+        return 0, False
+    a, b, _, c, d = np.frombuffer(matrix, dtype=np.int32)[:5].astype(float)
+    mirrored = bool(a * d - b * c < 0)
+    if mirrored:                     # undo the mirror (it negates the first column) to read the rotation
+        a, c = -a, -c
+    angle = math.degrees(math.atan2(c, a))
+    if abs(angle - 90 * round(angle / 90)) > 1:
+        raise ValueError(f"display rotation of {angle:.0f}° is not a multiple of 90°")
+    return round(angle / 90) % 4 * 90, mirrored
 
 
 def extract_image(src, dst, settings):
@@ -594,6 +625,8 @@ def extract_image(src, dst, settings):
             orientation = int(header.getexif().get(EXIF_ORIENTATION, 1))
     except (RuntimeError, PIL.UnidentifiedImageError) as e:
         raise ValueError(f"not a readable image ({str(e).strip().splitlines()[0]})") from None
+    if image.dtype != torch.uint8:                                              # 16-bit PNG
+        image = TF.to_dtype(image, torch.uint8, scale=True)
     h, w = image.shape[1:]
     scale = min(1.0, settings.short_side / min(h, w))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -611,19 +644,31 @@ def _prepare_one(task):
     entry = dict(id=clip_id, split=clip_id.split("/")[0], file=src and str(src))
     if error:
         return entry | dict(status="error", reason=error)
+    entry["source"] = source_stamp(src)
     final = Path(out) / clip_id
     tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         info = extract_clip(src, tmp, settings, threads)
-    except (av.FFmpegError, ValueError, OSError) as e:
+    except Exception as e:  # whatever one file does, the other clips are still prepared
         shutil.rmtree(tmp, ignore_errors=True)
-        message = str(e).replace(str(src), "").strip(" :;'\"") or type(e).__name__
-        kind = "unreadable" if isinstance(e, OSError) and not isinstance(e, av.FFmpegError) else "corrupt"
+        message = str(e).replace(str(src), "").strip(" :;'\"").split("\n")[0] or type(e).__name__
+        kind = ("corrupt" if isinstance(e, (av.FFmpegError, ValueError)) else "unreadable" if isinstance(e, OSError)
+                else f"failed ({type(e).__name__})")
         return entry | dict(status="error", reason=f"{kind}: {message}")
     shutil.rmtree(final, ignore_errors=True)  # left by a run killed between rename and manifest line
     os.rename(tmp, final)
     return entry | info
+
+
+def source_stamp(src):
+    """[size in bytes, modification time in ns] of a source file (None if it is gone): a clip whose
+    source changed since it was prepared is prepared again."""
+    try:
+        stat = os.stat(src)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def read_manifest(cache):
@@ -678,16 +723,14 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
         rows = read_meld_csv(csv_path, split)
         _write_atomic(out / f"{split}_sent_emo.csv", read_text(csv_path))
         folder = meld_root / VIDEO_DIRS[split]
-        labelled = set()
+        videos = {p.name.lower(): p for p in (folder.iterdir() if folder.is_dir() else [])
+                  if p.suffix.lower() == ".mp4" and p.is_file()}                  # dia0_utt0.mp4 or .MP4
         for row in rows:
             name = row.id.split("/")[1]
-            labelled.add(f"{name}.mp4")
-            src = folder / f"{name}.mp4"
+            src = videos.pop(f"{name.lower()}.mp4", folder / f"{name}.mp4")
             tasks.append((row.id, src, out, settings, threads, None if src.is_file() else f"missing: {src} not found"))
-        for stray in sorted(folder.glob("*.mp4")) if folder.is_dir() else []:
-            if stray.name not in labelled:
-                tasks.append((f"{split}/{stray.stem}", stray, out, settings, threads,
-                              f"unlabelled: not in {csv_path.name}"))
+        for stray in sorted(videos.values()):
+            tasks.append((f"{split}/{stray.stem}", stray, out, settings, threads, f"unlabelled: not in {csv_path.name}"))
     return _run_prepare(meld_root, out, tasks, workers, progress)
 
 
@@ -699,6 +742,11 @@ def prepare_csv(csv_path, out, settings=PrepareSettings(), split_ratio=(0.8, 0.1
     out = Path(out)
     settings = _start_cache(out, settings)
     rows = assign_splits(read_manifest_csv(csv_path), split_ratio, seed)
+    train_labels = {r["label"] for r in rows if r["split"] == "train"}
+    unknown = next((r for r in rows if r["label"] not in train_labels), None)
+    if unknown:
+        raise ValueError(f"{csv_path}: label {unknown['label']!r} ({unknown['path']}) is in the {unknown['split']} "
+                         f"split but not in train, whose labels are {sorted(train_labels)} (labels are case-sensitive)")
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     tasks, seen = [], {}
     for row in rows:
@@ -718,8 +766,10 @@ def prepare_csv(csv_path, out, settings=PrepareSettings(), split_ratio=(0.8, 0.1
 
 
 def _run_prepare(source, out, tasks, workers, progress):
-    """Extract the clips of `tasks` not yet in out/manifest.jsonl, appending a line per clip as it
-    finishes (so a killed run resumes); print and return {split: Counter(reason)}."""
+    """Extract the clips of `tasks` that out/manifest.jsonl does not hold as done: never tried,
+    failed before (the file may have been fixed since) or whose source file changed. A line is
+    appended per clip as it finishes (so a killed run resumes), and at the end the manifest is
+    rewritten with one line per clip. Prints and returns {split: Counter(reason)}."""
     from tqdm import tqdm
 
     for split in {t[0].split("/")[0] for t in tasks}:
@@ -728,24 +778,29 @@ def _run_prepare(source, out, tasks, workers, progress):
             shutil.rmtree(stale)
     done = read_manifest(out)
     manifest = out / "manifest.jsonl"
-    with open(manifest, "w") as f:  # rewrite without a line cut off by a kill
-        f.writelines(json.dumps(e) + "\n" for e in done.values())
-    todo = [t for t in tasks if t[0] not in done]
+    _write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values()))  # no line cut off by a kill
+    todo = [t for t in tasks if t[0] not in done or done[t[0]]["status"] != "ok"
+            or done[t[0]].get("source", source_stamp(t[1])) != source_stamp(t[1])]
     print(f"prepare {source} -> {out}: {len(tasks)} clips, {len(tasks) - len(todo)} already done, "
           f"{len(todo)} to do with {workers} worker(s)")
-    with open(manifest, "a") as f:
-        if workers > 1 and len(todo) > 1:
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
-            results = pool.imap_unordered(_prepare_one, todo)
+    with open(manifest, "a") as f, contextlib.ExitStack() as stack:
+        if workers > 1 and len(todo) > 1:  # a worker killed (out of memory) raises BrokenProcessPool, never hangs
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                          initializer=_worker_init)
+            stack.callback(pool.shutdown, cancel_futures=True)  # on an interrupt, clips not started are dropped
+            results = (future.result() for future in
+                       concurrent.futures.as_completed([pool.submit(_prepare_one, t) for t in todo]))
         else:
-            pool, results = None, map(_prepare_one, todo)
-        for entry in tqdm(results, total=len(todo), disable=not progress, unit="clip"):
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            done[entry["id"]] = entry
-        if pool is not None:
-            pool.close()
-            pool.join()
+            results = map(_prepare_one, todo)
+        try:
+            for entry in tqdm(results, total=len(todo), disable=not progress, unit="clip"):
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                done[entry["id"]] = entry
+        except concurrent.futures.process.BrokenProcessPool:
+            raise SystemExit(f"prepare {out}: a worker process died (out of memory?); the {len(done)} clips done so "
+                             "far are kept: run the same command again, with fewer --workers") from None
+    _write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values()))
     summary = collections.defaultdict(collections.Counter)
     for entry in done.values():
         summary[entry["split"]][entry["status"] if not entry["reason"] else entry["reason"].split(":")[0]] += 1

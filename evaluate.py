@@ -326,7 +326,7 @@ def predict_main(argv):
             if media:
                 folder = Path(tmp) / f"clip{i}"
                 if not Path(name).is_file():
-                    raise SystemExit(f"{name}: no such file")
+                    raise SystemExit(f"{name}: {'a folder, not a file' if Path(name).is_dir() else 'no such file'}")
                 try:  # the same decoding as data.py prepare
                     info = data.extract_clip(name, folder, settings)
                 except Exception as e:
@@ -338,7 +338,8 @@ def predict_main(argv):
                     sample["video"] = dataset.load_video(folder, info["frames"])
                 if "audio" in modalities:
                     if not info["audio_samples"]:
-                        raise SystemExit(f"{name}: has no audio stream, and this model reads audio")
+                        what = "no audio stream" if "no audio stream" in info["reason"] else "an audio stream with no samples"
+                        raise SystemExit(f"{name}: has {what}, and this model reads audio")
                     sample["audio"] = dataset.load_audio(folder)
             if "text" in modalities:
                 sample.update(dataset.tokenize(args.text[i]))

@@ -52,8 +52,10 @@ import os
 import pickletools
 import socket
 import urllib.parse
+import warnings
 import zipfile
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -732,15 +734,20 @@ def load_kinetics_checkpoint(path, depths, own_state):
 
     Accepted: a torch.save file holding a pytorchvideo (blocks.*) or PySlowFast (s1.*, ...)
     state dict, bare or inside the wrappers and key prefixes of unwrap_state_dict: PySlowFast and
-    pytorchvideo hub .pyth, Lightning .ckpt, DDP, torch.compile. Loaded with weights_only=True
-    only. Everything else is a one-line ValueError that names the file: a Caffe2 .pkl, a file
+    pytorchvideo hub .pyth, Lightning .ckpt, DDP, torch.compile; or a .safetensors file of such a
+    state dict. Loaded with weights_only=True only. Everything else is a one-line ValueError that names the file: a Caffe2 .pkl, a file
     torch.load cannot read that way (corrupt, truncated, pickled objects), a state dict that is
     not SlowFast-R50. A missing file is a FileNotFoundError."""
     flag = f"--video-init kinetics:{path}"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            checkpoint = safetensors.torch.load_file(path)
+        else:
+            with warnings.catch_warnings():  # torch warns about an unknown pickle protocol before failing
+                warnings.simplefilter("ignore", UserWarning)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if is_caffe2_pickle(path):
             raise ValueError(f"{flag}: a Caffe2 pickle ({{'blobs': numpy arrays}}), which is not "

@@ -9,6 +9,7 @@ weights_only=False. Small random state dicts (the tiny depths), written here.
 
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -119,6 +120,14 @@ def test_layout_loads_the_bare_state_dict_weights(layout, own_state, pytorchvide
                        pytorchvideo_state["blocks.0.multipathway_blocks.0.conv.weight"])
 
 
+def test_safetensors_file_loads_the_same_weights(own_state, pytorchvideo_state, tmp_path):
+    import safetensors.torch
+    torch.save(pytorchvideo_state, tmp_path / "bare.pyth")
+    safetensors.torch.save_file(prefixed("module.", pytorchvideo_state), tmp_path / "slowfast.safetensors")
+    expected, loaded = load(tmp_path / "bare.pyth", own_state), load(tmp_path / "slowfast.safetensors", own_state)
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def test_prefix_is_stripped_only_when_every_key_has_it():
     t = torch.zeros(1)
     assert M.unwrap_state_dict({"model.blocks.0.w": t, "model.head.w": t}).keys() == {"blocks.0.w", "head.w"}
@@ -146,7 +155,8 @@ def test_caffe2_pickle_is_refused_without_unpickling(protocol, own_state, tmp_pa
     with open(path, "wb") as f:
         pickle.dump({"blobs": blobs, "model_iter": 196000, "canary": Canary(executed)}, f,
                     protocol=protocol)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError) as error, warnings.catch_warnings():
+        warnings.simplefilter("error")                  # torch's pickle-protocol warning is not printed
         load(path, own_state)
     message = assert_one_line_error(error, path, "Caffe2", "not supported", ".pyth")
     assert "weights_only=False" not in message

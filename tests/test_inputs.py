@@ -34,16 +34,18 @@ def pattern(height, width):
     return image
 
 
-def write_clip(path, image, frames=5, fps=10, rotation=0, sar=None, audio=None, format=None):
+def write_clip(path, image, frames=5, fps=10, rotation=0, sar=None, audio=None, format=None, hflip=False,
+               vflip=False):
     """A clip of `frames` copies of image (H.264), displayed turned `rotation` degrees
-    counter-clockwise (the track's display matrix, as phones write it) and with sample aspect
-    ratio sar; audio: int16 16 kHz mono samples (PCM, so their number is exact; mov container)."""
+    counter-clockwise then mirrored by hflip / vflip (the track's display matrix, as phones and
+    editors write it) and with sample aspect ratio sar; audio: int16 16 kHz mono samples (PCM, so
+    their number is exact; mov container)."""
     with av.open(str(path), "w", format=format or ("mov" if audio is not None else None)) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = image.shape[:2]
         stream.pix_fmt = "yuv444p"
-        if rotation:
-            stream.set_display_rotation(rotation)
+        if rotation or hflip or vflip:
+            stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
         if sar:
             stream.codec_context.sample_aspect_ratio = sar
         sound = None
@@ -69,15 +71,23 @@ def assert_close_image(got, expected):
 
 # ------------------------------------------------------------------------------------------ geometry
 
-@pytest.mark.parametrize("rotation", [90, 180, 270, -90])
-def test_rotated_video_is_stored_upright(tmp_path, rotation):
+@pytest.mark.parametrize("rotation, hflip, vflip", [(90, False, False), (180, False, False), (270, False, False),
+                                                    (-90, False, False), (0, True, False), (0, False, True),
+                                                    (90, True, False), (270, False, True)])
+def test_rotated_and_mirrored_video_is_stored_as_displayed(tmp_path, rotation, hflip, vflip):
     image = pattern(32, 48)
-    write_clip(tmp_path / "phone.mp4", image, rotation=rotation)
+    write_clip(tmp_path / "phone.mp4", image, rotation=rotation, hflip=hflip, vflip=vflip)
     info = data.extract_clip(tmp_path / "phone.mp4", tmp_path / "out", SETTINGS)
-    upright = np.rot90(image, rotation // 90)                                  # counter-clockwise
-    assert_close_image(stored_frame(tmp_path / "out"), upright)
-    assert (info["width"], info["height"]) == upright.shape[1::-1]
-    assert info["rotation"] == rotation % 360 and info["sample_aspect_ratio"] == "1:1"
+    shown = np.rot90(image, rotation // 90)                                    # counter-clockwise
+    if hflip:
+        shown = np.fliplr(shown)
+    if vflip:
+        shown = np.flipud(shown)
+    assert_close_image(stored_frame(tmp_path / "out"), shown)
+    assert (info["width"], info["height"]) == shown.shape[1::-1] and info["sample_aspect_ratio"] == "1:1"
+    # the manifest: a rotation, then a left-right mirror (a top-bottom one is a half turn and a mirror)
+    recorded = np.rot90(image, info["rotation"] // 90)
+    assert np.array_equal(np.fliplr(recorded) if info["mirrored"] else recorded, shown)
 
 
 def test_non_square_pixels_are_stretched_to_the_display_aspect(tmp_path):
@@ -111,6 +121,82 @@ def test_exif_orientation_of_images_is_applied(tmp_path, suffix):
         expected = np.asarray(ImageOps.exif_transpose(Image.open(src)).convert("RGB"))
         assert_close_image(stored_frame(tmp_path / "cache" / entry["id"]), expected)
         assert entry["exif_orientation"] == orientation and entry["status"] == "ok"
+
+
+def test_any_image_depth_prepares_and_one_bad_file_never_stops_prepare(tmp_path, monkeypatch):
+    """16-bit PNGs (grey and RGB) are stored as 8-bit frames; a file whose decoding raises anything
+    at all is recorded as failed with the reason, and the other files are prepared."""
+    grey = (np.arange(24 * 40).reshape(24, 40) * 60).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    rgb = np.zeros((24, 40, 3), np.uint16)
+    rgb[..., 0] = 65535
+    with av.open(str(tmp_path / "rgb16.png"), "w", format="image2") as container:   # Pillow writes no 16-bit RGB
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = 40, 24, "rgb48be"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb48le")))
+        container.mux(stream.encode(None))
+    Image.fromarray(pattern(24, 40)).save(tmp_path / "cursed.png")
+    (tmp_path / "m.csv").write_text("path,label\ngrey16.png,a\nrgb16.png,b\ncursed.png,a\n")
+    extract = data.extract_clip
+
+    def cursed_fails(src, *args):
+        if "cursed" in str(src):
+            raise RuntimeError("boom\nmore")
+        return extract(src, *args)
+
+    monkeypatch.setattr(data, "extract_clip", cursed_fails)
+    data.prepare_csv(tmp_path / "m.csv", tmp_path / "cache", SETTINGS, split_ratio=(1, 0, 0), progress=False)
+    entries = {os.path.basename(e["file"]): e for e in data.read_manifest(tmp_path / "cache").values()}
+    assert entries["cursed.png"]["status"] == "error" and entries["cursed.png"]["reason"] == "failed (RuntimeError): boom"
+    frame = stored_frame(tmp_path / "cache" / entries["grey16.png"]["id"])
+    assert entries["grey16.png"]["status"] == "ok" and frame.dtype == np.uint8
+    assert abs(int(frame[12, 20, 0]) - round(grey[12, 20] / 257)) <= 3
+    assert np.abs(stored_frame(tmp_path / "cache" / entries["rgb16.png"]["id"]).astype(int) - [255, 0, 0]).max() <= 3
+
+
+def test_prepare_retries_failures_and_redoes_changed_sources(tmp_path, capsys):
+    """MELD layout with an upper-case .MP4, a corrupt file and a missing one: a re-run retries the
+    two failures (fixed in between) and redoes a clip whose file was replaced, and nothing else."""
+    root = tmp_path / "meld"
+    folder = root / data.VIDEO_DIRS["train"]
+    folder.mkdir(parents=True)
+    lines = [",".join(data.MELD_COLUMNS)]
+    for i in range(4):
+        lines.append(f"{i + 1},words {i},Joey,joy,positive,0,{i},1,1,,")
+    (root / "train_sent_emo.csv").write_text("\n".join(lines) + "\n,,,,,,,,,,\n")   # a trailing empty row
+    write_clip(folder / "dia0_utt0.MP4", pattern(16, 16))
+    write_clip(folder / "dia0_utt1.mp4", pattern(16, 16))
+    (folder / "dia0_utt2.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))          # corrupt
+    data.prepare(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
+    entries = data.read_manifest(tmp_path / "cache")
+    assert [entries[f"train/dia0_utt{i}"]["status"] for i in range(4)] == ["ok", "ok", "error", "error"]
+    assert entries["train/dia0_utt3"]["reason"].startswith("missing")
+
+    write_clip(folder / "dia0_utt1.mp4", 255 - pattern(16, 16), frames=9)      # replaced
+    write_clip(folder / "dia0_utt2.mp4", pattern(16, 16))                       # fixed
+    write_clip(folder / "dia0_utt3.mp4", pattern(16, 16))                       # found
+    capsys.readouterr()
+    data.prepare(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
+    assert "1 already done, 3 to do" in capsys.readouterr().out
+    entries = data.read_manifest(tmp_path / "cache")
+    assert all(entries[f"train/dia0_utt{i}"]["status"] == "ok" for i in range(4))
+    assert entries["train/dia0_utt1"]["frames"] == 9 and stored_frame(tmp_path / "cache" / "train/dia0_utt1")[0, 0, 0] < 40
+    assert (tmp_path / "cache" / "manifest.jsonl").read_text().count("\n") == 4
+
+
+def test_spreadsheet_exports_tab_and_semicolon_separated(tmp_path, tokenizer):
+    """A spreadsheet's "Unicode text" export (UTF-16, tab-separated) of a MELD CSV, and a manifest
+    saved with semicolons; links in a manifest stay distinct clips."""
+    rows = [data.MELD_COLUMNS, ("1", "Hi, you", "Joey", "joy", "positive", "0", "0", "1", "1", "", "")]
+    (tmp_path / "train_sent_emo.csv").write_bytes("\r\n".join("\t".join(r) for r in rows).encode("utf-16"))
+    (parsed,) = data.read_meld_csv(tmp_path / "train_sent_emo.csv", "train")
+    assert (parsed.text, parsed.speaker, parsed.emotion) == ("Hi, you", "Joey", data.EMOTIONS.index("joy"))
+    write_clip(tmp_path / "plain.mp4", pattern(16, 16))
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "plain.mp4")
+    (tmp_path / "m.csv").write_text("path;label;text\nplain.mp4;a;one, two\nlink.mp4;b;three\n;;\n")
+    manifest = data.read_manifest_csv(tmp_path / "m.csv")
+    assert [(os.path.basename(r["path"]), r["label"], r["text"]) for r in manifest] == \
+        [("plain.mp4", "a", "one, two"), ("link.mp4", "b", "three")]
 
 
 # ------------------------------------------------------------------------------------------ audio

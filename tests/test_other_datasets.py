@@ -255,7 +255,8 @@ def test_only_slowfast_tells_surprise_from_fear_on_synth_meld_video(pair_cache, 
 
 def test_prepare_csv_records_missing_and_corrupt_files_and_resumes(tmp_path, capsys):
     """A manifest with audio files in a subfolder, an image, a corrupt mp4 and a missing file: each
-    failure is recorded with its reason, the rest is prepared, and the same call again does nothing."""
+    failure is recorded with its reason, the rest is prepared, and the same call again only retries
+    the two failures (the files may have been fixed); a fixed file is then prepared."""
     source = tmp_path / "source"
     rng = np.random.default_rng(0)
     rows = []
@@ -286,12 +287,18 @@ def test_prepare_csv_records_missing_and_corrupt_files_and_resumes(tmp_path, cap
     before = (tmp_path / "cache" / "manifest.jsonl").read_text()
     capsys.readouterr()
     data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
-    assert "7 already done, 0 to do" in capsys.readouterr().out
+    assert "5 already done, 2 to do" in capsys.readouterr().out
     assert (tmp_path / "cache" / "manifest.jsonl").read_text() == before
+    write_wav(source / "gone.wav", applause_or_tone("applause", rng))          # the missing file turns up
+    data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
+    entries = {Path(e["file"]).name: e for e in data.read_manifest(tmp_path / "cache").values()}
+    assert entries["gone.wav"]["status"] == "ok" and len(entries) == 7
+    assert (tmp_path / "cache" / "manifest.jsonl").read_text().count("\n") == 7     # one line per clip
 
 
 def test_label_absent_from_train_is_an_error_naming_it(tmp_path):
-    """A dev label that train lacks stops train.py before any training, with the file and the label."""
+    """A dev label that train lacks stops prepare before any decoding, naming the manifest, the label
+    and the file; a cache whose dev split was edited afterwards stops train.py, naming its row."""
     source = tmp_path / "source"
     source.mkdir()
     rng = np.random.default_rng(0)
@@ -301,7 +308,16 @@ def test_label_absent_from_train_is_an_error_naming_it(tmp_path):
         write_wav(source / f"clip{i}.wav", applause_or_tone(label if label != "surprise" else "tone", rng))
         rows.append(dict(path=f"clip{i}.wav", label=label, split=split))
     manifest = write_manifest(source / "manifest.csv", rows)
-    data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, progress=False)
+    with pytest.raises(ValueError) as error:
+        data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, progress=False)
+    message = str(error.value)
+    assert "'surprise'" in message and "manifest.csv" in message and "clip5.wav" in message and "\n" not in message
+    assert not (tmp_path / "cache" / "manifest.jsonl").exists()
+    rows[-1]["label"] = "tone"
+    data.prepare_csv(write_manifest(source / "manifest.csv", rows), tmp_path / "cache", settings=SETTINGS,
+                     progress=False)
+    dev = (tmp_path / "cache" / "dev_clips.csv").read_text()
+    (tmp_path / "cache" / "dev_clips.csv").write_text(dev.replace(",tone,", ",surprise,"))
     with pytest.raises((SystemExit, ValueError)) as error:
         train.main(["--dataset", "csv", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
                     "--modalities", "audio", "--audio-encoder", "lstm", "--epochs", "1", "--workers", "0",
