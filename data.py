@@ -712,6 +712,9 @@ def prepare(meld_root, out, splits=SPLITS, settings=PrepareSettings(), workers=1
 
     Returns {split: Counter(reason)} for the clips processed in this call and before."""
     meld_root, out = Path(meld_root), Path(out)
+    if not any(find_csv(meld_root, split) for split in splits):
+        raise FileNotFoundError(f"{meld_root}: no {'/'.join(splits)}_sent_emo.csv here or in its split folders; "
+                                "--meld-root is the unpacked MELD.Raw folder (or the output of `data.py synth`)")
     settings = _start_cache(out, settings)
     tasks = []
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0  # cores shared by the workers
@@ -952,8 +955,8 @@ class MELDDataset(Dataset):
         if audio_input not in ("logmel", "waveform"):
             raise ValueError(f"audio_input must be logmel or waveform, got {audio_input!r}")
         self.audio_input = audio_input
-        self.max_audio_frames = int(max_audio_seconds * AUDIO_RATE / MEL_HOP)
-        self.max_audio_samples = int(max_audio_seconds * AUDIO_RATE)
+        self.max_audio_frames = max(1, int(max_audio_seconds * AUDIO_RATE / MEL_HOP))
+        self.max_audio_samples = max(1, int(max_audio_seconds * AUDIO_RATE))
         self.seed = seed
         self.tokenizer, self.max_text_tokens = tokenizer, max_text_tokens
         rows = []
@@ -980,13 +983,16 @@ class MELDDataset(Dataset):
         if {"video", "audio"} & set(self.modalities) and split is not None:
             manifest = read_manifest(self.root)
             if not manifest:
-                raise FileNotFoundError(f"{self.root / 'manifest.jsonl'} not found or empty: run "
-                                        f"`python data.py prepare --meld-root MELD_RAW (or --csv MANIFEST) --out {self.root}` first, "
-                                        "or use text only")
+                source = (f"--meld-root {self.root} --out data/meld-cache` and pass --data data/meld-cache"
+                          if (self.root / VIDEO_DIRS[split]).is_dir() else "--meld-root MELD_RAW (or --csv "
+                          f"MANIFEST) --out {self.root}` first")
+                raise FileNotFoundError(f"{self.root}: not a prepared cache (no manifest.jsonl) and the model "
+                                        f"reads {'+'.join(self.modalities)}: run `python data.py prepare {source}, "
+                                        "or use --modalities text, which reads the CSVs alone")
             missing = [r.id for r in rows if r.id not in manifest]
             if missing:
-                raise RuntimeError(f"{self.root / 'manifest.jsonl'}: {len(missing)} of {len(rows)} {split} clips "
-                                   f"(e.g. {missing[0]}) were never prepared; re-run prepare to finish it")
+                raise ValueError(f"{self.root / 'manifest.jsonl'}: {len(missing)} of {len(rows)} {split} clips "
+                                 f"(e.g. {missing[0]}) were never prepared; re-run prepare to finish it")
             kept = []
             for r in rows:
                 entry = manifest[r.id]
@@ -1248,8 +1254,52 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, and the default of every flag that has one."""
+
+    def _get_help_string(self, action):
+        shown = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            shown += " (default: '')" if action.default == "" else " (default: %(default)s)"
+        return shown
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, and a usage mistake (unknown flag or choice, bad value) as one
+    line on stderr, exit code 2, instead of the usage text and the error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(kind):
+    """An argparse type: kind(text) (int or float) that must be > 0."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__           # argparse names the type in "invalid int value"
+    return parse
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """For a command line's set-up: a ValueError, OSError or ImportError (a value, file, folder or
+    package the user gave or lacks; its message names it) ends the program with that message as
+    one line on stderr and exit code 1, not a traceback. Errors of any other type keep theirs."""
+    try:
+        yield
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("synth", help="write MELD-format synthetic clips (MELD.Raw layout)")
     s.add_argument("--out", required=True, help="folder to write (MELD.Raw layout)")
@@ -1269,17 +1319,15 @@ def main(argv=None):
     p.add_argument("--splits", default="train,dev,test", help="MELD: comma-separated splits to prepare")
     p.add_argument("--split-ratio", default="0.8,0.1,0.1", help="--csv rows without a split: train,dev,test shares")
     p.add_argument("--seed", type=int, default=0, help="--csv: seed of the stratified split")
-    p.add_argument("--fps", type=float, default=PrepareSettings.fps, help="frames kept per second")
-    p.add_argument("--short-side", type=int, default=PrepareSettings.short_side, help="frame short side, pixels")
-    p.add_argument("--max-seconds", type=float, default=PrepareSettings.max_seconds,
+    p.add_argument("--fps", type=positive(float), default=PrepareSettings.fps, help="frames kept per second")
+    p.add_argument("--short-side", type=positive(int), default=PrepareSettings.short_side, help="frame short side, pixels")
+    p.add_argument("--max-seconds", type=positive(float), default=PrepareSettings.max_seconds,
                    help="seconds kept per clip; longer clips are cut and marked truncated in the manifest")
-    p.add_argument("--jpeg-quality", type=int, default=PrepareSettings.jpeg_quality, help="JPEG quality 1-100")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="parallel processes")
+    p.add_argument("--jpeg-quality", type=positive(int), default=PrepareSettings.jpeg_quality, help="JPEG quality 1-100")
+    p.add_argument("--workers", type=positive(int), default=max(1, (os.cpu_count() or 1)), help="parallel processes")
     args = parser.parse_args(argv)
-    try:  # a bad CSV: one line that names the file and row, not a traceback
+    with one_line_errors():  # a bad CSV: one line that names the file and row
         run_command(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def run_command(args):

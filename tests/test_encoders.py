@@ -118,7 +118,7 @@ def test_frames_imagenet_errors(monkeypatch):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(OSError) as error:
         M.FrameResNet("small", "imagenet")
     message = str(error.value)
     assert "\n" not in message and "--video-init random" in message and "ResNet18" in message
@@ -284,7 +284,7 @@ def test_hf_loading_and_rebuild(tiny_wav2vec2):
 
 def test_hf_errors(monkeypatch, tiny_bert):
     monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(OSError) as error:
         M.EmotionModel(modalities=("audio",), audio_encoder="hf:some-org/not-a-cached-model")
     message = str(error.value)
     assert "\n" not in message and "--audio-encoder" in message and "cnn or lstm" in message
