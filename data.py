@@ -628,13 +628,12 @@ def extract_image(src, dst, settings):
     if image.dtype != torch.uint8:                                              # 16-bit PNG
         image = TF.to_dtype(image, torch.uint8, scale=True)
     h, w = image.shape[1:]
-    scale = min(1.0, settings.short_side / min(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size != (h, w):
-        image = TF.resize(image, list(size), antialias=True)
+    width, height = display_size(w, h, 1, settings.short_side)
+    if (height, width) != (h, w):
+        image = TF.resize(image, [height, width], antialias=True)
     (dst / "000000.jpg").write_bytes(encode_jpeg(image, quality=settings.jpeg_quality).numpy().tobytes())
-    return dict(status="ok", reason="no audio stream", frames=1, fps=settings.fps, source_fps=0, width=size[1],
-                height=size[0], exif_orientation=orientation, seconds=0.0, source_seconds=0.0, truncated=False,
+    return dict(status="ok", reason="no audio stream", frames=1, fps=settings.fps, source_fps=0, width=width,
+                height=height, exif_orientation=orientation, seconds=0.0, source_seconds=0.0, truncated=False,
                 audio_samples=0)
 
 
@@ -669,6 +668,12 @@ def source_stamp(src):
     except OSError:
         return None
     return [stat.st_size, stat.st_mtime_ns]
+
+
+def _needs_prepare(entry, src):
+    """Whether a clip's manifest entry (None: never tried) leaves it to do: it failed (the file may
+    have been fixed since), or its source changed (entries without `source` predate the stamp)."""
+    return entry is None or entry["status"] != "ok" or ("source" in entry and entry["source"] != source_stamp(src))
 
 
 def read_manifest(cache):
@@ -782,8 +787,7 @@ def _run_prepare(source, out, tasks, workers, progress):
     done = read_manifest(out)
     manifest = out / "manifest.jsonl"
     _write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values()))  # no line cut off by a kill
-    todo = [t for t in tasks if t[0] not in done or done[t[0]]["status"] != "ok"
-            or done[t[0]].get("source", source_stamp(t[1])) != source_stamp(t[1])]
+    todo = [t for t in tasks if _needs_prepare(done.get(t[0]), t[1])]
     print(f"prepare {source} -> {out}: {len(tasks)} clips, {len(tasks) - len(todo)} already done, "
           f"{len(todo)} to do with {workers} worker(s)")
     with open(manifest, "a") as f, contextlib.ExitStack() as stack:

@@ -294,10 +294,8 @@ def evaluate_main(argv):
     args = parser.parse_args(argv)
     device = device_from(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
-    try:  # a bad CSV or cache: one line that names the file, not a traceback
+    with data.one_line_errors():  # a bad CSV or cache: one line that names the file
         dataset = dataset_for(checkpoint, args.data, args.split)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(dataset.summary())
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)

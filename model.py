@@ -735,9 +735,9 @@ def load_kinetics_checkpoint(path, depths, own_state):
     Accepted: a torch.save file holding a pytorchvideo (blocks.*) or PySlowFast (s1.*, ...)
     state dict, bare or inside the wrappers and key prefixes of unwrap_state_dict: PySlowFast and
     pytorchvideo hub .pyth, Lightning .ckpt, DDP, torch.compile; or a .safetensors file of such a
-    state dict. Loaded with weights_only=True only. Everything else is a one-line ValueError that names the file: a Caffe2 .pkl, a file
-    torch.load cannot read that way (corrupt, truncated, pickled objects), a state dict that is
-    not SlowFast-R50. A missing file is a FileNotFoundError."""
+    state dict. Loaded with weights_only=True only. Everything else is a one-line ValueError that
+    names the file: a Caffe2 .pkl, a file torch.load cannot read that way (corrupt, truncated,
+    pickled objects), a state dict that is not SlowFast-R50. A missing file is a FileNotFoundError."""
     flag = f"--video-init kinetics:{path}"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: no such file")
