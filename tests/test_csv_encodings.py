@@ -1,8 +1,8 @@
-"""data.read_text: the encodings MELD and user CSVs arrive in, and the ones it must refuse out loud."""
+"""meld.read_text: the encodings MELD and user CSVs arrive in, and the ones it must refuse out loud."""
 
 import pytest
 
-import data
+import meld
 
 HEADER = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
 MELD = HEADER + (
@@ -23,7 +23,7 @@ def write(tmp_path, raw, name="train_sent_emo.csv"):
 
 @pytest.fixture
 def expected(tmp_path):
-    rows = data.read_meld_csv(write(tmp_path, MELD.encode(), "original.csv"), "train")
+    rows = meld.read_meld_csv(write(tmp_path, MELD.encode(), "original.csv"), "train")
     assert [r.text for r in rows] == ["Oh my God, he’s lost it.", "You’re at the café…", 'He said "no",\nthen left']
     return rows
 
@@ -31,37 +31,37 @@ def expected(tmp_path):
 @pytest.mark.parametrize("variant", UTF16)
 def test_utf16_with_or_without_bom_parses_like_utf8(tmp_path, expected, variant):
     path = write(tmp_path, UTF16[variant])
-    assert data.read_text(path) == MELD
-    assert data.read_meld_csv(path, "train") == expected
+    assert meld.read_text(path) == MELD
+    assert meld.read_meld_csv(path, "train") == expected
 
 
 def test_utf8_file_with_one_cp1252_row_keeps_every_row_right(tmp_path, expected):
     path = write(tmp_path, MELD.encode() + CP1252_ROW.encode("cp1252"))
-    assert data.read_text(path) == MELD + CP1252_ROW  # no "â€™": the UTF-8 rows are untouched
-    rows = data.read_meld_csv(path, "train")
+    assert meld.read_text(path) == MELD + CP1252_ROW  # no "â€™": the UTF-8 rows are untouched
+    rows = meld.read_meld_csv(path, "train")
     assert rows[:3] == expected and rows[3].text == "You’re late"
 
 
 @pytest.mark.parametrize("encoding", ["cp1252", "utf-8-sig"])
 def test_whole_cp1252_and_utf8_bom_files(tmp_path, expected, encoding):
     path = write(tmp_path, (MELD + CP1252_ROW).encode(encoding))
-    assert data.read_text(path) == MELD + CP1252_ROW  # the BOM is dropped
-    assert data.read_meld_csv(path, "train")[:3] == expected
+    assert meld.read_text(path) == MELD + CP1252_ROW  # the BOM is dropped
+    assert meld.read_meld_csv(path, "train")[:3] == expected
 
 
 @pytest.mark.parametrize("ending", ["\r\n", "\r"])
 def test_line_endings_are_kept(tmp_path, expected, ending):
     text = MELD.replace("\n", ending)
     path = write(tmp_path, text.encode() + CP1252_ROW.replace("\n", ending).encode("cp1252"))
-    assert data.read_text(path) == text + CP1252_ROW.replace("\n", ending)
-    rows = data.read_meld_csv(path, "train")
+    assert meld.read_text(path) == text + CP1252_ROW.replace("\n", ending)
+    rows = meld.read_meld_csv(path, "train")
     assert rows[:2] == expected[:2] and rows[2].text == f'He said "no",{ending}then left'
 
 
 def test_line_neither_utf8_nor_cp1252_is_refused_with_its_line(tmp_path):
     bad = b'5,Caf\xe9 \x81,Ross,joy,positive,1,1,4,7,"00:01:03,000","00:01:04,000"\n'
     path = write(tmp_path, MELD.encode() + CP1252_ROW.encode("cp1252") + bad)
-    for read in (data.read_text, lambda p: data.read_meld_csv(p, "train")):
+    for read in (meld.read_text, lambda p: meld.read_meld_csv(p, "train")):
         with pytest.raises(ValueError) as error:
             read(path)
         message = str(error.value)
@@ -75,14 +75,14 @@ def test_line_neither_utf8_nor_cp1252_is_refused_with_its_line(tmp_path):
 def test_utf32_and_broken_utf16_are_refused_in_one_line(tmp_path, raw):
     path = write(tmp_path, raw)
     with pytest.raises(ValueError, match="save the file as UTF-8") as error:
-        data.read_meld_csv(path, "train")
+        meld.read_meld_csv(path, "train")
     assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
 
 
 def test_utf16_file_missing_a_column_names_the_real_columns(tmp_path):
     path = write(tmp_path, MELD.replace(",Sentiment", "").encode("utf-16"))
     with pytest.raises(ValueError) as error:
-        data.read_meld_csv(path, "train")
+        meld.read_meld_csv(path, "train")
     message = str(error.value)
     assert message.startswith(f"{path}: missing column(s) ['Sentiment']; found ['Sr No.', 'Utterance',")
     assert "\n" not in message and "\x00" not in message
@@ -92,7 +92,7 @@ def test_utf16_file_missing_a_column_names_the_real_columns(tmp_path):
 def test_utf16_manifest(tmp_path, codec):
     path = write(tmp_path, "path,label,text\r\nclips/a.mp4,joy,You’re here\r\nb.wav,anger,café\r\n".encode(codec),
                  "clips.csv")
-    rows = data.read_manifest_csv(path)
+    rows = meld.read_manifest_csv(path)
     assert [(r["path"], r["label"], r["text"]) for r in rows] == [
         (str(tmp_path.resolve() / "clips" / "a.mp4"), "joy", "You’re here"),
         (str(tmp_path.resolve() / "b.wav"), "anger", "café")]
@@ -102,8 +102,8 @@ def test_utf16_manifest(tmp_path, codec):
                                  MELD.encode("utf-8-sig") + CP1252_ROW.encode("cp1252")])
 def test_text_written_as_utf8_reads_back_the_same(tmp_path, raw):
     """prepare copies read_text's result into the cache as UTF-8: that copy must read back unchanged."""
-    text = data.read_text(write(tmp_path, raw))
+    text = meld.read_text(write(tmp_path, raw))
     copy = tmp_path / "copy.csv"
     copy.write_text(text, encoding="utf-8", newline="")
-    assert data.read_text(copy) == text
-    assert data.read_meld_csv(copy, "train") == data.read_meld_csv(tmp_path / "train_sent_emo.csv", "train")
+    assert meld.read_text(copy) == text
+    assert meld.read_meld_csv(copy, "train") == meld.read_meld_csv(tmp_path / "train_sent_emo.csv", "train")

@@ -16,6 +16,7 @@ import torch
 
 import data
 import model as model_lib
+import slowfast
 import train
 from conftest import ROOT, needs_cuda
 
@@ -26,9 +27,9 @@ CUDA = torch.device("cuda")
 def small_model(tiny_bert, **kwargs):
     """On the GPU as train.py places it: 3-D convolutions channels-last (model.place)."""
     torch.manual_seed(0)
-    net = model_lib.EmotionModel(**dict(dict(modalities=("video", "audio", "text"), video_size="tiny",
-                                             text_model=str(tiny_bert), n_mels=16, audio_channels=(8, 16),
-                                             fusion_dim=32), **kwargs))
+    net = model_lib.EmotionModel(model_lib.ModelConfig(**dict(dict(
+        modalities=("video", "audio", "text"), video_size="tiny", text_model=str(tiny_bert), n_mels=16,
+        audio_channels=(8, 16), fusion_dim=32), **kwargs)))
     return model_lib.place(net, CUDA)
 
 
@@ -52,7 +53,8 @@ def test_fp16_gradients_match_fp32_and_an_overflow_skips_the_step_and_lowers_the
     the scale (the seed project skipped such steps without updating the scaler)."""
     args = train.parse_args([])
     batch = data.to_device(random_batch(), CUDA)
-    criteria = {t: c.to(CUDA) for t, c in train.build_criteria(args, list(range(7)), [("emotion", 7), ("sentiment", 3)]).items()}
+    criteria = {t: c.to(CUDA) for t, c in train.build_criteria(args, list(range(7)), [("emotion", 7), ("sentiment",
+                                                                                                       3)]).items()}
 
     def gradients(amp_dtype):
         net = small_model(tiny_bert).eval()  # eval: BatchNorm uses running statistics, the same in both
@@ -93,12 +95,12 @@ def test_channels_last_placement_computes_what_the_plain_layout_does(tiny_bert, 
     outputs and gradients (fp32 without TF32, eval mode) as with the plain layout."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     net = small_model(tiny_bert, modalities=("video",)).eval()
-    assert model_lib.is_channels_last(net.video.slow.layer1[0].conv2.weight)
+    assert slowfast.is_channels_last(net.video.slow.layer1[0].conv2.weight)
     plain = small_model(tiny_bert, modalities=("video",)).eval()
     for m in plain.modules():
         if isinstance(m, torch.nn.Conv3d):
             m.weight.data = m.weight.data.contiguous()
-    assert not model_lib.is_channels_last(plain.video.slow.layer1[0].conv2.weight)
+    assert not slowfast.is_channels_last(plain.video.slow.layer1[0].conv2.weight)
     batch = data.to_device(random_batch(B=2, T=12), CUDA)
     batch["video_mask"][1, 7:] = False
     results = []

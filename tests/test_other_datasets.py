@@ -1,5 +1,5 @@
 """--dataset csv: any labelled videos, audio files or images. Three synthetic data sets are made
-here, each prepared with `data.prepare_csv` and learnt by a short CPU run of train.py:
+here, each prepared with `prepare.prepare_csv` and learnt by a short CPU run of train.py:
 
 - applause vs tone: 16 kHz WAV files, two classes (audio only; ROC-AUC and AP reported);
 - shapes: 28 classes of 48x48 PNGs (7 colours x 4 shapes), an image classifier (one frame);
@@ -23,13 +23,14 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-import data
 import evaluate
+import meld
+import prepare
 import train
 from conftest import ROOT
 
 AUDIO_RATE = 16_000
-SETTINGS = data.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
+SETTINGS = prepare.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
 
 
 # ---------------------------------------------------------------------------------------------- generators
@@ -110,7 +111,7 @@ def make_image_set(folder, per_split=(12, 3, 3), seed=0):
     for colour in COLOURS:
         for shape in SHAPES:
             label = f"{colour}-{shape}"
-            for split, count in zip(data.SPLITS, per_split):
+            for split, count in zip(meld.SPLITS, per_split):
                 for i in range(count):
                     name = f"images/{label}-{split}{i}.png"
                     (folder / name).parent.mkdir(exist_ok=True)
@@ -120,7 +121,7 @@ def make_image_set(folder, per_split=(12, 3, 3), seed=0):
 
 
 def make_temporal_pair_set(folder, n=120, seed=0):
-    """n clips of synth MELD's temporal pair, made by its own generator (data.synth_frames): even i
+    """n clips of synth MELD's temporal pair, made by its own generator (prepare.synth_frames): even i
     surprise (the disk sweeps down), odd i fear (the frames of a surprise clip of its own random draw
     in reverse order, so the disk sweeps up). Both classes show the same set of frames and the same
     colour: a single frame, or a mean over frames, cannot tell them apart. Video only, 96x54, 12 fps,
@@ -129,9 +130,9 @@ def make_temporal_pair_set(folder, n=120, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        label = data.TEMPORAL_PAIR[i % 2]
-        frames = data.synth_frames(label, rng.uniform(1.5, 3.0), 96, 54, 12, seed=int(rng.integers(2 ** 31)))
-        data.write_mp4(folder / f"clip{i:03d}.mp4", frames, 12)  # no audio stream
+        label = prepare.TEMPORAL_PAIR[i % 2]
+        frames = prepare.synth_frames(label, rng.uniform(1.5, 3.0), 96, 54, 12, seed=int(rng.integers(2 ** 31)))
+        prepare.write_mp4(folder / f"clip{i:03d}.mp4", frames, 12)  # no audio stream
         rows.append(dict(path=f"clip{i:03d}.mp4", label=label))
     return write_manifest(folder / "manifest.csv", rows)
 
@@ -150,7 +151,7 @@ def prepared(tmp_path_factory, name, make, **prepare_kwargs):
     """Make a data set with `make(folder)` and prepare it into a cache; -> the cache folder."""
     folder = tmp_path_factory.mktemp(name)
     manifest = make(folder / "source")
-    data.prepare_csv(manifest, folder / "cache", settings=SETTINGS, progress=False, **prepare_kwargs)
+    prepare.prepare_csv(manifest, folder / "cache", settings=SETTINGS, progress=False, **prepare_kwargs)
     return folder / "cache"
 
 
@@ -246,7 +247,7 @@ def test_only_slowfast_tells_surprise_from_fear_on_synth_meld_video(pair_cache, 
                        "--epochs", "8", "--min-epochs", "8")
     print(f"\nsurprise vs fear (video only): test accuracy slowfast {slowfast['accuracy']:.3f}, "
           f"frames {frames['accuracy']:.3f}")
-    assert set(slowfast["per_class"]) == set(data.TEMPORAL_PAIR) and slowfast["n"] == 30
+    assert set(slowfast["per_class"]) == set(prepare.TEMPORAL_PAIR) and slowfast["n"] == 30
     assert slowfast["accuracy"] >= 0.85
     assert frames["accuracy"] <= 0.7
 
@@ -270,8 +271,8 @@ def test_prepare_csv_records_missing_and_corrupt_files_and_resumes(tmp_path, cap
     rows += [dict(path="broken.mp4", label="tone"), dict(path="gone.wav", label="applause")]
     manifest = write_manifest(source / "manifest.csv", rows)
 
-    data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
-    entries = {Path(e["file"]).name: e for e in data.read_manifest(tmp_path / "cache").values()}
+    prepare.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
+    entries = {Path(e["file"]).name: e for e in meld.read_manifest(tmp_path / "cache").values()}
     assert len(entries) == 7
     assert entries["gone.wav"]["status"] == "error" and entries["gone.wav"]["reason"].startswith("missing")
     assert "gone.wav" in entries["gone.wav"]["reason"]
@@ -286,12 +287,12 @@ def test_prepare_csv_records_missing_and_corrupt_files_and_resumes(tmp_path, cap
 
     before = (tmp_path / "cache" / "manifest.jsonl").read_text()
     capsys.readouterr()
-    data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
+    prepare.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
     assert "5 already done, 2 to do" in capsys.readouterr().out
     assert (tmp_path / "cache" / "manifest.jsonl").read_text() == before
     write_wav(source / "gone.wav", applause_or_tone("applause", rng))          # the missing file turns up
-    data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
-    entries = {Path(e["file"]).name: e for e in data.read_manifest(tmp_path / "cache").values()}
+    prepare.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, split_ratio=(1, 0, 0), progress=False)
+    entries = {Path(e["file"]).name: e for e in meld.read_manifest(tmp_path / "cache").values()}
     assert entries["gone.wav"]["status"] == "ok" and len(entries) == 7
     assert (tmp_path / "cache" / "manifest.jsonl").read_text().count("\n") == 7     # one line per clip
 
@@ -309,12 +310,12 @@ def test_label_absent_from_train_is_an_error_naming_it(tmp_path):
         rows.append(dict(path=f"clip{i}.wav", label=label, split=split))
     manifest = write_manifest(source / "manifest.csv", rows)
     with pytest.raises(ValueError) as error:
-        data.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, progress=False)
+        prepare.prepare_csv(manifest, tmp_path / "cache", settings=SETTINGS, progress=False)
     message = str(error.value)
     assert "'surprise'" in message and "manifest.csv" in message and "clip5.wav" in message and "\n" not in message
     assert not (tmp_path / "cache" / "manifest.jsonl").exists()
     rows[-1]["label"] = "tone"
-    data.prepare_csv(write_manifest(source / "manifest.csv", rows), tmp_path / "cache", settings=SETTINGS,
+    prepare.prepare_csv(write_manifest(source / "manifest.csv", rows), tmp_path / "cache", settings=SETTINGS,
                      progress=False)
     dev = (tmp_path / "cache" / "dev_clips.csv").read_text()
     (tmp_path / "cache" / "dev_clips.csv").write_text(dev.replace(",tone,", ",surprise,"))

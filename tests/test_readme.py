@@ -1,6 +1,6 @@
 """Every command the README shows in a code block runs, in README order, in a fresh folder, and
 exits 0. Paths the user supplies are replaced by synthetic stand-ins made here (MELD.Raw by
-`data.py synth`, the applause and image manifests by small generated files), and sizes are shrunk
+`prepare.py synth`, the applause and image manifests by small generated files), and sizes are shrunk
 by flags appended to each command (argparse keeps the last value). Skipped: `pip install` and the
 test command itself; `--device cuda` commands without a GPU."""
 
@@ -12,7 +12,6 @@ import sys
 import wave
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -27,8 +26,8 @@ SMALL_MODEL = ["--video-size", "tiny", "--video-init", "random", "--num-frames",
                "--workers", "0", "--device", "cpu", "--unfreeze", ""]
 SHRINK = {  # (script, first argument or None) -> flags appended
     ("train.py", None): SMALL_MODEL,
-    ("data.py", "synth"): ["--sizes", "24,8,8"],
-    ("data.py", "prepare"): ["--workers", "2"],
+    ("prepare.py", "synth"): ["--sizes", "24,8,8"],
+    ("prepare.py", None): ["--workers", "2"],
     ("evaluate.py", None): ["--device", "cpu", "--workers", "0"],
     ("evaluate.py", "predict"): ["--device", "cpu"],
     ("evaluate.py", "curves"): [],

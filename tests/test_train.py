@@ -17,7 +17,9 @@ import transformers
 
 import data
 import evaluate
+import meld
 import model as model_lib
+import slowfast
 import train
 from conftest import ROOT, needs_cuda
 
@@ -42,15 +44,16 @@ def run_train(argv, **env):
 
 def small_model(tiny_bert, modalities=("audio", "text")):
     torch.manual_seed(0)
-    return model_lib.EmotionModel(modalities=modalities, video_size="tiny", text_model=str(tiny_bert),
-                                  audio_channels=(4, 8, 8, 8), fusion_dim=32)
+    return model_lib.EmotionModel(model_lib.ModelConfig(modalities=modalities, video_size="tiny",
+                                                        text_model=str(tiny_bert), audio_channels=(4, 8, 8, 8),
+                                                        fusion_dim=32))
 
 
 # ---------------------------------------------------------------------------------------------- schedule
 
 def test_onecycle_schedule_is_sized_from_the_loader(cache, tokenizer):
     args = train.parse_args(["--epochs", "20", "--accum-steps", "2"])
-    ds = data.MELDDataset(cache, "train", ("text",), tokenizer, train=True)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("text",)), tokenizer, train=True)
     loader = data.make_loader(ds, batch_size=4, train=True, workers=0)
     assert len(loader) == len(ds) // 4  # drop_last
     steps = train.optimizer_steps_per_epoch(len(loader), args.accum_steps)
@@ -106,7 +109,7 @@ def test_gradient_accumulation_equals_one_big_batch(cache, tiny_bert, tokenizer)
     """Three micro-batches of 4 with different class mixes == one batch of 12, through train.py's
     step function with the default class-weighted focal loss, BatchNorm in eval mode."""
     args = train.parse_args([])
-    ds = data.MELDDataset(cache, "train", ("audio", "text"), tokenizer)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("audio", "text")), tokenizer)
     assert len(ds) >= 12
     samples = sorted((ds[i] for i in range(len(ds))), key=lambda s: s["emotion"])[-12:]  # micro-batches by class
     collate = lambda xs: data.collate(xs, pad_token_id=tokenizer.pad_token_id)  # noqa: E731
@@ -153,7 +156,7 @@ def test_unfreeze_schedule_trains_exactly_the_named_stages_from_their_epoch(cach
     model_lib.set_frozen(model, frozen, True)
     args = train.parse_args([])
     optimizer = train.build_optimizer(model, args)
-    ds = data.MELDDataset(cache, "train", ("text",), tokenizer)
+    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("text",)), tokenizer)
     batch = data.collate([ds[i] for i in range(4)], pad_token_id=tokenizer.pad_token_id)
     criteria = train.build_criteria(args, ds.labels(), [("emotion", 7), ("sentiment", 3)])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -161,7 +164,8 @@ def test_unfreeze_schedule_trains_exactly_the_named_stages_from_their_epoch(cach
     for epoch in range(11):
         if schedule.get(epoch):
             model_lib.set_frozen(model, schedule[epoch], False)
-        before = {stage: {k: p.detach().clone() for k, p in train.stage_params(model, [stage]).items()} for stage in named}
+        before = {stage: {k: p.detach().clone() for k, p in train.stage_params(model,
+                                                                               [stage]).items()} for stage in named}
         model.train()
         train.accumulate_gradients(model, [batch], criteria, 0.5, None, scaler)
         train.optimizer_step(model, optimizer, scaler, 1.0)
@@ -182,9 +186,9 @@ def test_laterals_learn_from_the_first_step_while_pretrained_slow_stages_stay_fr
     import torchvision
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50()
-    monkeypatch.setattr(model_lib, "load_imagenet_resnet50", lambda: resnet)
-    model = model_lib.EmotionModel(modalities=("video",), video_size="r50", video_init="imagenet",
-                                   head_hidden=(32, 16))
+    monkeypatch.setattr(slowfast, "load_imagenet_resnet50", lambda: resnet)
+    model = model_lib.EmotionModel(model_lib.ModelConfig(modalities=("video",), video_size="r50",
+                                                         video_init="imagenet", head_hidden=(32, 16)))
     args = train.parse_args([])
     schedule = train.parse_unfreeze(args.unfreeze)
     assert not schedule.get(0)
@@ -194,7 +198,7 @@ def test_laterals_learn_from_the_first_step_while_pretrained_slow_stages_stay_fr
     stages = model.stages()
     lateral = {f"{stage}.{name}": p for stage in ("stem", "res2", "res3", "res4")
                for m in stages[f"video.lateral.{stage}"] for name, p in m.named_parameters()}
-    readers = [p for m in model.video.slow.modules() if isinstance(m, model_lib.LateralInputConv3d)
+    readers = [p for m in model.video.slow.modules() if isinstance(m, slowfast.LateralInputConv3d)
                for p in [m.lateral_weight]]
     assert len(readers) == 8 and all(any(p is q for q in lateral.values()) for p in readers)
     pretrained = {n: p.detach().clone() for n, p in model.video.slow.named_parameters()
@@ -259,7 +263,7 @@ def test_early_stopping_patience_minimum_epochs_and_minimum_gain():
 
 def test_checkpoints_are_atomic_plain_and_refuse_pickles(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    train.save_checkpoint(path, dict(model={"w": torch.ones(2)}, rng=train.rng_state()))
+    evaluate.save_checkpoint(path, dict(model={"w": torch.ones(2)}, rng=train.rng_state()))
 
     def cut_off(obj, f):  # a write killed halfway
         with open(f, "wb") as handle:
@@ -268,7 +272,7 @@ def test_checkpoints_are_atomic_plain_and_refuse_pickles(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", cut_off)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, dict(model={"w": torch.zeros(2)}))
+        evaluate.save_checkpoint(path, dict(model={"w": torch.zeros(2)}))
     monkeypatch.undo()
     assert torch.equal(evaluate.load_checkpoint(path)["model"]["w"], torch.ones(2))
 
@@ -282,7 +286,7 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     import random
 
     import numpy as np
-    train.save_checkpoint(tmp_path / "rng.pt", dict(rng=train.rng_state()))
+    evaluate.save_checkpoint(tmp_path / "rng.pt", dict(rng=train.rng_state()))
     expected = (torch.rand(3), random.random(), np.random.rand())
     train.set_rng_state(evaluate.load_checkpoint(tmp_path / "rng.pt")["rng"])
     again = (torch.rand(3), random.random(), np.random.rand())
@@ -444,7 +448,8 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
                              "--master_port", "29533", str(ROOT / "train.py"), *argv],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    dev = data.MELDDataset(cache, "dev", ("video", "audio", "text"), tokenizer, num_frames=8, crop_size=32)
+    dev = data.ClipDataset(cache, "dev", data.DataConfig(modalities=("video", "audio", "text"), num_frames=8,
+                                                         crop_size=32), tokenizer)
     assert len(dev) % (2 * 2) != 0  # the last shard is short: nothing may be counted twice
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     for record in log:  # the same weights on both ranks, also after the unfreeze at epoch 1
@@ -456,7 +461,7 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
     ddp_predictions = {p["id"]: p for p in map(json.loads, (out / "predictions_dev.jsonl").read_text().splitlines())}
     assert sorted(ddp_predictions) == sorted(r.id for r in dev.rows)
     best = evaluate.load_checkpoint(out / "best.pt")
-    model = model_lib.EmotionModel(**best["model_config"], load_pretrained=False)
+    model = model_lib.EmotionModel(model_lib.ModelConfig(**best["model_config"]), load_pretrained=False)
     model.load_state_dict(best["model"])
     single = evaluate.predict(model, data.make_loader(dev, batch_size=3, train=False, workers=0), torch.device("cpu"))
     tolerance = {} if device == "cpu" else dict(rtol=0, atol=5e-3)  # the GPU run evaluates under fp16 autocast
@@ -477,7 +482,7 @@ def test_demo_end_to_end_with_wandb_offline_and_hub_upload_failing_cleanly(tmp_p
                  "confusion_test.png", "f1_test.png", "curves.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "test_metrics.json").read_text())
-    assert set(metrics["test"]["emotion"]["per_class"]) == set(data.EMOTIONS)
+    assert set(metrics["test"]["emotion"]["per_class"]) == set(meld.EMOTIONS)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert evaluate.load_checkpoint(out / "best.pt")["model_config"]["video_size"] == "tiny"
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
