@@ -62,11 +62,16 @@ class DataConfig:
     n_mels: int = 64                   # log-mel bands
     max_audio_seconds: float = 10.0    # audio kept per clip
     max_text_tokens: int = 128         # tokens per utterance, context included
-    context: int = 0                   # previous utterances of the dialogue given as context
+    context: tuple = (0, 0)            # utterances of the dialogue before and after the target given as context
+    speakers: bool = True              # each utterance as "Speaker: text"
     audio_input: str = "logmel"        # "logmel" [n_mels, A] or "waveform" [1, S]
 
     def __post_init__(self):
         self.modalities = list(meld.check_modalities(self.modalities))  # a list, as a JSON round trip gives
+        past, future = (self.context, 0) if isinstance(self.context, int) else self.context   # an int: past only
+        if past < 0 or future < 0:
+            raise ValueError(f"context must be two numbers of utterances >= 0 (past, future), got {self.context}")
+        self.context = [int(past), int(future)]
         meld.tasks(self.dataset)  # an unknown dataset name raises
         if self.frame_sampling not in ("fixed", "uniform"):
             raise ValueError(f"unknown frame sampling {self.frame_sampling!r} (expected 'fixed' or 'uniform')")
@@ -191,6 +196,25 @@ def spec_augment(logmel, generator, freq_masks=2, freq_width=8, time_masks=2, ti
     return logmel
 
 
+def dialogue_context(rows, utterances, past, future):
+    """For each of rows, the utterances of `utterances` (meld.Utterance) around it in its own
+    dialogue, ordered by utterance id (never by file order): up to `past` before it and `future`
+    after it, nearest first. -> [(past, future)], one pair of lists per row. Context never crosses
+    dialogues; callers pass the utterances of one split (or of one --dialogue file)."""
+    dialogues = collections.defaultdict(list)
+    for u in utterances:
+        dialogues[u.dialogue].append(u)
+    for turns in dialogues.values():
+        turns.sort(key=lambda u: u.index)
+    context = []
+    for row in rows:
+        turns = dialogues.get(row.dialogue, [])
+        before = [u for u in turns if u.index < row.index][::-1][:past]
+        after = [u for u in turns if u.index > row.index][:future]
+        context.append((before, after))
+    return context
+
+
 # ------------------------------------------------------------------------------------------------
 # The dataset
 # ------------------------------------------------------------------------------------------------
@@ -278,32 +302,58 @@ class ClipDataset(Dataset):
         if "text" in self.modalities:
             if tokenizer is None:
                 raise ValueError("the text modality needs a tokenizer (model.load_tokenizer)")
-            self.pad_token_id = tokenizer.pad_token_id
-            history = collections.defaultdict(dict)  # context comes from the CSV, whatever the clips
-            for r in all_rows:
-                if r.text.strip():
-                    history[r.dialogue][r.index] = f"{r.speaker}: {r.text}"
-            self.tokens = [self.tokenize(r.text, [history[r.dialogue][i] for i in range(r.index - config.context,
-                                                                                        r.index)
-                                                  if i in history[r.dialogue]])
-                           for r in rows]
+            self.pad_token_id, self.token_ids = tokenizer.pad_token_id, {}
+            spoken = [r for r in all_rows if r.text.strip()]  # context comes from the CSV, whatever the clips
+            self.tokens = [self.tokenize(r, past, future)
+                           for r, (past, future) in zip(rows, dialogue_context(rows, spoken, *config.context))]
         if "audio" in self.modalities:
             self.melspec = torchaudio.transforms.MelSpectrogram(
                 sample_rate=meld.AUDIO_RATE, n_fft=MEL_WINDOW, hop_length=MEL_HOP, n_mels=config.n_mels)
 
-    def tokenize(self, text, previous=()):
-        """Token ids of an utterance; `previous` utterances ("Speaker: text", oldest first) form a
-        first segment, dropping the oldest whole utterances that do not fit in max_text_tokens."""
-        tokenizer, max_tokens, previous = self.tokenizer, self.config.max_text_tokens, list(previous)
-        if previous:  # the utterance is counted only when there is context to fit around it
-            budget = max_tokens - len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 3
-            while previous and len(tokenizer(" ".join(previous), add_special_tokens=False)["input_ids"]) > budget:
-                previous.pop(0)
-        if previous:
-            enc = tokenizer(" ".join(previous), text, truncation="only_second", max_length=max_tokens)
-        else:
-            enc = tokenizer(text, truncation=True, max_length=max_tokens)
-        return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+    def tokenize(self, target, past=(), future=()):
+        """The text input of one utterance (a meld.Utterance) with its context: `past` and `future`
+        utterances of its dialogue, nearest first (dialogue_context gives them), each written
+        "Speaker: text" when config.speakers (and the speaker is known):
+
+            [CLS] past utterances, oldest first [SEP] target [SEP] future utterances [SEP]
+
+        A side without context has no block and no [SEP]. Whole utterances are kept, nearest first
+        and alternating sides, while they fit in config.max_text_tokens; a side stops at its first
+        utterance that does not fit. The target is never cut for context (only when it alone is
+        longer than the budget). -> dict of lists: input_ids; target_mask, 1 on the target's tokens
+        (what pooling "target" averages); token_type_ids, if the tokenizer uses them: 1 on the
+        target and its [SEP] when there is context around it, else 0 everywhere."""
+        tokenizer = self.tokenizer
+        budget = self.config.max_text_tokens - 2                        # [CLS] target [SEP]
+        target_ids = self.utterance_ids(target)[:budget]
+        budget -= len(target_ids)
+        kept = ([], [])                                                 # past, future: nearest first
+        for distance in range(max(len(past), len(future))):
+            for side, utterances in enumerate((past, future)):
+                if distance < len(utterances) and len(kept[side]) == distance:  # this side still open
+                    ids = self.utterance_ids(utterances[distance])
+                    cost = len(ids) + (0 if kept[side] else 1)          # a block's [SEP] comes with its first
+                    if cost <= budget:
+                        kept[side].append(ids)
+                        budget -= cost
+        before = [i for ids in reversed(kept[0]) for i in ids] + [tokenizer.sep_token_id] * bool(kept[0])
+        after = [i for ids in kept[1] for i in ids] + [tokenizer.sep_token_id] * bool(kept[1])
+        start = 1 + len(before)
+        input_ids = [tokenizer.cls_token_id, *before, *target_ids, tokenizer.sep_token_id, *after]
+        target_mask = [0] * start + [1] * len(target_ids) + [0] * (1 + len(after))
+        encoded = dict(input_ids=input_ids, target_mask=target_mask)
+        if "token_type_ids" in tokenizer.model_input_names:
+            marked = 1 if kept[0] or kept[1] else 0
+            encoded["token_type_ids"] = [0] * start + [marked] * (len(target_ids) + 1) + [0] * len(after)
+        return encoded
+
+    def utterance_ids(self, utterance):
+        """Token ids of one utterance as the model reads it ("Speaker: text"), tokenised once."""
+        speaker = self.config.speakers and utterance.speaker
+        line = f"{utterance.speaker}: {utterance.text}" if speaker else utterance.text
+        if line not in self.token_ids:
+            self.token_ids[line] = self.tokenizer(line, add_special_tokens=False)["input_ids"]
+        return self.token_ids[line]
 
     def summary(self):
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.excluded.items(), key=lambda x: (-x[1], x[0])))
@@ -414,9 +464,9 @@ def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentime
         ids = [torch.tensor(s["input_ids"]) for s in samples]
         batch["input_ids"] = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)
         batch["attention_mask"] = pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
-        if "token_type_ids" in samples[0]:
-            batch["token_type_ids"] = pad_sequence([torch.tensor(s["token_type_ids"]) for s in samples],
-                                                   batch_first=True)
+        for key in ("token_type_ids", "target_mask"):
+            if key in samples[0]:
+                batch[key] = pad_sequence([torch.tensor(s[key]) for s in samples], batch_first=True)
     return batch
 
 
@@ -435,9 +485,11 @@ class ClipSampler(Sampler):
     the consumed part of an epoch (exact resume), or number repeated draws for their augmentation.
     """
 
-    def __init__(self, labels, shuffle, balanced=False, num_replicas=1, rank=0, seed=0, pad=True):
+    def __init__(self, labels, shuffle, balanced=False, num_replicas=1, rank=0, seed=0, pad=True, lengths=None,
+                 batch_size=1):
         self.labels, self.shuffle, self.balanced = torch.as_tensor(labels), shuffle, balanced
         self.num_replicas, self.rank, self.seed, self.pad = num_replicas, rank, seed, pad
+        self.lengths, self.batch_size = None if lengths is None else torch.as_tensor(lengths), batch_size
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -455,11 +507,29 @@ class ClipSampler(Sampler):
             order = torch.arange(n)
         if self.pad and n % self.num_replicas:
             order = torch.cat([order, order[: self.num_replicas - n % self.num_replicas]])
+        if self.lengths is not None:
+            order = self._group_by_length(order, generator)
         seen, keys = collections.Counter(), []   # (index, draw) over every rank's samples
         for i in order.tolist():
             keys.append((i, seen[i]))
             seen[i] += 1
         return keys[self.rank::self.num_replicas]
+
+    def _group_by_length(self, order, generator, pool=50):
+        """Batches of similar lengths, to pad less: the order is cut into pools of `pool` global
+        batches (batch_size x num_replicas samples each), each pool sorted by length (longest first),
+        cut into its global batches, and the batches of the epoch shuffled; all from the epoch's
+        generator, so the order can still be rebuilt on resume. Samples after the last whole global
+        batch stay at the end (training drops them)."""
+        step = self.batch_size * self.num_replicas
+        whole = len(order) // step * step
+        batches = []
+        for start in range(0, whole, step * pool):
+            chunk = order[start:min(start + step * pool, whole)]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(chunk.split(step))
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return torch.cat(shuffled + [order[whole:]])
 
     def __len__(self):
         n = len(self.labels)
@@ -484,15 +554,21 @@ def reuse_freed_memory(_worker_id=None):
 
 
 def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0, num_replicas=1, rank=0,
-                pin_memory=None):
+                pin_memory=None, group_by_length=False):
     """DataLoader over a ClipDataset: ClipSampler (random or balanced, sharded when distributed),
     drop_last in training (BatchNorm in the heads cannot take a batch of one, and equal micro-batches
     keep gradient accumulation exact), persistent workers that reuse freed memory, pinned memory
-    when CUDA is available."""
+    when CUDA is available. group_by_length (training, text selected): batches of texts of similar
+    token counts (ClipSampler._group_by_length). ValueError for an unknown sampler, or for
+    group_by_length without text."""
     if sampler not in ("random", "balanced"):
         raise ValueError(f"unknown sampler {sampler!r} (expected 'random' or 'balanced')")
+    if group_by_length and "text" not in dataset.modalities:
+        raise ValueError("--group-by-length groups texts by their token counts: it needs the text modality")
+    lengths = [len(t["input_ids"]) for t in dataset.tokens] if group_by_length and train else None
     order = ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
-                        num_replicas=num_replicas, rank=rank, seed=seed, pad=train)
+                        num_replicas=num_replicas, rank=rank, seed=seed, pad=train, lengths=lengths,
+                        batch_size=batch_size)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=order, drop_last=train, num_workers=workers,
         collate_fn=functools.partial(collate,

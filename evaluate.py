@@ -332,6 +332,9 @@ def predict_main(argv):
     parser.add_argument("--checkpoint", required=True, help="best.pt written by train.py")
     parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as prepare.py does)")
     parser.add_argument("--text", nargs="*", default=[], help="what is said in each clip, in the order of --video")
+    parser.add_argument("--dialogue", help="a conversation: CSV with columns Speaker, Utterance (and Video, a file "
+                                           "per row, for models that read video or audio); every utterance is "
+                                           "predicted with the dialogue context the checkpoint was trained with")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list (one object per clip) instead of a table")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -340,20 +343,39 @@ def predict_main(argv):
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     modalities = checkpoint["model_config"]["modalities"]
     media = {"video", "audio"} & set(modalities)
-    count = len(args.video) if media else len(args.text)
-    if media and not args.video:
-        raise SystemExit(f"this model reads {' and '.join(sorted(media))}: pass --video FILE.mp4 ...")
-    if "text" in modalities and len(args.text) != count:
-        raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per clip "
-                         f"({count} clip(s), {len(args.text)} text(s) given)")
-    empty = [i + 1 for i, text in enumerate(args.text) if not text.strip()] if "text" in modalities else []
+    context = data.DataConfig.from_dict(checkpoint["data_config"]).context
+    if args.dialogue:
+        if args.video or args.text:
+            raise SystemExit("--dialogue gives the utterances (and videos) itself: leave out --video and --text")
+        with cli.one_line_errors():
+            utterances, videos = meld.read_dialogue_csv(args.dialogue)
+        if media and not all(videos):
+            raise SystemExit(f"{args.dialogue}: this model reads {' and '.join(sorted(media))}: give a Video for "
+                             f"every row (row {videos.index('') + 2} has none)")
+        contexts = data.dialogue_context(utterances, utterances, *context)
+    else:
+        videos = args.video
+        utterances = [meld.Utterance(f"text {i + 1}", "", 0, i, text, "", -1, -1) for i, text in enumerate(args.text)]
+        contexts = [((), ())] * len(utterances)
+        if media and not videos:
+            raise SystemExit(f"this model reads {' and '.join(sorted(media))}: pass --video FILE.mp4 ...")
+        if not media and not utterances:
+            raise SystemExit("this model reads text alone: pass --text UTTERANCE ... or --dialogue FILE.csv")
+        if "text" in modalities and len(utterances) != (len(videos) if media else len(utterances)):
+            raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per "
+                             f"clip ({len(videos)} clip(s), {len(utterances)} text(s) given)")
+        if "text" in modalities and any(context):
+            print(f"warning: this model was trained with dialogue context ({context[0]} utterances before, "
+                  f"{context[1]} after): --text is read without it; pass --dialogue FILE.csv to give the "
+                  "conversation", file=sys.stderr)
+    empty = [i + 1 for i, u in enumerate(utterances) if not u.text.strip()] if "text" in modalities else []
     if empty:
-        raise SystemExit(f"--text: utterance {empty[0]} is empty, and this model reads text; give what is said in "
-                         "each clip")
+        raise SystemExit(f"{args.dialogue or '--text'}: utterance {empty[0]} is empty, and this model reads text; "
+                         "give what is said in each clip")
     dataset = dataset_for(checkpoint, ".", None)
     settings = prepare.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
                                           if k in prepare.PrepareSettings.__dataclass_fields__})
-    names = args.video if media else [f"text {i + 1}" for i in range(count)]
+    names = videos if media else [u.id for u in utterances]
     samples = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
@@ -377,7 +399,7 @@ def predict_main(argv):
                         raise SystemExit(f"{name}: has {what}, and this model reads audio")
                     sample["audio"] = dataset.load_audio(folder)
             if "text" in modalities:
-                sample.update(dataset.tokenize(args.text[i]))
+                sample.update(dataset.tokenize(utterances[i], *contexts[i]))
             samples.append(sample)
     batch = data.collate(samples, num_frames=dataset.config.num_frames if "video" in modalities else None,
                          pad_token_id=getattr(dataset, "pad_token_id", 0), tasks=())
@@ -385,7 +407,7 @@ def predict_main(argv):
         out = model(data.to_device(batch, device))
     results = []
     for i, name in enumerate(names):
-        row = {"file": name}
+        row = {"file": name} | ({"speaker": utterances[i].speaker, "text": utterances[i].text} if args.dialogue else {})
         for task, labels in checkpoint["tasks"]:
             probs = out[task][i].float().softmax(-1).tolist()
             row[task] = dict(sorted(zip(labels, probs), key=lambda x: -x[1]))
@@ -395,7 +417,7 @@ def predict_main(argv):
     else:
         (primary, _), *others = checkpoint["tasks"]
         for row in results:
-            print(row["file"])
+            print(f"{row['file']}: {row['speaker']}: {row['text']}" if args.dialogue else row["file"])
             for label, p in row[primary].items():
                 print(f"  {label:<10} {p:6.3f}  {'#' * round(40 * p)}")
             for task, _ in others:

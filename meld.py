@@ -263,3 +263,28 @@ def tasks(dataset, root=None, classes=None):
         return [("label", tuple(classes) if classes is not None else tuple(csv_classes(root)) if root else ())]
     raise ValueError(f"unknown dataset {dataset!r} (expected 'meld' or 'csv')")
 
+
+
+def read_dialogue_csv(path):
+    """A conversation to predict (evaluate.py predict --dialogue): columns Speaker and Utterance,
+    optionally Video (a file per row; paths relative to the CSV's folder), names matched without
+    regard to case, rows in the order spoken. -> (list of Utterance, one dialogue, indices 0, 1, …
+    in row order; list of video paths, "" where none). ValueError naming the file for a missing
+    column or no rows."""
+    path = Path(path)
+    reader = csv_reader(path)
+    columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+    missing = [c for c in ("Speaker", "Utterance") if c.lower() not in columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+    utterances, videos = [], []
+    for row in reader:
+        cell = {key: (row.get(name) or "").strip() for key, name in columns.items()}
+        if not any(cell.values()):
+            continue                                 # a spreadsheet's trailing row of empty cells
+        i = len(utterances)
+        utterances.append(Utterance(f"{path.stem}/utt{i}", "", 0, i, cell["utterance"], cell["speaker"], -1, -1))
+        videos.append(os.path.abspath(path.parent / cell["video"]) if cell.get("video") else "")
+    if not utterances:
+        raise ValueError(f"{path}: no rows")
+    return utterances, videos

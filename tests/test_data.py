@@ -298,7 +298,7 @@ def test_text_only_on_the_real_csvs_needs_no_media(tokenizer):
     ds = data.ClipDataset(SHARED_MELD, "dev", data.DataConfig(modalities=("text",)), tokenizer)
     assert len(ds) == 1109 and not ds.excluded
     batch = next(iter(data.make_loader(ds, batch_size=8, train=False, workers=0)))
-    assert set(batch) == {"ids", "emotion", "sentiment", "input_ids", "attention_mask", "token_type_ids"}
+    assert set(batch) == {"ids", "emotion", "sentiment", "input_ids", "attention_mask", "token_type_ids", "target_mask"}
     assert batch["ids"][0] == "dev/dia0_utt0" and batch["emotion"][0] == meld.EMOTIONS.index("sadness")
     assert meld.available_splits(SHARED_MELD) == ["train", "dev"]
     with pytest.raises(FileNotFoundError, match="test_sent_emo.csv"):
@@ -309,16 +309,17 @@ def test_text_context_prepends_previous_utterances_with_speakers(tokenizer, tmp_
     (tmp_path / "dev_sent_emo.csv").write_bytes((FIXTURES / "meld_quirks_utf8.csv").read_bytes())
     ds = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=2), tokenizer)
     text = tokenizer.decode(ds[2]["input_ids"])  # dia0_utt2, after Phoebe's and Monica's lines
-    assert text.startswith("[CLS] phoebe : oh my god") and "monica : what? [SEP] he said" in text
+    assert text.startswith("[CLS] phoebe : oh my god") and "monica : what? [SEP] ross : he said" in text
     assert set(ds[2]["token_type_ids"]) == {0, 1}
     alone = ds[0]  # first of its dialogue: no context
-    assert set(alone["token_type_ids"]) == {0} and tokenizer.decode(alone["input_ids"]).startswith("[CLS] oh my")
+    assert set(alone["token_type_ids"]) == {0}
+    assert tokenizer.decode(alone["input_ids"]).startswith("[CLS] phoebe : oh my")
     assert set(ds[3]["token_type_ids"]) == {0}  # dia1: Phoebe's dialogue 0 is not its context
-    short = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=2, max_text_tokens=24),
+    short = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=2, max_text_tokens=32),
                              tokenizer)
-    assert tokenizer.decode(short[2]["input_ids"]).startswith("[CLS] monica : what? [SEP] he said")  # oldest dropped
+    assert tokenizer.decode(short[2]["input_ids"]).startswith("[CLS] monica : what? [SEP] ross : he said")  # oldest
     none = data.ClipDataset(tmp_path, "dev", data.DataConfig(modalities=("text",), context=0), tokenizer)
-    assert tokenizer.decode(none[2]["input_ids"]).startswith("[CLS] he said")
+    assert tokenizer.decode(none[2]["input_ids"]).startswith("[CLS] ross : he said")
 
 
 def test_frame_sampling():
