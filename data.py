@@ -63,7 +63,7 @@ class DataConfig:
     max_audio_seconds: float = 10.0    # audio kept per clip
     max_text_tokens: int = 128         # tokens per utterance, context included
     context: tuple = (0, 0)            # utterances of the dialogue before and after the target given as context
-    speakers: bool = True              # each utterance as "Speaker: text"
+    speakers: bool = True              # with context, each utterance as "Speaker: text"
     audio_input: str = "logmel"        # "logmel" [n_mels, A] or "waveform" [1, S]
 
     def __post_init__(self):
@@ -313,7 +313,7 @@ class ClipDataset(Dataset):
     def tokenize(self, target, past=(), future=()):
         """The text input of one utterance (a meld.Utterance) with its context: `past` and `future`
         utterances of its dialogue, nearest first (dialogue_context gives them), each written
-        "Speaker: text" when config.speakers (and the speaker is known):
+        "Speaker: text" when the run uses context and config.speakers (and the speaker is known):
 
             [CLS] past utterances, oldest first [SEP] target [SEP] future utterances [SEP]
 
@@ -321,8 +321,10 @@ class ClipDataset(Dataset):
         and alternating sides, while they fit in config.max_text_tokens; a side stops at its first
         utterance that does not fit. The target is never cut for context (only when it alone is
         longer than the budget). -> dict of lists: input_ids; target_mask, 1 on the target's tokens
-        (what pooling "target" averages); token_type_ids, if the tokenizer uses them: 1 on the
-        target and its [SEP] when there is context around it, else 0 everywhere."""
+        (what pooling "target" averages), or on the whole input when no context is around it (as
+        mean pooling: a run without context reads what it read before context existed);
+        token_type_ids, if the tokenizer uses them: 1 on the target and its [SEP] when there is
+        context around it, else 0 everywhere."""
         tokenizer = self.tokenizer
         budget = self.config.max_text_tokens - 2                        # [CLS] target [SEP]
         target_ids = self.utterance_ids(target)[:budget]
@@ -340,16 +342,16 @@ class ClipDataset(Dataset):
         after = [i for ids in kept[1] for i in ids] + [tokenizer.sep_token_id] * bool(kept[1])
         start = 1 + len(before)
         input_ids = [tokenizer.cls_token_id, *before, *target_ids, tokenizer.sep_token_id, *after]
-        target_mask = [0] * start + [1] * len(target_ids) + [0] * (1 + len(after))
+        alone = not (kept[0] or kept[1])
+        target_mask = [1] * len(input_ids) if alone else [0] * start + [1] * len(target_ids) + [0] * (1 + len(after))
         encoded = dict(input_ids=input_ids, target_mask=target_mask)
         if "token_type_ids" in tokenizer.model_input_names:
-            marked = 1 if kept[0] or kept[1] else 0
-            encoded["token_type_ids"] = [0] * start + [marked] * (len(target_ids) + 1) + [0] * len(after)
+            encoded["token_type_ids"] = [0] * start + [int(not alone)] * (len(target_ids) + 1) + [0] * len(after)
         return encoded
 
     def utterance_ids(self, utterance):
-        """Token ids of one utterance as the model reads it ("Speaker: text"), tokenised once."""
-        speaker = self.config.speakers and utterance.speaker
+        """Token ids of one utterance as the model reads it ("Speaker: text" with context), tokenised once."""
+        speaker = self.config.speakers and any(self.config.context) and utterance.speaker
         line = f"{utterance.speaker}: {utterance.text}" if speaker else utterance.text
         if line not in self.token_ids:
             self.token_ids[line] = self.tokenizer(line, add_special_tokens=False)["input_ids"]

@@ -66,7 +66,7 @@ def get_args_parser():
                         help="PAST[,FUTURE]: utterances of the dialogue before and after the target given as "
                              "text context (future context needs the rest of the conversation: offline only)")
     parser.add_argument("--speakers", action=argparse.BooleanOptionalAction, default=True,
-                        help="write each utterance as 'Speaker: text' (--no-speakers: the text alone)")
+                        help="with --context, write each utterance as 'Speaker: text' (--no-speakers: the text alone)")
     parser.add_argument("--hflip", type=float, default=0.5,
                         help="probability of a horizontal flip in training (0 = never: where left and right differ)")
     parser.add_argument("--sampler", default="random", choices=["random", "balanced"],

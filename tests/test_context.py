@@ -66,8 +66,9 @@ def test_past_and_future_context_with_and_without_speakers(conversation, tokeniz
                                         "could this be any longer? [SEP]"
     past_only = item(text_dataset(conversation, tokenizer, context=(4, 0)), "train/dia0_utt2")
     assert decoded(tokenizer, past_only) == "[CLS] rachel : hi. ross : hello there. [SEP] monica : how are you? [SEP]"
-    alone = item(text_dataset(conversation, tokenizer), "train/dia0_utt2")   # no context: one segment
-    assert decoded(tokenizer, alone) == "[CLS] monica : how are you? [SEP]" and set(alone["token_type_ids"]) == {0}
+    alone = item(text_dataset(conversation, tokenizer), "train/dia0_utt2")   # no context: as before context existed
+    assert decoded(tokenizer, alone) == "[CLS] how are you? [SEP]" and set(alone["token_type_ids"]) == {0}
+    assert alone["target_mask"] == [1] * len(alone["input_ids"])          # pooled over all of it, as mean pooling
 
 
 def test_truncation_drops_the_farthest_utterances_first_and_never_cuts_the_target(conversation, tokenizer):
@@ -86,7 +87,7 @@ def test_truncation_drops_the_farthest_utterances_first_and_never_cuts_the_targe
                    "train/dia0_utt2")
     assert decoded(tokenizer, no_room) == f"[CLS] {target} [SEP]"   # context gone, the target whole
     too_long = item(text_dataset(conversation, tokenizer, context=(4, 4), max_text_tokens=5), "train/dia0_utt2")
-    assert decoded(tokenizer, too_long, "target_mask") == "monica : how"   # only a target longer than the budget
+    assert decoded(tokenizer, too_long) == "[CLS] monica : how [SEP]"   # only a target longer than the budget
 
 
 def test_context_never_crosses_dialogues_or_splits(conversation, tokenizer):
