@@ -19,7 +19,8 @@ from conftest import ROOT
 
 # The user's own paths in the README -> what stands in for them here.
 USER_PATHS = {"/path/to/MELD.Raw": "data/synth", "path/to/MELD/data/MELD": "data/synth",
-              "clip.mp4": "data/synth/test/output_repeated_splits_test/dia0_utt0.mp4"}
+              "clip.mp4": "data/synth/test/output_repeated_splits_test/dia0_utt0.mp4",
+              "conversation.csv": "data/conversation.csv"}
 SMALL_MODEL = ["--video-size", "tiny", "--video-init", "random", "--num-frames", "8", "--crop-size", "32",
                "--audio-channels", "4,8,8,8", "--fusion-dim", "16", "--batch-size", "2", "--accum-steps", "1",
                "--eval-batch-size", "8", "--epochs", "1", "--min-epochs", "1", "--max-steps-per-epoch", "2",
@@ -102,6 +103,8 @@ def test_every_readme_command_runs(tmp_path, tiny_bert):
     rng = np.random.default_rng(0)
     make_applause_manifest(tmp_path / "data" / "applause", rng)
     make_image_manifest(tmp_path / "data" / "images", rng)
+    (tmp_path / "data" / "conversation.csv").write_text("Speaker,Utterance\nRachel,Hi.\nRoss,Hi! How are you?\n"
+                                                        "Rachel,Fine. We were on a break!\n")
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     ran, outside = [], []
     for language, text in readme_blocks():
