@@ -23,7 +23,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         shown = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        default = action.default
+        if action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS:
             shown += " (default: '')" if action.default == "" else " (default: %(default)s)"
         return shown
 
@@ -40,15 +41,38 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind):
-    """An argparse type: kind(text) (int or float) that must be > 0."""
+def positive(kind, low=0.0, high=None, low_allowed=False):
+    """An argparse type: kind(text) (int or float) that must be > low (>= low with low_allowed)
+    and, given high, <= high."""
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+            bounds = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__           # argparse names the type in "invalid int value"
     return parse
+
+
+def non_negative(kind):
+    """An argparse type: kind(text) >= 0."""
+    return positive(kind, low_allowed=True)
+
+
+def probability(text):
+    """An argparse type: a float in [0, 1]."""
+    return positive(float, low_allowed=True, high=1.0)(text)
+
+
+def int_list(text):
+    """An argparse type: comma-separated integers > 0 -> list of int ("32,64,128")."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers > 0")
+    return values
 
 
 @contextlib.contextmanager
@@ -94,7 +118,15 @@ def write_atomic(path, content):
 
 def resolve_device(name):
     """The --device flag: "auto" = the first CUDA device if there is one, else the CPU; otherwise
-    torch.device(name) ("cpu", "cuda", "cuda:1")."""
+    torch.device(name) ("cpu", "cuda", "cuda:1"). SystemExit in one line for a name torch does not
+    know, or a CUDA device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         "use --device cpu (or auto)")
+    return device

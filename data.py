@@ -43,6 +43,8 @@ from torchvision.io import decode_jpeg
 
 import meld
 
+FRAME_SAMPLINGS = ("fixed", "uniform")   # sample_frame_indices
+SAMPLERS = ("random", "balanced")       # make_loader
 MEL_HOP = 160         # samples: 10 ms at 16 kHz, so A = 100 audio frames per second
 MEL_WINDOW = 400      # samples: 25 ms
 
@@ -73,8 +75,8 @@ class DataConfig:
             raise ValueError(f"context must be two numbers of utterances >= 0 (past, future), got {self.context}")
         self.context = [int(past), int(future)]
         meld.tasks(self.dataset)  # an unknown dataset name raises
-        if self.frame_sampling not in ("fixed", "uniform"):
-            raise ValueError(f"unknown frame sampling {self.frame_sampling!r} (expected 'fixed' or 'uniform')")
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            raise ValueError(f"unknown frame sampling {self.frame_sampling!r} (expected one of {FRAME_SAMPLINGS})")
         if self.audio_input not in ("logmel", "waveform"):
             raise ValueError(f"audio_input must be logmel or waveform, got {self.audio_input!r}")
 
@@ -271,8 +273,8 @@ class ClipDataset(Dataset):
                           if (self.root / meld.VIDEO_DIRS[split]).is_dir() else "--meld-root MELD_RAW (or --csv "
                           f"MANIFEST) --out {self.root}` first")
                 raise FileNotFoundError(f"{self.root}: not a prepared cache (no manifest.jsonl) and the model "
-                                        f"reads {'+'.join(self.modalities)}: run `python prepare.py {source}, "
-                                        "or use --modalities text, which reads the CSVs alone")
+                                        f"reads {'+'.join(self.modalities)}: run `python prepare.py {source} "
+                                        "(a text-only model, --modalities text, reads the CSVs alone)")
             missing = [r.id for r in rows if r.id not in manifest]
             if missing:
                 raise ValueError(f"{self.root / 'manifest.jsonl'}: {len(missing)} of {len(rows)} {split} clips "
@@ -563,8 +565,8 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
     when CUDA is available. group_by_length (training, text selected): batches of texts of similar
     token counts (ClipSampler._group_by_length). ValueError for an unknown sampler, or for
     group_by_length without text."""
-    if sampler not in ("random", "balanced"):
-        raise ValueError(f"unknown sampler {sampler!r} (expected 'random' or 'balanced')")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {SAMPLERS})")
     if group_by_length and "text" not in dataset.modalities:
         raise ValueError("--group-by-length groups texts by their token counts: it needs the text modality")
     lengths = [len(t["input_ids"]) for t in dataset.tokens] if group_by_length and train else None

@@ -152,7 +152,8 @@ def load_checkpoint(path, device="cpu"):
     """A train.py checkpoint: plain tensors and containers only (weights_only=True), so a
     checkpoint holding a pickled object is refused."""
     if not Path(path).is_file():
-        raise SystemExit(f"{path}: no such checkpoint file (train.py writes best.pt and last.pt in its --out)")
+        what = "a folder, not a checkpoint file" if Path(path).is_dir() else "no such checkpoint file"
+        raise SystemExit(f"{path}: {what} (train.py writes best.pt and last.pt in its --out)")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
@@ -295,18 +296,22 @@ def evaluate_main(argv):
     parser.add_argument("--split", default="test", choices=meld.SPLITS, help="split to evaluate")
     parser.add_argument("--views", type=cli.positive(int), default=1,
                         help="temporal windows per clip, probabilities averaged (1 = centre)")
-    parser.add_argument("--out", default=None, help="folder for the JSON and PNG files (default: the checkpoint's)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the JSON and PNG files (default: evaluation/ beside the checkpoint, so that "
+                             "train.py's own plots are kept)")
     parser.add_argument("--batch-size", type=cli.positive(int), default=16, help="clips per batch")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=cli.non_negative(int), default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     device = cli.resolve_device(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
-    with cli.one_line_errors():  # a bad CSV or cache: one line that names the file
+    out = Path(args.out or Path(args.checkpoint).parent / "evaluation")
+    with cli.one_line_errors():  # a bad CSV or cache, an --out that cannot be made: one line that names it
         dataset = dataset_for(checkpoint, args.data, args.split)
+        out.mkdir(parents=True, exist_ok=True)
     print(dataset.summary())
-    out = Path(args.out or Path(args.checkpoint).parent)
-    out.mkdir(parents=True, exist_ok=True)
+    if len(dataset) == 0:
+        raise SystemExit(f"{args.data}: the {args.split} split has no usable clip ({dataset.summary()})")
 
     results = {"checkpoint": str(args.checkpoint), "split": args.split, "views": args.views}
     for key, views in (("single_view", 1), ("multi_view", args.views))[:1 + (args.views > 1)]:
@@ -363,7 +368,7 @@ def predict_main(argv):
             raise SystemExit("this model reads text alone: pass --text UTTERANCE ... or --dialogue FILE.csv")
         if "text" in modalities and len(utterances) != (len(videos) if media else len(utterances)):
             raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per "
-                             f"clip ({len(videos)} clip(s), {len(utterances)} text(s) given)")
+                             f"clip, each in quotes ({len(videos)} clip(s), {len(utterances)} text(s) given)")
         if "text" in modalities and any(context):
             print(f"warning: this model was trained with dialogue context ({context[0]} utterances before, "
                   f"{context[1]} after): --text is read without it; pass --dialogue FILE.csv to give the "
@@ -433,6 +438,9 @@ def main(argv=None):
         print(f"wrote {plot_curves(argv[1])}")
     elif argv and argv[0] == "predict":
         return predict_main(argv[1:])
+    elif argv and not argv[0].startswith("-"):
+        raise SystemExit(f"evaluate.py: unknown command {argv[0]!r}; the commands are curves and predict, or "
+                         "--checkpoint CKPT --data DATA to evaluate (see --help)")
     else:
         return evaluate_main(argv)
 

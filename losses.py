@@ -3,7 +3,7 @@
     criterion = FocalLoss(gamma=2.0, alpha=class_weights(counts))
     loss = criterion(logits, target)          # logits [B, K], target long [B]
 
-`--loss ce` in train.py is the same class with gamma=0: weighted cross-entropy whose mean is over
+`--gamma 0` in train.py is the same class with gamma=0: weighted cross-entropy whose mean is over
 samples, so that gradient accumulation stays exact (see FocalLoss).
 """
 

@@ -32,6 +32,7 @@ VIDEO_DIRS = {"train": "train/train_splits", "dev": "dev/dev_splits_complete",
 
 AUDIO_RATE = 16_000   # Hz, mono: the audio.npy that prepare stores, what the log-mel and speech models read
 MODALITIES = ("video", "audio", "text")
+DATASETS = ("meld", "csv")   # MELD's CSVs (emotion + sentiment), or a `prepare.py --csv` cache (one task)
 
 
 def check_modalities(modalities):
@@ -261,7 +262,7 @@ def tasks(dataset, root=None, classes=None):
         return [("emotion", EMOTIONS), ("sentiment", SENTIMENTS)]
     if dataset == "csv":
         return [("label", tuple(classes) if classes is not None else tuple(csv_classes(root)) if root else ())]
-    raise ValueError(f"unknown dataset {dataset!r} (expected 'meld' or 'csv')")
+    raise ValueError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
 
 
 

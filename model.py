@@ -543,6 +543,7 @@ class Head(nn.Sequential):
 # The whole model
 
 VIDEO_ARCHS = {"slowfast": SlowFast, "frames": FrameResNet}
+FUSIONS = ("attention", "concat")
 AUDIO_ENCODERS = ("cnn", "lstm", "hf:NAME_OR_PATH")
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -575,8 +576,10 @@ class ModelConfig:
 
     def __post_init__(self):
         self.modalities = list(check_modalities(self.modalities))
-        if self.fusion not in ("concat", "attention"):
-            raise ValueError(f"unknown fusion {self.fusion!r}; use concat or attention")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; use one of {', '.join(FUSIONS)}")
+        if not (self.video_init in ("random", "imagenet") or self.video_init.startswith("kinetics:")):
+            raise ValueError(f"unknown video init {self.video_init!r}; use random, imagenet or kinetics:PATH")
         if self.video_arch not in VIDEO_ARCHS:
             raise ValueError(f"unknown video arch {self.video_arch!r}; choose one of {sorted(VIDEO_ARCHS)} "
                              "(the size is video_size)")

@@ -456,9 +456,16 @@ def prepare_meld(meld_root, out, splits=meld.SPLITS, settings=PrepareSettings(),
 
     Returns {split: Counter(reason)} for the clips processed in this call and before."""
     meld_root, out = Path(meld_root), Path(out)
+    if not meld_root.is_dir():
+        raise FileNotFoundError(f"{meld_root}: no such folder; --meld-root is the unpacked MELD.Raw folder "
+                                "(or the output of `prepare.py synth`)")
+    if (meld_root / "prepare.json").exists():
+        raise ValueError(f"{meld_root}: is a prepared cache already (it has prepare.json); --meld-root is the "
+                         "unpacked MELD.Raw folder (or the output of `prepare.py synth`), and train.py --data "
+                         "takes this cache as it is")
     if not any(meld.find_csv(meld_root, split) for split in splits):
         raise FileNotFoundError(f"{meld_root}: no {'/'.join(splits)}_sent_emo.csv here or in its split folders; "
-                                "--meld-root is the unpacked MELD.Raw folder (or the output of `data.py synth`)")
+                                "--meld-root is the unpacked MELD.Raw folder (or the output of `prepare.py synth`)")
     settings = _start_cache(out, settings)
     tasks = []
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0  # cores shared by the workers
@@ -589,12 +596,11 @@ def main(argv=None):
         return synth_main(argv[1:])
     parser = cli.ArgumentParser(
         description=__doc__,
-                                epilog="other command:\n"
-                                       "  python prepare.py synth --help     write MELD-format synthetic clips")
-    source = parser.add_mutually_exclusive_group(required=True)
+        epilog="other command:\n  python prepare.py synth --help     write MELD-format synthetic clips")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--meld-root", help="MELD.Raw folder (or the output of `prepare.py synth`)")
     source.add_argument("--csv", help="manifest CSV: path, label[, text, split, group] (videos, audio files, images)")
-    parser.add_argument("--out", required=True, help="cache folder to write; re-run the same command to continue")
+    parser.add_argument("--out", help="cache folder to write; re-run the same command to continue")
     parser.add_argument("--splits", default="train,dev,test", help="MELD: comma-separated splits to prepare")
     parser.add_argument("--split-ratio", default="0.8,0.1,0.1",
                         help="--csv rows without a split: train,dev,test shares")
@@ -609,6 +615,12 @@ def main(argv=None):
     parser.add_argument("--workers", type=cli.positive(int), default=max(1, (os.cpu_count() or 1)),
                         help="parallel processes")
     args = parser.parse_args(argv)
+    if not (args.meld_root or args.csv) or not args.out:
+        parser.error("give --meld-root MELD_RAW --out CACHE, or --csv MANIFEST --out CACHE")
+    unknown = set(args.splits.split(",")) - set(meld.SPLITS)
+    if unknown:
+        parser.error(f"--splits {args.splits}: unknown split(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{','.join(meld.SPLITS)}")
     settings = PrepareSettings(args.fps, args.short_side, args.max_seconds, args.jpeg_quality)
     with cli.one_line_errors():  # a bad CSV: one line that names the file and row
         if args.csv:
@@ -622,7 +634,7 @@ def synth_main(argv):
                                 "(the MELD.Raw layout: mp4 folders and the three *_sent_emo.csv).")
     parser.add_argument("--out", required=True, help="folder to write (MELD.Raw layout)")
     parser.add_argument("--seed", type=int, default=0, help="everything written follows from this seed")
-    parser.add_argument("--sizes", default="96,24,24", help="utterances in train,dev,test")
+    parser.add_argument("--sizes", type=cli.int_list, default="96,24,24", help="utterances in train,dev,test")
     parser.add_argument("--width", type=cli.positive(int), default=160, help="frame width in pixels (MELD: 1280)")
     parser.add_argument("--height", type=cli.positive(int), default=90, help="frame height in pixels (MELD: 720)")
     parser.add_argument("--fps", type=cli.positive(float), default=24,
@@ -632,9 +644,12 @@ def synth_main(argv):
     parser.add_argument("--workers", type=cli.positive(int), default=max(1, (os.cpu_count() or 1)),
                         help="parallel processes")
     args = parser.parse_args(argv)
+    if len(args.sizes) != len(meld.SPLITS):
+        parser.error(f"--sizes: give {len(meld.SPLITS)} numbers (train,dev,test), got {len(args.sizes)}")
+    if args.min_seconds > args.max_seconds:
+        parser.error(f"--min-seconds {args.min_seconds:g} is more than --max-seconds {args.max_seconds:g}")
     with cli.one_line_errors():
-        sizes = tuple(int(x) for x in args.sizes.split(","))
-        counts = synth(args.out, sizes, args.seed, args.width, args.height, args.fps, args.min_seconds,
+        counts = synth(args.out, tuple(args.sizes), args.seed, args.width, args.height, args.fps, args.min_seconds,
                        args.max_seconds, args.workers)
     print(f"wrote {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
     return counts

@@ -49,14 +49,14 @@ def get_args_parser():
     # --- data
     parser.add_argument("--data", default="data/meld-cache",
                         help="cache written by `prepare.py`; for --modalities text any folder with the CSVs")
-    parser.add_argument("--dataset", default="meld", choices=["meld", "csv"],
+    parser.add_argument("--dataset", default="meld", choices=meld.DATASETS,
                         help="meld: a MELD cache (emotion + sentiment); csv: a cache made by "
                              "`prepare.py --csv` (one task, the manifest's labels)")
     parser.add_argument("--modalities", default="video,audio,text", help="comma-separated subset of video,audio,text")
     parser.add_argument("--num-frames", type=cli.positive(int), default=32,
                         help="frames per clip (fast pathway; slow takes every 4th)")
     parser.add_argument("--crop-size", type=cli.positive(int), default=224, help="square crop, pixels")
-    parser.add_argument("--frame-sampling", default="fixed", choices=["fixed", "uniform"],
+    parser.add_argument("--frame-sampling", default="fixed", choices=data.FRAME_SAMPLINGS,
                         help="fixed: consecutive frames at the cached rate; uniform: spread over the utterance")
     parser.add_argument("--n-mels", type=cli.positive(int), default=64, help="log-mel bands")
     parser.add_argument("--max-audio-seconds", type=cli.positive(float), default=10.0, help="audio kept per clip")
@@ -67,17 +67,17 @@ def get_args_parser():
                              "text context (future context needs the rest of the conversation: offline only)")
     parser.add_argument("--speakers", action=argparse.BooleanOptionalAction, default=True,
                         help="with --context, write each utterance as 'Speaker: text' (--no-speakers: the text alone)")
-    parser.add_argument("--hflip", type=float, default=0.5,
+    parser.add_argument("--hflip", type=cli.probability, default=0.5,
                         help="probability of a horizontal flip in training (0 = never: where left and right differ)")
-    parser.add_argument("--sampler", default="random", choices=["random", "balanced"],
+    parser.add_argument("--sampler", default="random", choices=data.SAMPLERS,
                         help="balanced: draw classes equally often in training")
     parser.add_argument("--group-by-length", action="store_true",
                         help="training batches of texts of similar token counts (less padding; seeded, resumable)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=cli.non_negative(int), default=None,
                         help="DataLoader worker processes per rank (default: 0 for --modalities text, whose "
                              "batches are tokenised once in advance; otherwise 4, or the cores if fewer)")
     # --- model
-    parser.add_argument("--video-arch", default="slowfast", choices=["slowfast", "frames"],
+    parser.add_argument("--video-arch", default="slowfast", choices=sorted(model_lib.VIDEO_ARCHS),
                         help="slowfast; frames = a 2-D ResNet on every frame, masked mean over time (no temporal "
                              "modelling: the baseline, and an image classifier with --num-frames 1)")
     parser.add_argument("--video-size", default="r50", choices=sorted(model_lib.VIDEO_PRESETS),
@@ -93,12 +93,12 @@ def get_args_parser():
     parser.add_argument("--audio-encoder", default="cnn",
                         help="cnn (log-mel CNN), lstm (MFCC -> BiLSTM -> attention pooling), or hf:NAME_OR_PATH "
                              "(a wav2vec2 / HuBERT / WavLM model on the 16 kHz waveform, fine-tuned at --lr-audio)")
-    parser.add_argument("--audio-channels", default="32,64,128,256",
+    parser.add_argument("--audio-channels", type=cli.int_list, default="32,64,128,256",
                         help="channels of the audio CNN's blocks (each halves mel and time)")
-    parser.add_argument("--fusion", default="attention", choices=["attention", "concat"],
+    parser.add_argument("--fusion", default="attention", choices=model_lib.FUSIONS,
                         help="how branches are combined")
     parser.add_argument("--fusion-dim", type=cli.positive(int), default=256, help="width of each modality's projection")
-    parser.add_argument("--modality-dropout", type=float, default=0.0,
+    parser.add_argument("--modality-dropout", type=cli.probability, default=0.0,
                         help="in training, drop each present modality of a sample with this probability (0 = off)")
     # --- optimisation
     parser.add_argument("--epochs", type=cli.positive(int), default=40,
@@ -113,33 +113,44 @@ def get_args_parser():
                         help="peak LR of the text encoder (BERT diverges at 1e-3)")
     parser.add_argument("--lr-audio", type=cli.positive(float), default=3e-5,
                         help="peak LR of a pretrained --audio-encoder hf:")
-    parser.add_argument("--weight-decay", type=float, default=1e-4,
+    parser.add_argument("--weight-decay", type=cli.non_negative(float), default=1e-4,
                         help="AdamW weight decay (none on biases and norms)")
     parser.add_argument("--scheduler", default="onecycle", choices=["onecycle", "cosine", "plateau"],
                         help="onecycle and cosine step once per optimizer step, plateau once per dev evaluation")
-    parser.add_argument("--warmup-frac", type=float, default=0.3, help="OneCycle: fraction of steps rising to the peak")
-    parser.add_argument("--div-factor", type=float, default=100.0, help="OneCycle: start LR = peak / this")
-    parser.add_argument("--final-div-factor", type=float, default=1.0,
+    parser.add_argument("--warmup-frac", type=cli.probability, default=0.3,
+                        help="OneCycle: fraction of steps rising to the peak")
+    parser.add_argument("--div-factor", type=cli.positive(float), default=100.0,
+                        help="OneCycle: start LR = peak / this")
+    parser.add_argument("--final-div-factor", type=cli.positive(float), default=1.0,
                         help="OneCycle and cosine: final LR = peak / div-factor / this")
-    parser.add_argument("--plateau-factor", type=float, default=0.5, help="plateau: LR multiplier when dev stalls")
-    parser.add_argument("--plateau-patience", type=int, default=2, help="plateau: evaluations without gain before it")
-    parser.add_argument("--clip-grad", type=float, default=1.0, help="max global gradient norm (0 = no clipping)")
+    parser.add_argument("--plateau-factor", type=cli.probability, default=0.5,
+                        help="plateau: LR multiplier when dev stalls")
+    parser.add_argument("--plateau-patience", type=cli.non_negative(int), default=2,
+                        help="plateau: evaluations without gain before it")
+    parser.add_argument("--clip-grad", type=cli.non_negative(float), default=1.0,
+                        help="max global gradient norm (0 = no clipping)")
     parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"],
                         help="autocast: auto = fp16 + GradScaler on CUDA, off on CPU (bf16 is slower than fp32 on CPU)")
-    parser.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    parser.add_argument("--max-nonfinite", type=cli.positive(int), default=10,
+                        help="stop after this many non-finite losses in a row")
     # --- loss
-    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss γ (0 = weighted cross-entropy)")
+    parser.add_argument("--gamma", type=cli.non_negative(float), default=2.0,
+                        help="focal loss γ (0 = weighted cross-entropy)")
     parser.add_argument("--class-weights", default="inv-sqrt", choices=["inv-sqrt", "none"],
                         help="per-class alpha from the training label counts")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy term")
-    parser.add_argument("--sentiment-weight", type=float, default=0.5,
+    parser.add_argument("--label-smoothing", type=cli.probability, default=0.0,
+                        help="label smoothing of the cross-entropy term")
+    parser.add_argument("--sentiment-weight", type=cli.non_negative(float), default=0.5,
                         help="weight of MELD's sentiment loss beside the emotion loss (0 = off)")
     # --- schedule
     parser.add_argument("--unfreeze", default="3:video.res5,6:video.res4,9:video.res3",
                         help="EPOCH:STAGE,... stages unfrozen at the start of those epochs (0-based); '' = none")
-    parser.add_argument("--patience", type=int, default=10, help="early stopping: epochs without dev improvement")
-    parser.add_argument("--min-epochs", type=int, default=25, help="early stopping never stops before this many epochs")
-    parser.add_argument("--min-delta", type=float, default=0.005, help="smallest dev weighted-F1 gain that counts")
+    parser.add_argument("--patience", type=cli.non_negative(int), default=10,
+                        help="early stopping: epochs without dev improvement")
+    parser.add_argument("--min-epochs", type=cli.non_negative(int), default=25,
+                        help="early stopping never stops before this many epochs")
+    parser.add_argument("--min-delta", type=cli.non_negative(float), default=0.005,
+                        help="smallest dev weighted-F1 gain that counts")
     # --- run
     parser.add_argument("--out", default="runs/meld", help="output folder")
     parser.add_argument("--resume", default="",
@@ -149,10 +160,11 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
-    parser.add_argument("--save-every", type=int, default=0,
+    parser.add_argument("--save-every", type=cli.non_negative(int), default=0,
                         help="also write last.pt every N optimizer steps (0 = epoch ends only)")
-    parser.add_argument("--log-every", type=int, default=10, help="optimizer steps between progress-bar updates")
-    parser.add_argument("--max-steps-per-epoch", type=int, default=0,
+    parser.add_argument("--log-every", type=cli.positive(int), default=10,
+                        help="optimizer steps between progress-bar updates")
+    parser.add_argument("--max-steps-per-epoch", type=cli.non_negative(int), default=0,
                         help="cap on optimizer steps per epoch, for smoke runs (0 = all)")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     parser.add_argument("--wandb-project", default="meld-emotion", help="W&B project")
@@ -197,11 +209,21 @@ def parse_args(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 clips per micro-batch in "
                          "training; to fit memory, use --batch-size 2 and raise --accum-steps "
                          "(clips per optimizer step = batch size x accum steps x processes)")
-    args.audio_channels = [int(c) for c in str(args.audio_channels).split(",")]
     if args.workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         args.workers = 0 if args.modalities == ["text"] else min(4, cores)
+    parse_unfreeze(args.unfreeze)  # mistakes in what needs no data or model: before anything is done
+    with cli.one_line_errors():
+        model_lib.ModelConfig(**flag_values(args, model_lib.ModelConfig))
     return args
+
+
+def given_flags(argv=None):
+    """The flags (as args attribute names) that a command line gives explicitly."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +367,8 @@ def build_loaders(args, config, tokenizer, rank, world):
             print(ds.summary())
         if len(ds) == 0:
             if split == "test":
-                print("test: no usable clip: not evaluated") if rank == 0 else None
+                if rank == 0:
+                    print("test: no usable clip: not evaluated")
                 continue
             raise SystemExit(f"{args.data}: the {split} split has no usable clip ({ds.summary()})")
         loaders[split] = data.make_loader(
@@ -683,11 +706,25 @@ RESUME_FREE_FLAGS = ("resume", "out", "overwrite", "workers", "log_every", "save
                      "push_to_hub", "device", "demo")
 
 
-def find_resume_path(flag, out):
-    """--resume: '' = a new run (None), auto = out/last.pt if it exists (else None), or a path."""
+def find_resume_path(flag, out, is_main=True):
+    """--resume: '' = a new run (None), auto = out/last.pt if it exists (else None, said in a line),
+    or a path."""
     if flag == "auto":
-        return out / "last.pt" if (out / "last.pt").exists() else None
+        if (out / "last.pt").exists():
+            return out / "last.pt"
+        if is_main:
+            print(f"--resume auto: no last.pt in {out}: starting a new run")
+        return None
     return Path(flag) if flag else None
+
+
+def adopt_run_flags(args, checkpoint, given):
+    """Resuming: every flag not given on this command line takes the run's value from the
+    checkpoint, so `--out RUN --resume auto` alone continues a run; flags given are compared by
+    check_resume. RESUME_FREE_FLAGS keep this command line's values."""
+    for key, value in checkpoint.get("args", {}).items():
+        if hasattr(args, key) and key not in given and key not in RESUME_FREE_FLAGS:
+            setattr(args, key, value)
 
 
 def check_resume(checkpoint, args, world, path):
@@ -712,8 +749,9 @@ def check_resume(checkpoint, args, world, path):
 def format_flags(values, keys):
     """{'batch_size': 16, 'modalities': ['video', 'text']} -> "--batch-size 16 --modalities video,text"."""
     def show(value):
-        return ",".join(map(str, value)) if isinstance(value, (list,
-                                                               tuple)) else repr(value) if value == "" else str(value)
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value))
+        return repr(value) if value == "" else str(value)
     return " ".join(f"--{key.replace('_', '-')} {show(values[key])}" for key in keys)
 
 
@@ -881,26 +919,27 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     is_main, out = rank == 0, Path(args.out)
-    resume_path = find_resume_path(args.resume, out)
-    if resume_path is None:
-        check_new_run_folder(out, args.overwrite, is_main)
-    demo_data = args.demo and not args.data
-    if demo_data:
-        args.data = str(out / "data" / "cache")
+    resume_path = find_resume_path(args.resume, out, is_main)
     checkpoint = evaluate.load_checkpoint(resume_path) if resume_path else None
     finished = None
-    if checkpoint is not None:
+    if checkpoint is None:
+        check_new_run_folder(out, args.overwrite, is_main)
+    else:
+        adopt_run_flags(args, checkpoint, given_flags(argv))
         check_resume(checkpoint, args, world, resume_path)
         finished = finished_reason(checkpoint, args)
         if finished and (out / "test_metrics.json").exists():  # nothing to train, nothing to rewrite
-            print(f"{resume_path}: the run is finished ({finished}); its results are in {out}: nothing to do") \
-                if is_main else None
+            if is_main:
+                print(f"{resume_path}: the run is finished ({finished}); its results are in {out}: nothing to do")
             if world > 1:
                 dist.destroy_process_group()
             return json.loads((out / "test_metrics.json").read_text())
-    if demo_data:  # synthesise once (rank 0), everyone reads the same cache
-        prepare_demo_data(args) if is_main else None
-        dist.barrier() if world > 1 else None
+    if args.demo and not args.data:  # synthesise once (rank 0), everyone reads the same cache
+        args.data = str(out / "data" / "cache")
+        if is_main:
+            prepare_demo_data(args)
+        if world > 1:
+            dist.barrier()
     setup_environment(args, rank, device)
     amp_dtype, scaler = amp_settings(args, device)
 
@@ -946,7 +985,8 @@ def main(argv=None):
         if progress.step_in_epoch == 0 and schedule.get(epoch):  # unfreeze at the epoch boundary
             model_lib.set_frozen(raw_model, schedule[epoch], False)
             model = wrap_ddp(raw_model, args, world, device)
-            print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}") if is_main else None
+            if is_main:
+                print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}")
         steps = steps_per_epoch - progress.step_in_epoch
         seconds, data_wait = train_one_epoch(
             model, loaders["train"], optimizer, scheduler, scaler, criteria, progress, args, device, amp_dtype, world,
@@ -968,8 +1008,8 @@ def main(argv=None):
             if wandb_run:
                 log_wandb_epoch(wandb_run, record, dev_predictions, loaders["dev"].dataset, progress.step)
         if stopper.should_stop(epoch):
-            print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs") \
-                if is_main else None
+            if is_main:
+                print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs")
             break
 
     # --- the best model (chosen on dev) on test

@@ -1,4 +1,5 @@
-"""data.py: MELD CSVs, synth, prepare (resumable, defects), dataset, collate, sampler, loaders."""
+"""meld.py, prepare.py and data.py: MELD CSVs, synth, prepare (resumable, defects), dataset, collate,
+sampler, loaders."""
 
 import collections
 import json

@@ -68,7 +68,29 @@ def test_mistakes_at_the_command_line_are_one_line_naming_what_was_given(capsys,
         (train.main, ["--accum-steps", "0"], ["--accum-steps", "must be > 0"]),
         (train.main, ["--dataset", "foo"], ["'foo'", "meld"]),
         (evaluate.main, ["--views", "0", "--checkpoint", "x", "--data", "y"], ["--views"]),
+        (evaluate.main, ["--workers", "-1", "--checkpoint", "x", "--data", "y"], ["--workers", "-1"]),
+        (train.main, ["--audio-channels", "8,x"], ["--audio-channels", "'8,x'"]),
+        (train.main, ["--modality-dropout", "1.5"], ["--modality-dropout", "<= 1"]),
+        (train.main, ["--hflip", "-3"], ["--hflip", ">= 0"]),
+        (train.main, ["--context", "1,2,3"], ["--context", "PAST,FUTURE"]),
+        (prepare.main, [], ["--meld-root", "--csv", "--out"]),
+        (prepare.main, ["--meld-root", str(synth_root), "--out", str(tmp_path / "c"), "--splits", "train,tset"],
+         ["tset"]),
+        (prepare.main, ["--meld-root", str(cache), "--out", str(tmp_path / "c")], [str(cache), "prepared cache"]),
+        (prepare.main, ["synth", "--out", str(tmp_path / "c"), "--sizes", "10,a"], ["--sizes", "'10,a'"]),
+        (prepare.main, ["synth", "--out", str(tmp_path / "c"), "--sizes", "10,5"], ["--sizes", "3 numbers"]),
+        (prepare.main, ["synth", "--out", str(tmp_path / "c"), "--min-seconds", "5", "--max-seconds", "1"],
+         ["--min-seconds 5", "--max-seconds 1"]),
+        (evaluate.main, ["predikt", "--checkpoint", "x"], ["'predikt'", "predict"]),
+        (evaluate.main, ["--checkpoint", str(tmp_path), "--data", str(cache)], [str(tmp_path), "a folder"]),
+        (train.main, ["--device", "gpu"], ["--device gpu", "cpu"]),
     ]
+    if not torch.cuda.is_available():
+        cases.append((train.main, ["--device", "cuda", "--data", str(cache), "--out", out], ["--device cuda", "cpu"]))
+    demo_out = tmp_path / "demo"   # a mistake that needs no data is refused before the demo writes its data
+    cases.append((train.main, ["--demo", "--video-init", "imagenett", "--out", str(demo_out)], ["imagenett"]))
+    cases.append((train.main, ["--demo", "--unfreeze", "video.res5", "--out", str(demo_out)],
+                  ["'video.res5'", "EPOCH:STAGE"]))
     torch.save({"blocks.0.weight": torch.zeros(1)}, tmp_path / "bare.pyth")
     cases.append((evaluate.main, ["--checkpoint", str(tmp_path / "bare.pyth"), "--data", str(cache)],
                   [str(tmp_path / "bare.pyth"), "not a train.py checkpoint"]))
@@ -80,6 +102,7 @@ def test_mistakes_at_the_command_line_are_one_line_naming_what_was_given(capsys,
         for word in words:
             assert word in line, (argv, line)
     assert not (tmp_path / "c").exists()                    # prepare refused before writing anything
+    assert not demo_out.exists()
 
 
 def test_a_mistake_through_the_real_command_line_is_one_line_on_stderr():
@@ -137,7 +160,8 @@ def test_help_shows_defaults_and_every_command(capsys, monkeypatch):
                                                         "--overwrite"]),
                               (train.main, ["--demo", "--help"], ["(default: runs/demo)"]),
                               (evaluate.main, ["--help"], ["curves RUN_DIR", "predict --help", "(default: test)"]),
-                              (prepare.main, ["--help"], ["(default: 256)"])):
+                              (prepare.main, ["--help"], ["(default: 256)", "(default: 0)"]),
+                              (train.main, ["--help"], ["--seed SEED seed (each rank adds its rank) (default: 0)"])):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 0
@@ -167,3 +191,19 @@ def test_curves_and_f1_plots_say_what_they_show(run, monkeypatch):
     supports = [int(metrics["emotion"]["per_class"][n]["support"]) for n in meld.EMOTIONS]
     assert labels == [f"{n}\n{k} clip{'s' * (k != 1)}" for n, k in zip(meld.EMOTIONS, supports)]
     assert np.sum(supports) == metrics["emotion"]["n"]
+
+
+def test_resume_takes_the_runs_flags_and_evaluation_keeps_the_runs_plots(run, cache, capsys):
+    """`--out RUN --resume auto` alone continues a run made with other flags (here a finished one:
+    nothing to do); a flag given that changes the result is still refused. evaluate.py writes into
+    evaluation/ beside the checkpoint, leaving the plots train.py wrote as they were."""
+    metrics = train.main(["--out", str(run), "--resume", "auto"])
+    assert "nothing to do" in capsys.readouterr().out
+    assert metrics == json.loads((run / "test_metrics.json").read_text())
+    line = one_line_exit(capsys, train.main, ["--out", str(run), "--resume", "auto", "--seed", "5"])
+    assert "--seed 0" in line and "--seed 5" in line
+    plots = {name: (run / name).read_bytes() for name in ("confusion_test.png", "f1_test.png")}
+    evaluate.main(["--checkpoint", str(run / "best.pt"), "--data", str(cache), "--views", "2", "--workers", "0",
+                   "--device", "cpu"])
+    assert (run / "evaluation" / "metrics_test.json").exists() and (run / "evaluation" / "confusion_test.png").exists()
+    assert plots == {name: (run / name).read_bytes() for name in plots}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from losses import FocalLoss, class_weights
 
-MELD_TRAIN_COUNTS = [4710, 1205, 268, 683, 1743, 271, 1109]  # data.EMOTIONS order
+MELD_TRAIN_COUNTS = [4710, 1205, 268, 683, 1743, 271, 1109]  # meld.EMOTIONS order
 
 
 def test_gamma_zero_uniform_weights_is_cross_entropy():
