@@ -80,11 +80,6 @@ class DataConfig:
         if self.audio_input not in ("logmel", "waveform"):
             raise ValueError(f"audio_input must be logmel or waveform, got {self.audio_input!r}")
 
-    @classmethod
-    def from_dict(cls, values):
-        """From any dict holding the fields (a checkpoint's data_config, train.py's flags); other keys ignored."""
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__ if name in values})
-
 
 # ------------------------------------------------------------------------------------------------
 # Sampling and augmentation

@@ -175,7 +175,7 @@ def load_checkpoint_model(path, device):
 def dataset_for(checkpoint, root, split):
     """A ClipDataset (evaluation mode) with the data configuration and classes the checkpoint was
     trained with (the classes of a csv dataset come from the checkpoint, never from root)."""
-    config = data.DataConfig.from_dict(checkpoint["data_config"])
+    config = data.DataConfig(**checkpoint["data_config"])
     text_model = checkpoint["model_config"]["text_model"]
     tokenizer = model_lib.load_tokenizer(text_model) if "text" in config.modalities else None
     classes = dict(checkpoint["tasks"]).get("label") if config.dataset == "csv" else None
@@ -348,7 +348,7 @@ def predict_main(argv):
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     modalities = checkpoint["model_config"]["modalities"]
     media = {"video", "audio"} & set(modalities)
-    context = data.DataConfig.from_dict(checkpoint["data_config"]).context
+    context = data.DataConfig(**checkpoint["data_config"]).context
     if args.dialogue:
         if args.video or args.text:
             raise SystemExit("--dialogue gives the utterances (and videos) itself: leave out --video and --text")
@@ -366,7 +366,7 @@ def predict_main(argv):
             raise SystemExit(f"this model reads {' and '.join(sorted(media))}: pass --video FILE.mp4 ...")
         if not media and not utterances:
             raise SystemExit("this model reads text alone: pass --text UTTERANCE ... or --dialogue FILE.csv")
-        if "text" in modalities and len(utterances) != (len(videos) if media else len(utterances)):
+        if "text" in modalities and media and len(utterances) != len(videos):
             raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per "
                              f"clip, each in quotes ({len(videos)} clip(s), {len(utterances)} text(s) given)")
         if "text" in modalities and any(context):

@@ -189,21 +189,28 @@ def available_splits(root, dataset="meld"):
 CLIP_COLUMNS = ("id", "path", "label", "text", "group")
 
 
+def named_rows(path, required):
+    """The rows of a CSV whose column names are matched without regard to case or surrounding
+    spaces: -> (1-based line number, {lower-case name: stripped cell}) for every row that is not
+    all empty (a spreadsheet's trailing rows). ValueError naming the file when a column of
+    `required` (lower-case names) is missing."""
+    reader = csv_reader(path)
+    missing = [c for c in required if c not in [f.strip().lower() for f in reader.fieldnames or []]]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+    for line, raw in enumerate(reader, start=2):                   # line 1 is the header
+        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if any(row.values()):
+            yield line, row
+
+
 def read_manifest_csv(path):
     """A user's manifest: columns path and label, optional text, split, group (others ignored).
     -> list of dicts with those five keys, paths resolved against the CSV's folder. A missing column,
     an empty path or label, or a split other than train/dev/test is a ValueError naming the row."""
     path = Path(path)
-    reader = csv_reader(path)
-    fields = [f.strip().lower() for f in reader.fieldnames or []]
-    missing = [c for c in ("path", "label") if c not in fields]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
     rows = []
-    for line, raw in enumerate(reader, start=2):
-        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-        if not any(row.values()):
-            continue                                 # a spreadsheet's trailing row of empty cells
+    for line, row in named_rows(path, ("path", "label")):
         if not row["path"] or not row["label"]:
             raise ValueError(f"{path}, row {line}: empty path or label")
         split = row.get("split", "")
@@ -273,16 +280,8 @@ def read_dialogue_csv(path):
     in row order; list of video paths, "" where none). ValueError naming the file for a missing
     column or no rows."""
     path = Path(path)
-    reader = csv_reader(path)
-    columns = {name.strip().lower(): name for name in reader.fieldnames or []}
-    missing = [c for c in ("Speaker", "Utterance") if c.lower() not in columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
     utterances, videos = [], []
-    for row in reader:
-        cell = {key: (row.get(name) or "").strip() for key, name in columns.items()}
-        if not any(cell.values()):
-            continue                                 # a spreadsheet's trailing row of empty cells
+    for _, cell in named_rows(path, ("speaker", "utterance")):
         i = len(utterances)
         utterances.append(Utterance(f"{path.stem}/utt{i}", "", 0, i, cell["utterance"], cell["speaker"], -1, -1))
         videos.append(os.path.abspath(path.parent / cell["video"]) if cell.get("video") else "")
