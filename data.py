@@ -10,6 +10,7 @@
 of any MELD folder), and `collate` builds the batch every model in this repo takes:
 
     video        uint8 [B, 3, T, H, W]   real frames first, zero padding last
+                 (decode="device": a JpegVideo of the files until to_device decodes it)
     video_mask   bool  [B, T]            True = real frame
     audio        float [B, n_mels, A]    natural-log mel power, 100 frames per second
                  (audio_input="waveform": float [B, 1, S], 16 kHz samples in [-1, 1])
@@ -28,11 +29,13 @@ import collections
 import copy
 import ctypes
 import functools
+import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -45,6 +48,7 @@ import meld
 
 FRAME_SAMPLINGS = ("fixed", "uniform")   # sample_frame_indices
 SAMPLERS = ("random", "balanced")       # make_loader
+DECODES = ("cpu", "device")             # ClipDataset: where video frames are decoded (resolve_decode)
 MEL_HOP = 160         # samples: 10 ms at 16 kHz, so A = 100 audio frames per second
 MEL_WINDOW = 400      # samples: 25 ms
 
@@ -139,20 +143,33 @@ def transform_video(frames, crop_size, generator=None, hflip=0.5):
     float output. Not a chain of torchvision.transforms.v2: that resamples the clip once per step
     (several times slower in the loader) and draws from the global RNG, not from `generator`.
     """
-    C, h, w = frames[0].shape
-    short = min(h, w)
-    if generator is None:
-        box = round(crop_size * short / round(crop_size * 8 / 7))
-        top, left = (h - box) // 2, (w - box) // 2
-        crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames], dim=1)  # [3, t, box, box]
-        return TF.resize(crop, [crop_size, crop_size], antialias=True)
-    box = round(crop_size * short / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
+    _, h, w = frames[0].shape
+    params = draw_augmentation(h, w, crop_size, generator, hflip) if generator is not None else None
+    return transform_frames(frames, crop_size, params)
+
+
+def draw_augmentation(h, w, crop_size, generator, hflip=0.5):
+    """transform_video's training parameters for frames of h x w pixels, drawn from `generator`
+    -> (top, left, box, flip, degrees, brightness, contrast): augment_video's arguments after crop_size."""
+    box = round(crop_size * min(h, w) / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
     top = int(torch.randint(h - box + 1, (1,), generator=generator))
     left = int(torch.randint(w - box + 1, (1,), generator=generator))
     flip = float(torch.rand((), generator=generator)) < hflip
-    angle = _uniform(generator, -15, 15)
+    degrees = _uniform(generator, -15, 15)
     brightness, contrast = _uniform(generator, 0.8, 1.2), _uniform(generator, 0.8, 1.2)
-    return augment_video(frames, crop_size, top, left, box, flip, angle, brightness, contrast)
+    return top, left, box, flip, degrees, brightness, contrast
+
+
+def transform_frames(frames, crop_size, params=None):
+    """transform_video with its parameters drawn: params None = the evaluation centre crop, else
+    draw_augmentation's tuple. Runs where the frames are (CPU or CUDA)."""
+    if params is not None:
+        return augment_video(frames, crop_size, *params)
+    _, h, w = frames[0].shape
+    box = round(crop_size * min(h, w) / round(crop_size * 8 / 7))
+    top, left = (h - box) // 2, (w - box) // 2
+    crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames], dim=1)  # [3, t, box, box]
+    return TF.resize(crop, [crop_size, crop_size], antialias=True)
 
 
 def augment_video(frames, crop_size, top, left, box, flip, degrees, brightness, contrast):
@@ -161,7 +178,7 @@ def augment_video(frames, crop_size, top, left, box, flip, degrees, brightness, 
     # affine_grid maps output coordinates (u, v) in [-1, 1]² to input coordinates in the box:
     # on the image: mirror when flipping, then rotate by `degrees` (counter-clockwise, as torchvision).
     cos, sin, mirror = math.cos(math.radians(degrees)), math.sin(math.radians(degrees)), -1.0 if flip else 1.0
-    theta = torch.tensor([[[cos * mirror, -sin * mirror, 0.0], [sin, cos, 0.0]]])        # [1, 2, 3]
+    theta = torch.tensor([[[cos * mirror, -sin * mirror, 0.0], [sin, cos, 0.0]]], device=frames[0].device)
     grid = F.affine_grid(theta, [1, 1, crop_size, crop_size], align_corners=False)       # [1, crop, crop, 2]
     crop = torch.stack([f[:, top:top + box, left:left + box] for f in frames], dim=1)     # [3, t, box, box]
     # Frames as channels, channels-last: grid_sample then computes each output location's source
@@ -232,6 +249,10 @@ class ClipDataset(Dataset):
     the sorted labels of root's train split; evaluate.py passes the checkpoint's, so indices mean
     what they meant in training). view, num_views: the temporal window evaluation takes, view v of
     num_views evenly spaced ones (multi-view testing; 1 = the centre); `with_view` gives a copy.
+    decode: where video frames are decoded: "cpu" in the loader's workers (samples hold uint8
+    [3, t, crop, crop]); "device": the workers only read the JPEG files and draw the augmentation,
+    collate packs them into a JpegVideo, and to_device decodes and transforms the batch on the
+    training device (nvJPEG on CUDA). Both give the same batch. ValueError for another value.
 
     Clips are excluded, and counted in self.excluded by reason, when their extraction failed or when
     they lack a selected modality (for example the video-only clip with no audio stream is used when
@@ -240,8 +261,11 @@ class ClipDataset(Dataset):
     """
 
     def __init__(self, root, split, config=DataConfig(), tokenizer=None, train=False, seed=0, classes=None,
-                 view=0, num_views=1):
+                 view=0, num_views=1, decode="cpu"):
+        if decode not in DECODES:
+            raise ValueError(f"unknown decode {decode!r} (expected one of {DECODES})")
         self.root, self.split, self.config, self.train, self.seed = Path(root), split, config, train, seed
+        self.decode = decode
         self.modalities = tuple(config.modalities)
         self.view, self.num_views = view, num_views
         self.max_audio_frames = max(1, int(config.max_audio_seconds * meld.AUDIO_RATE / MEL_HOP))
@@ -381,7 +405,9 @@ class ClipDataset(Dataset):
             state = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
             generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         sample = dict(id=row.id, **{task: getattr(row, task) for task, _ in self.tasks})
-        if "video" in self.modalities:
+        if "video" in self.modalities and self.decode == "device":
+            sample["video_jpeg"] = self.read_video(self.root / row.id, self.entries[row.id]["frames"], generator)
+        elif "video" in self.modalities:
             sample["video"] = self.load_video(self.root / row.id, self.entries[row.id]["frames"], generator)
         if "audio" in self.modalities:
             sample["audio"] = self.load_audio(self.root / row.id, generator)
@@ -392,16 +418,25 @@ class ClipDataset(Dataset):
     def load_video(self, folder, available, generator=None):
         """Frames of one prepared clip folder -> uint8 [3, t, crop, crop], t <= num_frames.
         Evaluation takes window self.view of self.num_views (multi-view testing; 1 = the centre)."""
+        jpegs, params = self.read_video(folder, available, generator)
+        return transform_frames(decode_jpeg(jpegs), self.config.crop_size, params)   # [3, t, crop, crop]
+
+    def read_video(self, folder, available, generator=None):
+        """What load_video decodes: the JPEG files of the clip's sampled frames (t x uint8 [bytes])
+        and its augmentation (draw_augmentation's tuple in training, None in evaluation), drawn in
+        the order load_video always drew them; the frame size comes from the first file's header."""
         picks = sample_frame_indices(available, self.config.num_frames, self.config.frame_sampling, generator,
                                      self.view, self.num_views)
         try:
-            jpegs = [torch.frombuffer(bytearray((Path(folder) / f"{k:06d}.jpg").read_bytes()), dtype=torch.uint8)
-                     for k in picks]
+            files = [(Path(folder) / f"{k:06d}.jpg").read_bytes() for k in picks]
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
                                     "the cache is damaged, re-run prepare into a new folder") from None
-        frames = decode_jpeg(jpegs)                                  # t x [3, h, w] uint8
-        return transform_video(frames, self.config.crop_size, generator, self.config.hflip)   # [3, t, crop, crop]
+        params = None
+        if generator is not None:
+            w, h = PIL.Image.open(io.BytesIO(files[0])).size        # the header alone is read
+            params = draw_augmentation(h, w, self.config.crop_size, generator, self.config.hflip)
+        return [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files], params
 
     def load_audio(self, folder, generator=None):
         """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A = 1 + samples // 160
@@ -433,15 +468,53 @@ class ClipDataset(Dataset):
 # Batches: collate, sampler, loader
 # ------------------------------------------------------------------------------------------------
 
+@dataclass
+class JpegVideo:
+    """A batch's video still JPEG-encoded, as collate packs it for ClipDataset(decode="device"):
+    the workers read the files and drew the augmentation; `decode` (to_device calls it) decodes
+    every frame of the batch in one decode_jpeg call on the device (nvJPEG on CUDA) and transforms
+    each clip there with transform_frames. Moving bytes instead of decoded frames out of the
+    workers passes about 1/15 as much data between processes."""
+    data: torch.Tensor     # uint8 [N]: every frame's JPEG file, clip after clip
+    sizes: list            # bytes of each frame's file
+    frames: list           # frames of each clip, t_i <= num_frames
+    params: list           # each clip's draw_augmentation tuple (None in evaluation)
+    num_frames: int
+    crop_size: int
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls it
+        return replace(self, data=self.data.pin_memory())
+
+    def decode(self, device):
+        """-> uint8 [B, 3, num_frames, crop, crop] on `device`, zero padding after each clip's
+        frames: equal to the batch collate builds from frames decoded in the workers (bitwise on
+        the CPU; on CUDA nvJPEG and the CUDA kernels round differently)."""
+        frames = decode_jpeg(list(self.data.split(self.sizes)), device=device)   # N x [3, h, w]
+        clips, start = [], 0
+        for t, params in zip(self.frames, self.params):
+            clips.append(transform_frames(frames[start:start + t], self.crop_size, params))
+            start += t
+        return pad_time(clips, self.num_frames)[0]
+
+
+def resolve_decode(decode, device):
+    """The --decode flag for a run on `device` (torch.device): "auto" decodes on the device when
+    it is CUDA (nvJPEG) and in the loader's workers otherwise; "cpu" and "device" are kept."""
+    return ("device" if device.type == "cuda" else "cpu") if decode == "auto" else decode
+
+
 def to_device(batch, device):
-    """Tensors of a batch to the device (non-blocking from pinned memory); ids stay a list."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors of a batch to the device (non-blocking from pinned memory), a JpegVideo decoded
+    there; ids stay a list."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v.decode(device)
+            if isinstance(v, JpegVideo) else v for k, v in batch.items()}
 
 
 def pad_time(items, length):
-    """Tensors [C, t_i, ...] -> zero-padded [B, C, length, ...] and mask bool [B, length] (True = real)."""
+    """Tensors [C, t_i, ...] -> zero-padded [B, C, length, ...] and mask bool [B, length] (True = real),
+    on the items' device."""
     C, _, *rest = items[0].shape
-    padded = torch.zeros(len(items), C, length, *rest, dtype=items[0].dtype)
+    padded = torch.zeros(len(items), C, length, *rest, dtype=items[0].dtype, device=items[0].device)
     mask = torch.zeros(len(items), length, dtype=torch.bool)
     for i, x in enumerate(items):
         padded[i, :, : x.shape[1]] = x
@@ -449,13 +522,20 @@ def pad_time(items, length):
     return padded, mask
 
 
-def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment")):
+def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment"), crop_size=None):
     """List of samples -> the batch dict of the module docstring (one long [B] per task name).
-    Video is padded to num_frames."""
+    Video is padded to num_frames; samples read for decoding on the device (video_jpeg) give a
+    JpegVideo of crop_size frames as "video" and the same video_mask."""
     batch = dict(ids=[s["id"] for s in samples], **{t: torch.tensor([s[t] for s in samples]) for t in tasks})
     if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
         T = num_frames or max(s["video"].shape[1] for s in samples)
         batch["video"], batch["video_mask"] = pad_time([s["video"] for s in samples], T)
+    if "video_jpeg" in samples[0]:  # (t_i files, params) each
+        files = [f for s in samples for f in s["video_jpeg"][0]]
+        frames = [len(s["video_jpeg"][0]) for s in samples]
+        batch["video"] = JpegVideo(torch.cat(files), [len(f) for f in files], frames,
+                                   [s["video_jpeg"][1] for s in samples], num_frames, crop_size)
+        batch["video_mask"] = torch.arange(num_frames)[None, :] < torch.tensor(frames)[:, None]
     if "audio" in samples[0]:  # [n_mels, a] (or [1, s]) each -> [B, n_mels, A] (or [B, 1, S])
         A = max(s["audio"].shape[1] for s in samples)
         batch["audio"], batch["audio_mask"] = pad_time([s["audio"] for s in samples], A)
@@ -573,6 +653,7 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
         collate_fn=functools.partial(collate,
                                      num_frames=dataset.config.num_frames if "video" in dataset.modalities else None,
                                      pad_token_id=getattr(dataset, "pad_token_id", 0),
+                                     crop_size=dataset.config.crop_size,
                                      tasks=[task for task, _ in dataset.tasks]),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,

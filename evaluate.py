@@ -41,7 +41,6 @@ import cli
 import data
 import meld
 import model as model_lib
-import prepare
 
 # ------------------------------------------------------------------------------------------------
 # Metrics
@@ -172,14 +171,15 @@ def load_checkpoint_model(path, device):
     return model_lib.place(model, device).eval(), checkpoint
 
 
-def dataset_for(checkpoint, root, split):
+def dataset_for(checkpoint, root, split, decode="cpu"):
     """A ClipDataset (evaluation mode) with the data configuration and classes the checkpoint was
-    trained with (the classes of a csv dataset come from the checkpoint, never from root)."""
+    trained with (the classes of a csv dataset come from the checkpoint, never from root); decode:
+    where video frames are decoded (data.ClipDataset)."""
     config = data.DataConfig(**checkpoint["data_config"])
     text_model = checkpoint["model_config"]["text_model"]
     tokenizer = model_lib.load_tokenizer(text_model) if "text" in config.modalities else None
     classes = dict(checkpoint["tasks"]).get("label") if config.dataset == "csv" else None
-    return data.ClipDataset(root, split, config, tokenizer, classes=classes)
+    return data.ClipDataset(root, split, config, tokenizer, classes=classes, decode=decode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,13 +301,15 @@ def evaluate_main(argv):
                              "train.py's own plots are kept)")
     parser.add_argument("--batch-size", type=cli.positive(int), default=16, help="clips per batch")
     parser.add_argument("--workers", type=cli.non_negative(int), default=2, help="DataLoader worker processes")
+    parser.add_argument("--decode", default="auto", choices=["auto", *data.DECODES],
+                        help="where video frames are decoded, as train.py's --decode (auto: on CUDA, nvJPEG)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     device = cli.resolve_device(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     out = Path(args.out or Path(args.checkpoint).parent / "evaluation")
     with cli.one_line_errors():  # a bad CSV or cache, an --out that cannot be made: one line that names it
-        dataset = dataset_for(checkpoint, args.data, args.split)
+        dataset = dataset_for(checkpoint, args.data, args.split, data.resolve_decode(args.decode, device))
         out.mkdir(parents=True, exist_ok=True)
     print(dataset.summary())
     if len(dataset) == 0:
@@ -378,6 +380,7 @@ def predict_main(argv):
         raise SystemExit(f"{args.dialogue or '--text'}: utterance {empty[0]} is empty, and this model reads text; "
                          "give what is said in each clip")
     dataset = dataset_for(checkpoint, ".", None)
+    import prepare  # PyAV: decodes the --video files as prepare.py decodes clips
     settings = prepare.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
                                           if k in prepare.PrepareSettings.__dataclass_fields__})
     names = videos if media else [u.id for u in utterances]

@@ -40,7 +40,6 @@ import data
 import evaluate
 import meld
 import model as model_lib
-import prepare
 from losses import FocalLoss, class_weights
 
 
@@ -73,6 +72,10 @@ def get_args_parser():
                         help="balanced: draw classes equally often in training")
     parser.add_argument("--group-by-length", action="store_true",
                         help="training batches of texts of similar token counts (less padding; seeded, resumable)")
+    parser.add_argument("--decode", default="auto", choices=["auto", *data.DECODES],
+                        help="where video frames are decoded: cpu = in the loader's workers; device = the workers "
+                             "read the JPEG files and the batch is decoded and augmented on the training device "
+                             "(nvJPEG on CUDA); auto = device on CUDA, cpu otherwise. The batches are the same")
     parser.add_argument("--workers", type=cli.non_negative(int), default=None,
                         help="DataLoader worker processes per rank (default: 0 for --modalities text, whose "
                              "batches are tokenised once in advance; otherwise 4, or the cores if fewer)")
@@ -353,8 +356,12 @@ def configs_from_args(args):
     return model_config, data_config
 
 
-def build_loaders(args, config, tokenizer, rank, world):
+def build_loaders(args, config, tokenizer, rank, world, device):
     """{split: DataLoader} for the splits --data has; an empty test split is skipped, an empty train or dev refused."""
+    decode = data.resolve_decode(args.decode, device)
+    if rank == 0 and "video" in config.modalities:
+        print(f"video frames decoded {f'on {device.type}' if decode == 'device' else 'in the loader workers'} "
+              f"(--decode {decode})")
     available = meld.available_splits(args.data, args.dataset)
     loaders = {}
     for split in meld.SPLITS:
@@ -362,7 +369,8 @@ def build_loaders(args, config, tokenizer, rank, world):
             if rank == 0:
                 print(f"{split}: no {meld.split_file(args.dataset, split)} in {args.data}: not evaluated")
             continue
-        ds = data.ClipDataset(args.data, split, config, tokenizer, train=split == "train", seed=args.seed)
+        ds = data.ClipDataset(args.data, split, config, tokenizer, train=split == "train", seed=args.seed,
+                              decode=decode)
         if rank == 0:
             print(ds.summary())
         if len(ds) == 0:
@@ -396,7 +404,8 @@ def build_optimizer(model, args):
         g["lr"] = (args.lr_text if g["branch"] == "text"
                    else args.lr_audio if g["branch"] == "audio" and g["pretrained"]
                    else args.lr_video_pretrained if g["pretrained"] else args.lr)
-    return torch.optim.AdamW(groups, lr=args.lr)
+    # fused: one kernel for the whole update on CUDA (bench.py's model section times it)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=next(model.parameters()).is_cuda or None)
 
 
 def optimizer_steps_per_epoch(num_batches, accum_steps, max_steps=0):
@@ -703,7 +712,7 @@ def resume(checkpoint, stateful, rank):
 
 # Flags a resumed run may change: they cannot change what it computes.
 RESUME_FREE_FLAGS = ("resume", "out", "overwrite", "workers", "log_every", "save_every", "wandb", "wandb_project",
-                     "push_to_hub", "device", "demo")
+                     "push_to_hub", "device", "decode", "demo")
 
 
 def find_resume_path(flag, out, is_main=True):
@@ -844,6 +853,7 @@ def check_new_run_folder(out, overwrite, is_main):
 
 def prepare_demo_data(args):
     """--demo: synthetic MELD in OUT/data/raw, decoded into OUT/data/cache (both reused when present)."""
+    import prepare  # PyAV: only runs that decode media import it (training reads a cache or the CSVs)
     raw, cache = Path(args.out) / "data" / "raw", Path(args.out) / "data" / "cache"
     if not (raw / "test_sent_emo.csv").exists():
         prepare.synth(raw, workers=2)
@@ -948,7 +958,7 @@ def main(argv=None):
     with cli.one_line_errors():  # bad data, a bad pretrained file, offline: one line naming it
         model_config, data_config = configs_from_args(args)
         tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
-        loaders = build_loaders(args, data_config, tokenizer, rank, world)
+        loaders = build_loaders(args, data_config, tokenizer, rank, world, device)
         raw_model = model_lib.place(model_lib.EmotionModel(model_config, load_pretrained=checkpoint is None), device)
     tasks = loaders["train"].dataset.tasks
     primary = tasks[0][0]  # what dev selection, early stopping and plateau follow

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torchvision.io import decode_jpeg
 
 import data
 import model as model_lib
@@ -131,9 +132,39 @@ def test_video_padding_does_not_change_logits_under_fp16(tiny_bert):
             assert (padded[i] - alone[0]).abs().max() < 0.05 * wrong, (i, k)
 
 
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_decoding_on_cuda_gives_the_workers_batch_within_rounding(cache, tokenizer, train_mode):
+    """decode="device" on CUDA (nvJPEG, pinned JpegVideo through worker processes) against the
+    workers' CPU decode: the same clips, masks and padding; decoded frames and transformed clips
+    equal up to the rounding of nvJPEG and the CUDA kernels (differences printed)."""
+    config = data.DataConfig(num_frames=24, crop_size=40)
+    batches = {}
+    for decode in data.DECODES:
+        ds = data.ClipDataset(cache, "train", config, tokenizer, train=train_mode, seed=5, decode=decode)
+        loader = data.make_loader(ds, batch_size=4, train=train_mode, workers=2)
+        loader.sampler.set_epoch(1)
+        batches[decode] = list(loader)
+    frame_diffs, clip_diffs = [], []
+    for workers, jpegs in zip(batches["cpu"], batches["device"]):
+        video = jpegs["video"]
+        files = list(video.data.split(video.sizes))
+        on_cuda = torch.stack(decode_jpeg(files, device=CUDA)).cpu().float()
+        frame_diffs.append((on_cuda - torch.stack(decode_jpeg(files)).float()).abs().flatten())
+        batch = data.to_device(jpegs, CUDA)
+        assert batch["video"].device.type == "cuda" and batch["video"].dtype == torch.uint8
+        assert batch["ids"] == workers["ids"] and torch.equal(batch["video_mask"].cpu(), workers["video_mask"])
+        padding = ~workers["video_mask"][:, None, :, None, None].expand_as(workers["video"])
+        assert batch["video"].cpu()[padding].eq(0).all()
+        clip_diffs.append((batch["video"].cpu().float() - workers["video"].float()).abs()[~padding])
+    frame_diffs, clip_diffs = torch.cat(frame_diffs), torch.cat(clip_diffs)
+    print(f"nvJPEG vs CPU frames: mean {frame_diffs.mean():.3f}, max {frame_diffs.max():.0f}; "
+          f"transformed clips: mean {clip_diffs.mean():.3f}, max {clip_diffs.max():.0f} (levels of 255)")
+    assert frame_diffs.mean() < 1.0 and clip_diffs.mean() < 1.5
+
+
 def test_demo_runs_on_cuda_with_fp16(tiny_bert, tmp_path):
-    """python train.py --demo --device cuda: fp16 autocast, finite losses, GPU memory in the log,
-    every output written."""
+    """python train.py --demo --device cuda: fp16 autocast, frames decoded on the GPU (--decode
+    auto), finite losses, GPU memory in the log, every output written."""
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--demo", "--device", "cuda", "--out", str(out), "--text-model",
@@ -141,6 +172,7 @@ def test_demo_runs_on_cuda_with_fp16(tiny_bert, tmp_path):
         capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device cuda, 1 process(es), amp torch.float16" in result.stdout
+    assert "video frames decoded on cuda" in result.stdout
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["train_loss"] == r["train_loss"] and r["peak_memory_mb"] > 0 for r in log)
     assert (out / "best.pt").is_file() and (out / "test_metrics.json").is_file()

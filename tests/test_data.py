@@ -271,6 +271,56 @@ def test_round_trip_batches_carry_frames_audio_and_labels(synth_root, cache, tok
     assert sorted(seen) == sorted(r.id for r in ds.rows) and len(seen) == len(set(seen))
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_decoding_on_the_device_gives_the_batch_the_workers_decode(cache, tokenizer, train):
+    """decode="device" on the CPU: the workers pass JPEG files and the drawn augmentation, to_device
+    decodes them; frames, padding, masks and every other field equal the workers' batch bitwise,
+    over two epochs of training (different draws each) or an evaluation pass, with workers."""
+    config = data.DataConfig(num_frames=24, crop_size=40)  # synth clips have 5 to 50 frames: some padded
+    batches = {}
+    for decode in data.DECODES:
+        ds = data.ClipDataset(cache, "train", config, tokenizer, train=train, seed=5, decode=decode)
+        loader = data.make_loader(ds, batch_size=4, train=train, workers=2, pin_memory=False)
+        batches[decode] = []
+        for epoch in range(2 if train else 1):
+            loader.sampler.set_epoch(epoch)
+            batches[decode] += [data.to_device(batch, torch.device("cpu")) for batch in loader]
+    assert len(batches["cpu"]) == len(batches["device"]) >= 4
+    padded = 0
+    for workers, device in zip(batches["cpu"], batches["device"]):
+        assert workers.keys() == device.keys() and workers["ids"] == device["ids"]
+        for key in workers:
+            if key != "ids":
+                assert workers[key].dtype == device[key].dtype and torch.equal(workers[key], device[key]), key
+        padded += int((~device["video_mask"]).any())
+    assert padded > 0
+
+
+def test_jpeg_video_holds_the_files_and_decodes_them_as_the_workers_do(cache, tokenizer):
+    """The bytes a JpegVideo carries are the clips' files: decoded they are bitwise the frames
+    load_video decodes; the augmentation drawn in the worker is the one load_video applies."""
+    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer, train=True,
+                          decode="device")
+    samples = [ds[(3, i)] for i in range(3)]
+    batch = data.collate(samples, num_frames=8, crop_size=32)
+    video = batch["video"]
+    assert isinstance(video, data.JpegVideo) and video.frames == [len(s["video_jpeg"][0]) for s in samples]
+    assert all(len(p) == 7 for p in video.params)                        # drawn: training
+    frames = decode_jpeg(list(video.data.split(video.sizes)))
+    start = 0
+    for i, s in enumerate(samples):   # each clip's frames: a window of consecutive frames of its folder
+        own = [decode_jpeg(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
+               for f in sorted((cache / s["id"]).glob("*.jpg"))]
+        t = video.frames[i]
+        assert t == min(8, len(own))
+        assert any(all(torch.equal(frames[start + k], own[j + k]) for k in range(t))
+                   for j in range(len(own) - t + 1)), s["id"]
+        start += t
+    cpu = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer, train=True)
+    expected = data.collate([cpu[(3, i)] for i in range(3)], num_frames=8, crop_size=32)
+    assert torch.equal(video.decode(torch.device("cpu")), expected["video"])
+
+
 def test_defective_clips_never_reach_a_batch(synth_root, cache, tokenizer):
     ids = defect_ids(synth_root)
     everything = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer)

@@ -363,14 +363,16 @@ def assert_same_run(a, b, epochs):
     assert (a / "test_metrics.json").read_text() == (b / "test_metrics.json").read_text()
     return log_a
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda())])
-def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path, device):
+@pytest.mark.parametrize("device,decode", [("cpu", "cpu"), ("cpu", "device"),
+                                           pytest.param("cuda", "device", marks=needs_cuda())])
+def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path, device, decode):
     """A run killed (SIGKILL) inside epoch 2, after the unfreeze at epoch 2, and resumed, ends
     with bitwise the same weights and the same metrics as the uninterrupted run; the balanced
-    sampler's repeated draws included. On CUDA the run uses fp16 autocast with a GradScaler
-    (--amp auto), whose state and the CUDA RNG are resumed."""
+    sampler's repeated draws included, and with frames decoded in the workers or on the device.
+    On CUDA the run uses fp16 autocast with a GradScaler (--amp auto), whose state and the CUDA RNG
+    are resumed."""
     extra = ("--epochs", "4", "--min-epochs", "4", "--workers", "2", "--deterministic", "--save-every", "1",
-             "--unfreeze", "2:text.layer.1", "--sampler", "balanced", "--device", device)
+             "--unfreeze", "2:text.layer.1", "--sampler", "balanced", "--device", device, "--decode", decode)
     reference = run_train(small_args(cache, tiny_bert, tmp_path / "reference", *extra))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
