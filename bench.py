@@ -134,9 +134,11 @@ def bench_loader(cache, args, device):
                     elif batches > args.warmup_batches:
                         clips += len(batch["ids"])
                         times.update(wait=ready - stamp, pin=pin - ready, to_device=done - pin)
+                        if clips >= args.loader_clips:
+                            break
                     stamp = time.perf_counter()
                 epoch += 1
-            seconds = time.perf_counter() - start
+            seconds = done - start
             timed = batches - args.warmup_batches
             rows.append(dict(bench="loader", decode=decode, workers=workers, clips=clips, seconds=round(seconds, 2),
                              clips_per_s=round(clips / seconds, 2),
@@ -522,6 +524,8 @@ def print_table(rows, columns):
 def main():
     args = get_args_parser().parse_args()
     args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
+    if args.decode != "auto":
+        raise SystemExit("--decode is train.py's flag; bench.py times each path of --decodes (default: cpu,device)")
     args.decodes = args.decodes.split(",")
     if set(args.decodes) - set(data.DECODES):
         raise SystemExit(f"--decodes: unknown path(s) {sorted(set(args.decodes) - set(data.DECODES))}; "

@@ -360,8 +360,10 @@ def build_loaders(args, config, tokenizer, rank, world, device):
     """{split: DataLoader} for the splits --data has; an empty test split is skipped, an empty train or dev refused."""
     decode = data.resolve_decode(args.decode, device)
     if rank == 0 and "video" in config.modalities:
-        print(f"video frames decoded {f'on {device.type}' if decode == 'device' else 'in the loader workers'} "
-              f"(--decode {decode})")
+        where = "in the loader workers" if decode == "cpu" else f"on {device.type} by to_device"
+        print(f"video frames decoded {where} (--decode {decode})")
+    elif rank == 0 and args.decode == "device":
+        print("note: --decode device has no effect: this model reads no video")
     available = meld.available_splits(args.data, args.dataset)
     loaders = {}
     for split in meld.SPLITS:

@@ -29,6 +29,7 @@ def test_bench_smoke(tmp_path):
     assert [(r["decode"], r["workers"]) for r in by_bench["loader"]] == [
         ("cpu", 0), ("cpu", 1), ("cpu", 2), ("device", 0), ("device", 1), ("device", 2)]
     assert all(r["shape"] == [2, 3, 8, 32, 32] and r["dtype"] == "torch.uint8" for r in by_bench["loader"])
+    assert all(r["clips"] == 4 for r in by_bench["loader"])     # --loader-clips, even mid-epoch
     assert all(r["wait_ms_per_batch"] >= 0 and r["to_device_ms_per_batch"] >= 0 for r in by_bench["loader"])
     assert all(r["to_device_ms_per_batch"] > 0 for r in by_bench["loader"] if r["decode"] == "device")  # decodes
     assert [r["name"] for r in by_bench["model"]] == ["r50 video", "r50 video+audio+text", "r50 audio", "r50 text",

@@ -172,7 +172,7 @@ def test_demo_runs_on_cuda_with_fp16(tiny_bert, tmp_path):
         capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device cuda, 1 process(es), amp torch.float16" in result.stdout
-    assert "video frames decoded on cuda" in result.stdout
+    assert "video frames decoded on cuda by to_device" in result.stdout
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["train_loss"] == r["train_loss"] and r["peak_memory_mb"] > 0 for r in log)
     assert (out / "best.pt").is_file() and (out / "test_metrics.json").is_file()
