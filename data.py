@@ -129,27 +129,11 @@ def _uniform(generator, low, high):
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
-def transform_video(frames, crop_size, generator=None, hflip=0.5):
-    """t frames uint8 [3, h, w] (a list, or a tensor [t, 3, h, w]) -> uint8 [3, t, crop, crop] (the
-    model's layout, contiguous), the same geometry for every frame of the clip. Frames are cropped
-    before they are stacked.
-
-    Evaluation: resize the short side to crop·8/7 (256 for 224) and take the centre crop.
-    Training (a generator given): scale jitter (short side uniform in crop·[8/7, 10/7], i.e. 256–320
-    for 224, as SlowFast trains), a random square crop, a horizontal flip with probability `hflip`
-    (0 for data where left and right differ in meaning), rotation within ±15° (zeros
-    outside the frame), brightness and contrast within ±20%. Crop, scale, flip and rotation are one
-    bilinear `grid_sample` from the source frames, and the colour change one affine map on its
-    float output. Not a chain of torchvision.transforms.v2: that resamples the clip once per step
-    (several times slower in the loader) and draws from the global RNG, not from `generator`.
-    """
-    _, h, w = frames[0].shape
-    params = draw_augmentation(h, w, crop_size, generator, hflip) if generator is not None else None
-    return transform_frames(frames, crop_size, params)
-
-
 def draw_augmentation(h, w, crop_size, generator, hflip=0.5):
-    """transform_video's training parameters for frames of h x w pixels, drawn from `generator`
+    """The training transform's parameters for frames of h x w pixels, drawn from `generator`:
+    scale jitter (short side uniform in crop·[8/7, 10/7], i.e. 256–320 for 224, as SlowFast
+    trains), a random square crop, a horizontal flip with probability `hflip` (0 for data where
+    left and right differ in meaning), rotation within ±15°, brightness and contrast within ±20%.
     -> (top, left, box, flip, degrees, brightness, contrast): augment_video's arguments after crop_size."""
     box = round(crop_size * min(h, w) / _uniform(generator, crop_size * 8 / 7, crop_size * 10 / 7))
     top = int(torch.randint(h - box + 1, (1,), generator=generator))
@@ -161,8 +145,17 @@ def draw_augmentation(h, w, crop_size, generator, hflip=0.5):
 
 
 def transform_frames(frames, crop_size, params=None):
-    """transform_video with its parameters drawn: params None = the evaluation centre crop, else
-    draw_augmentation's tuple. Runs where the frames are (CPU or CUDA)."""
+    """t frames uint8 [3, h, w] (a list, or a tensor [t, 3, h, w]) -> uint8 [3, t, crop, crop] (the
+    model's layout, contiguous), the same geometry for every frame of the clip, computed where the
+    frames are (CPU or CUDA). Frames are cropped before they are stacked.
+
+    params None (evaluation): resize the short side to crop·8/7 (256 for 224) and take the centre
+    crop. Training: draw_augmentation's tuple, applied by augment_video: crop, scale, flip and
+    rotation (zeros outside the frame) are one bilinear `grid_sample` from the source frames, and
+    the colour change one affine map on its float output. Not a chain of torchvision.transforms.v2:
+    that resamples the clip once per step (several times slower in the loader) and draws from the
+    global RNG, not from the generator keyed by (seed, epoch, index).
+    """
     if params is not None:
         return augment_video(frames, crop_size, *params)
     _, h, w = frames[0].shape

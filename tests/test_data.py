@@ -440,10 +440,10 @@ def test_augmentation_is_keyed_by_epoch_and_index_not_by_worker(cache, tokenizer
 
 def test_video_transforms_geometry_and_colour():
     frames = torch.randint(0, 256, (6, 3, 48, 85), dtype=torch.uint8)
-    out = data.transform_video(frames, 32, torch.Generator().manual_seed(0))
+    out = data.transform_frames(frames, 32, data.draw_augmentation(48, 85, 32, torch.Generator().manual_seed(0)))
     assert out.shape == (3, 6, 32, 32) and out.dtype == torch.uint8 and out.is_contiguous()
     ramp = torch.arange(85, dtype=torch.uint8).expand(6, 3, 48, 85).contiguous()
-    centre = data.transform_video(ramp, 42)  # short side 48 = 42 * 8/7: a pure centre crop
+    centre = data.transform_frames(ramp, 42)  # short side 48 = 42 * 8/7: a pure centre crop
     assert torch.equal(centre, ramp[:, :, 3:45, 21:63].transpose(0, 1))
     # The fused training transform against the same steps done one by one ([t, 3] -> [3, t]).
     box = frames[:, :, 5:25, 10:30]
@@ -474,7 +474,8 @@ def test_horizontal_flip_probability():
     frames = (torch.arange(85) * 3).to(torch.uint8).expand(4, 3, 48, 85).contiguous()
 
     def mirrored(hflip, seed):
-        out = data.transform_video(frames, 32, torch.Generator().manual_seed(seed), hflip).float()
+        params = data.draw_augmentation(48, 85, 32, torch.Generator().manual_seed(seed), hflip)
+        out = data.transform_frames(frames, 32, params).float()
         return bool(out[..., :16].mean() > out[..., 16:].mean())
 
     assert not any(mirrored(0.0, seed) for seed in range(40))
