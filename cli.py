@@ -1,17 +1,29 @@
 """What every command of this repository shares: its command line and how it writes files.
 
-    parser = cli.ArgumentParser(description=__doc__)          # defaults in --help, mistakes in one line
-    parser.add_argument("--epochs", type=cli.positive(int), default=40)
+    @dataclass
+    class Config:                                              # settings: each field is also a flag
+        epochs: int = cli.setting(40, "planned maximum", type=cli.positive(int))
+    parser = cli.ArgumentParser(description=__doc__)           # defaults in --help, mistakes in one line
+    cli.add_settings(parser, Config, "training")               # --epochs, from the field
+    config = cli.settings(parser.parse_args(), Config)         # every field from its flag
     with cli.one_line_errors():                                # a bad file or value: one line, exit code 1
         ...
     cli.write_atomic(path, text)                               # readers never see half a file
     device = cli.resolve_device("auto")                        # the --device flag
 
-Nothing here knows about MELD or models; every other file may import it.
+A setting is defined once, as a dataclass field made by `setting` (default, help, type, choices);
+the flag is generated from it, so a field without a flag or a flag without a field cannot exist.
+A field made by `derived` is filled from other settings or the data, never from the command line.
+Written here, not with transformers' HfArgumentParser: that one takes lists as space-separated
+values and has its own errors, and these command lines take comma-separated lists and one-line
+errors. Nothing here knows about MELD or models; every other file may import it.
 """
 
 import argparse
 import contextlib
+import dataclasses
+import difflib
+import json
 import os
 from pathlib import Path
 
@@ -19,13 +31,16 @@ import torch
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help: the module docstring as written, and the default of every flag that has one."""
+    """--help: the module docstring as written, and the default of every flag that has one (lists
+    comma-separated, as they are given)."""
 
     def _get_help_string(self, action):
-        shown = action.help or ""
-        default = action.default
-        if action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS:
-            shown += " (default: '')" if action.default == "" else " (default: %(default)s)"
+        shown, default = action.help or "", action.default
+        if isinstance(default, (list, tuple)):
+            shown += f" (default: {','.join(map(str, default))})"
+        elif (action.option_strings and default is not None and default is not False
+              and default != argparse.SUPPRESS and "%(default)" not in shown):
+            shown += " (default: '')" if default == "" else " (default: %(default)s)"
         return shown
 
 
@@ -73,6 +88,128 @@ def int_list(text):
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers > 0")
     return values
+
+
+def probability_list(text):
+    """An argparse type: comma-separated floats in [0, 1] -> list of float ("0.3,0.2")."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or max(values) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers in [0, 1]")
+    return values
+
+
+def str_list(text):
+    """An argparse type: comma-separated words -> list of str ("video,text"); the caller checks them."""
+    return [x.strip() for x in text.split(",")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings: dataclass fields that are also command-line flags
+
+
+def setting(default, help, type=None, choices=None):
+    """A dataclass field that is also the flag --name-with-hyphens: its default, its help text, its
+    argparse type (default: the default's own type; a bool gives --name / --no-name) and its choices
+    (any container; a registry dict offers its keys, so a part added to it is a choice at once)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=type, choices=choices))
+
+
+def derived(help, default=None):
+    """A dataclass field filled from other settings or from the data, never by a flag of its own."""
+    return dataclasses.field(default=default, metadata=dict(derived=help))
+
+
+def flag_fields(config_class):
+    """The fields of a settings dataclass that are flags (made by `setting`)."""
+    return [f for f in dataclasses.fields(config_class) if "help" in f.metadata]
+
+
+def add_settings(parser, config_class, title):
+    """One argument group of flags, one per `setting` field of config_class. A field name that
+    another group already uses is argparse's conflict error: a setting lives in one place."""
+    group = parser.add_argument_group(title)
+    for f in flag_fields(config_class):
+        flag, kind = "--" + f.name.replace("_", "-"), f.metadata["type"] or type(f.default)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
+                               help=f.metadata["help"])
+
+
+def values(args, config_class):
+    """{field: value} of config_class's `setting` fields from parsed flags (AttributeError if one is missing)."""
+    return {f.name: getattr(args, f.name) for f in flag_fields(config_class)}
+
+
+def settings(args, config_class, **derived_values):
+    """config_class built from parsed flags: every `setting` field from the flag of its name,
+    `derived` fields from derived_values."""
+    return config_class(**values(args, config_class), **derived_values)
+
+
+def check_choices(config):
+    """ValueError naming the field, the value and the choices, for a field whose value is not one of
+    its choices (a config built in Python gets the check the command line makes)."""
+    for f in flag_fields(type(config)):
+        choices, value = f.metadata["choices"], getattr(config, f.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"unknown {f.name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def field_defaults(*config_classes):
+    """{name: default} of every flag field of these classes (a tuple as a list, as JSON and the parser give it)."""
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for c in config_classes for f in flag_fields(c)}
+
+
+def config_argv(values, parser, source):
+    """A config file's {setting: value} as command-line tokens (["--lr=0.001", "--no-speakers"]) that
+    parser accepts, so a config file is checked exactly as a command line is. SystemExit in one line
+    naming source for a name that is no flag of parser (with the nearest names). A value None
+    keeps the default; "argv" (what args.json records besides the settings) is skipped."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    tokens = []
+    for key, value in values.items():
+        if key == "argv" or value is None:
+            continue
+        if key not in actions:
+            near = difflib.get_close_matches(key, list(actions), n=3)
+            raise SystemExit(f"{source}: unknown setting {key!r}" + (f" (did you mean {' or '.join(near)}?)"
+                                                                       if near else ""))
+        flag = actions[key].option_strings[0]
+        if isinstance(actions[key], argparse.BooleanOptionalAction):
+            tokens.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            tokens.append(f"{flag}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return tokens
+
+
+def read_config(path):
+    """A JSON file of {setting: value} (a run's args.json is one). SystemExit in one line for a file
+    that is missing, not JSON or not an object."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--config {path}: {first_line(e, path)}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: not a JSON object of settings")
+    return values
+
+
+def given_flags(parser, argv):
+    """The dests of the flags argv gives explicitly (parsed with every default suppressed)."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """From a prepared cache to batches: frame sampling, augmentation, the dataset, collate, the sampler, the loader.
 
-    config = data.DataConfig(modalities=("video", "audio", "text"), num_frames=32, crop_size=224)
+    config = data.DataConfig.for_model(model_config, num_frames=32, crop_size=224)   # what the model reads
     train = data.ClipDataset("data/meld-cache", "train", config, tokenizer, train=True)
     loader = data.make_loader(train, batch_size=16, train=True, workers=4)
     loader.sampler.set_epoch(0)
@@ -10,7 +10,7 @@
 of any MELD folder), and `collate` builds the batch every model in this repo takes:
 
     video        uint8 [B, 3, T, H, W]   real frames first, zero padding last
-                 (decode="device": a JpegVideo of the files until to_device decodes it)
+                 (decode="device": a loading.JpegVideo of the files until to_device decodes it)
     video_mask   bool  [B, T]            True = real frame
     audio        float [B, n_mels, A]    natural-log mel power, 100 frames per second
                  (audio_input="waveform": float [B, 1, S], 16 kHz samples in [-1, 1])
@@ -25,13 +25,13 @@ A modality that is not selected is absent from the batch and is never read from 
 draws are keyed by (seed, epoch, index): a resumed run loads exactly what an uninterrupted one would.
 """
 
+import argparse
 import collections
 import copy
-import ctypes
 import functools
 import io
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,45 +44,73 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import decode_jpeg
 
+import cli
+import loading
 import meld
 
 FRAME_SAMPLINGS = ("fixed", "uniform")   # sample_frame_indices
 SAMPLERS = ("random", "balanced")       # make_loader
-DECODES = ("cpu", "device")             # ClipDataset: where video frames are decoded (resolve_decode)
 MEL_HOP = 160         # samples: 10 ms at 16 kHz, so A = 100 audio frames per second
 MEL_WINDOW = 400      # samples: 25 ms
 
 
+def context_sizes(text):
+    """--context: "PAST" or "PAST,FUTURE" (utterances >= 0) -> [past, future]."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PAST or PAST,FUTURE (numbers of utterances >= 0)")
+    return sizes + [0] * (2 - len(sizes))
+
+
 @dataclass
 class DataConfig:
-    """How a clip becomes tensors: one field per train.py flag of the same name (`audio_input`
-    comes from the model: ModelConfig.audio_input). Stored in every checkpoint, so evaluate.py
-    reads clips as the run did. ValueError for an unknown modality, frame sampling, audio input or
-    dataset."""
-    modalities: tuple = meld.MODALITIES
-    dataset: str = "meld"              # "meld" (emotion + sentiment) or "csv" (a `prepare.py --csv` cache)
-    num_frames: int = 32               # frames per clip, at the cache's rate (10 fps: 3.2 s)
-    crop_size: int = 224               # pixels, square
-    frame_sampling: str = "fixed"      # "fixed": consecutive frames; "uniform": spread over the clip
-    hflip: float = 0.5                 # probability of a horizontal flip in training
-    n_mels: int = 64                   # log-mel bands
-    max_audio_seconds: float = 10.0    # audio kept per clip
-    max_text_tokens: int = 128         # tokens per utterance, context included
-    context: tuple = (0, 0)            # utterances of the dialogue before and after the target given as context
-    speakers: bool = True              # with context, each utterance as "Speaker: text"
-    audio_input: str = "logmel"        # "logmel" [n_mels, A] or "waveform" [1, S]
+    """How a clip becomes tensors. Its settings are train.py's flags of the same names; modalities,
+    n_mels and audio_input are what the model reads, from its ModelConfig (`for_model`). Stored in
+    every checkpoint, so evaluate.py reads clips as the run did. ValueError for an unknown choice,
+    and for audio without n_mels and audio_input."""
+    modalities: tuple = cli.derived("ModelConfig.modalities")
+    n_mels: int = cli.derived("ModelConfig.n_mels: log-mel bands")
+    audio_input: str = cli.derived("ModelConfig.audio_input: logmel [n_mels, A] or waveform [1, S]")
+    dataset: str = cli.setting("meld", "meld: a MELD cache (emotion + sentiment); csv: a cache made by "
+                               "`prepare.py --csv` (one task, the manifest's labels)", choices=meld.DATASETS)
+    num_frames: int = cli.setting(32, "frames per clip at the cached rate (fast pathway; slow takes every 4th)",
+                                  type=cli.positive(int))
+    crop_size: int = cli.setting(224, "square crop, pixels", type=cli.positive(int))
+    frame_sampling: str = cli.setting("fixed", "fixed: consecutive frames at the cached rate; uniform: spread over "
+                                      "the utterance", choices=FRAME_SAMPLINGS)
+    hflip: float = cli.setting(0.5, "probability of a horizontal flip in training (0 = never: where left and "
+                               "right differ)", type=cli.probability)
+    max_audio_seconds: float = cli.setting(10.0, "audio kept per clip, seconds", type=cli.positive(float))
+    max_text_tokens: int = cli.setting(128, "tokens per utterance, context included", type=cli.positive(int))
+    context: tuple = cli.setting((0, 0), "PAST[,FUTURE]: utterances of the dialogue before and after the target "
+                                 "given as text context (future context needs the rest of the conversation: "
+                                 "offline only)", type=context_sizes)
+    speakers: bool = cli.setting(True, "with --context, write each utterance as 'Speaker: text' (--no-speakers: "
+                                 "the text alone)")
 
     def __post_init__(self):
+        if self.modalities is None:
+            raise ValueError("DataConfig needs the model's modalities: DataConfig.for_model(model_config, ...)")
         self.modalities = list(meld.check_modalities(self.modalities))  # a list, as a JSON round trip gives
+        if "audio" in self.modalities and (self.audio_input, self.n_mels) in ((None, None), ("logmel", None)):
+            raise ValueError("DataConfig with audio needs the model's n_mels and audio_input: "
+                             "DataConfig.for_model(model_config, ...)")
+        if self.audio_input not in ("logmel", "waveform", None):
+            raise ValueError(f"audio_input must be logmel or waveform, got {self.audio_input!r}")
+        cli.check_choices(self)
         past, future = (self.context, 0) if isinstance(self.context, int) else self.context   # an int: past only
         if past < 0 or future < 0:
             raise ValueError(f"context must be two numbers of utterances >= 0 (past, future), got {self.context}")
         self.context = [int(past), int(future)]
-        meld.tasks(self.dataset)  # an unknown dataset name raises
-        if self.frame_sampling not in FRAME_SAMPLINGS:
-            raise ValueError(f"unknown frame sampling {self.frame_sampling!r} (expected one of {FRAME_SAMPLINGS})")
-        if self.audio_input not in ("logmel", "waveform"):
-            raise ValueError(f"audio_input must be logmel or waveform, got {self.audio_input!r}")
+
+    @classmethod
+    def for_model(cls, model_config, **settings):
+        """The data a model reads: modalities, n_mels and audio_input from its ModelConfig."""
+        return cls(modalities=model_config.modalities, n_mels=model_config.n_mels,
+                   audio_input=model_config.audio_input, **settings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,8 +272,8 @@ class ClipDataset(Dataset):
     num_views evenly spaced ones (multi-view testing; 1 = the centre); `with_view` gives a copy.
     decode: where video frames are decoded: "cpu" in the loader's workers (samples hold uint8
     [3, t, crop, crop]); "device": the workers only read the JPEG files and draw the augmentation,
-    collate packs them into a JpegVideo, and to_device decodes and transforms the batch on the
-    training device (nvJPEG on CUDA). Both give the same batch. ValueError for another value.
+    and to_device decodes the batch (see loading.py). Both give the same batch. ValueError for
+    another value.
 
     Clips are excluded, and counted in self.excluded by reason, when their extraction failed or when
     they lack a selected modality (for example the video-only clip with no audio stream is used when
@@ -253,10 +281,10 @@ class ClipDataset(Dataset):
     excluded as "no text" when text is selected). Nothing is ever replaced by a blank.
     """
 
-    def __init__(self, root, split, config=DataConfig(), tokenizer=None, train=False, seed=0, classes=None,
+    def __init__(self, root, split, config, tokenizer=None, train=False, seed=0, classes=None,
                  view=0, num_views=1, decode="cpu"):
-        if decode not in DECODES:
-            raise ValueError(f"unknown decode {decode!r} (expected one of {DECODES})")
+        if decode not in loading.DECODES:
+            raise ValueError(f"unknown decode {decode!r} (expected one of {loading.DECODES})")
         self.root, self.split, self.config, self.train, self.seed = Path(root), split, config, train, seed
         self.decode = decode
         self.modalities = tuple(config.modalities)
@@ -461,46 +489,17 @@ class ClipDataset(Dataset):
 # Batches: collate, sampler, loader
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class JpegVideo:
-    """A batch's video still JPEG-encoded, as collate packs it for ClipDataset(decode="device"):
-    the workers read the files and drew the augmentation; `decode` (to_device calls it) decodes
-    every frame of the batch in one decode_jpeg call on the device (nvJPEG on CUDA) and transforms
-    each clip there with transform_frames. Moving bytes instead of decoded frames out of the
-    workers passes about 1/15 as much data between processes."""
-    data: torch.Tensor     # uint8 [N]: every frame's JPEG file, clip after clip
-    sizes: list            # bytes of each frame's file
-    frames: list           # frames of each clip, t_i <= num_frames
-    params: list           # each clip's draw_augmentation tuple (None in evaluation)
-    num_frames: int
-    crop_size: int
-
-    def pin_memory(self):  # DataLoader(pin_memory=True) calls it
-        return replace(self, data=self.data.pin_memory())
-
-    def decode(self, device):
-        """-> uint8 [B, 3, num_frames, crop, crop] on `device`, zero padding after each clip's
-        frames: equal to the batch collate builds from frames decoded in the workers (bitwise on
-        the CPU; on CUDA nvJPEG and the CUDA kernels round differently)."""
-        frames = decode_jpeg(list(self.data.split(self.sizes)), device=device)   # N x [3, h, w]
-        clips, start = [], 0
-        for t, params in zip(self.frames, self.params):
-            clips.append(transform_frames(frames[start:start + t], self.crop_size, params))
-            start += t
-        return pad_time(clips, self.num_frames)[0]
-
-
-def resolve_decode(decode, device):
-    """The --decode flag for a run on `device` (torch.device): "auto" decodes on the device when
-    it is CUDA (nvJPEG) and in the loader's workers otherwise; "cpu" and "device" are kept."""
-    return ("device" if device.type == "cuda" else "cpu") if decode == "auto" else decode
-
-
 def to_device(batch, device):
-    """Tensors of a batch to the device (non-blocking from pinned memory), a JpegVideo decoded
-    there; ids stay a list."""
+    """Tensors of a batch to the device (non-blocking from pinned memory); a loading.JpegVideo is
+    decoded there and transformed as the workers would have; ids stay a list."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v.decode(device)
-            if isinstance(v, JpegVideo) else v for k, v in batch.items()}
+            if isinstance(v, loading.JpegVideo) else v for k, v in batch.items()}
+
+
+def transform_clips(clips, params, num_frames, crop_size):
+    """Each clip's frames (t_i x uint8 [3, h, w]) through transform_frames with its params, zero-padded
+    to num_frames -> uint8 [B, 3, num_frames, crop, crop], where the frames are."""
+    return pad_time([transform_frames(f, crop_size, p) for f, p in zip(clips, params)], num_frames)[0]
 
 
 def pad_time(items, length):
@@ -518,17 +517,15 @@ def pad_time(items, length):
 def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment"), crop_size=None):
     """List of samples -> the batch dict of the module docstring (one long [B] per task name).
     Video is padded to num_frames; samples read for decoding on the device (video_jpeg) give a
-    JpegVideo of crop_size frames as "video" and the same video_mask."""
+    loading.JpegVideo of crop_size frames as "video" and the same video_mask."""
     batch = dict(ids=[s["id"] for s in samples], **{t: torch.tensor([s[t] for s in samples]) for t in tasks})
     if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
         T = num_frames or max(s["video"].shape[1] for s in samples)
         batch["video"], batch["video_mask"] = pad_time([s["video"] for s in samples], T)
     if "video_jpeg" in samples[0]:  # (t_i files, params) each
-        files = [f for s in samples for f in s["video_jpeg"][0]]
-        frames = [len(s["video_jpeg"][0]) for s in samples]
-        batch["video"] = JpegVideo(torch.cat(files), [len(f) for f in files], frames,
-                                   [s["video_jpeg"][1] for s in samples], num_frames, crop_size)
-        batch["video_mask"] = torch.arange(num_frames)[None, :] < torch.tensor(frames)[:, None]
+        transform = functools.partial(transform_clips, num_frames=num_frames, crop_size=crop_size)
+        batch["video"] = loading.JpegVideo.pack([s["video_jpeg"] for s in samples], transform)
+        batch["video_mask"] = torch.arange(num_frames)[None, :] < torch.tensor(batch["video"].frames)[:, None]
     if "audio" in samples[0]:  # [n_mels, a] (or [1, s]) each -> [B, n_mels, A] (or [B, 1, S])
         A = max(s["audio"].shape[1] for s in samples)
         batch["audio"], batch["audio_mask"] = pad_time([s["audio"] for s in samples], A)
@@ -612,19 +609,6 @@ class ClipSampler(Sampler):
         return iter([(self.epoch, i, draw) for i, draw in self._order()[self.skip:]])
 
 
-def reuse_freed_memory(_worker_id=None):
-    """DataLoader worker_init_fn: let glibc's malloc keep and reuse freed memory (blocks up to its
-    32 MiB maximum from the heap, no trimming below 1 GiB). A clip allocates several 5–20 MB buffers;
-    by default each is a fresh mapping, paid for again in page faults at first touch. No-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
 def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0, num_replicas=1, rank=0,
                 pin_memory=None, group_by_length=False):
     """DataLoader over a ClipDataset: ClipSampler (random or balanced, sharded when distributed),
@@ -650,5 +634,5 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
                                      tasks=[task for task, _ in dataset.tasks]),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=reuse_freed_memory,
+        worker_init_fn=loading.reuse_freed_memory,
         generator=torch.Generator().manual_seed(seed))  # worker seeds from here, not the global RNG

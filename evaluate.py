@@ -1,23 +1,21 @@
-"""Evaluate a checkpoint, draw training curves, or predict the emotion of any mp4.
+"""Evaluate a checkpoint, draw training curves, or predict the emotion of any mp4 (predict.py).
 
     python evaluate.py --checkpoint runs/demo/best.pt --data runs/demo/data/cache --split test
     python evaluate.py --checkpoint runs/demo/best.pt --data runs/demo/data/cache --split test --views 3
     python evaluate.py curves runs/demo
     python evaluate.py predict --checkpoint runs/demo/best.pt --video clip.mp4 --text "Oh my God!"
 
-The model is rebuilt from the configuration stored in the checkpoint (loaded with
-weights_only=True): no training flag has to be repeated. Evaluation writes metrics_<split>.json,
-a classification report on stdout, confusion_<split>.png (counts and row-normalised) and
-f1_<split>.png next to the checkpoint (or in --out). With --views N each clip is seen through N
-evenly spaced temporal windows and their probabilities averaged (multi-view testing); single- and
-multi-view numbers are both reported. Checkpoints are written (`save_checkpoint`, by train.py)
-and read (`load_checkpoint`, `load_checkpoint_model`) here; train.py also uses `predict` and
-`split_metrics` for dev and test.
+The model and the data settings are rebuilt from the configuration stored in the checkpoint: no
+training flag has to be repeated. Evaluation writes metrics_<split>.json, a classification report
+on stdout, confusion_<split>.png (counts and row-normalised) and f1_<split>.png in evaluation/
+beside the checkpoint (or in --out). With --views N each clip is seen through N evenly spaced
+temporal windows and their probabilities averaged (multi-view testing); single- and multi-view
+numbers are both reported. train.py uses `predict`, `split_metrics` and the reports for dev and test.
 """
 
+import itertools
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -39,8 +37,10 @@ from tqdm import tqdm
 
 import cli
 import data
+import loading
 import meld
 import model as model_lib
+import runs
 
 # ------------------------------------------------------------------------------------------------
 # Metrics
@@ -84,11 +84,15 @@ def labelled(predictions, dataset, index):
 
 
 def split_metrics(predictions, dataset):
-    """{id: (probs of each task in dataset.tasks)} against the dataset's labels -> {task: metrics}."""
+    """{id: (probs of each task in dataset.tasks)} against the dataset's labels -> {task: metrics}.
+    Predictions for only some of the split's clips (a capped evaluation) are marked in each task's
+    metrics as "partial": "N of M clips"."""
     metrics = {}
     for index, (task, names) in enumerate(dataset.tasks):
         y_true, y_pred, probabilities = labelled(predictions, dataset, index)
         metrics[task] = classification_metrics(y_true, y_pred, names, probabilities)
+        if len(predictions) < len(dataset):
+            metrics[task]["partial"] = f"{len(predictions)} of {len(dataset)} clips"
     return metrics
 
 
@@ -108,15 +112,17 @@ def report(y_true, y_pred, names, title, metrics):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, world=1, progress=None):
+def predict(model, loader, device, amp_dtype=None, world=1, progress=None, max_batches=0):
     """Probabilities for every clip of the loader's split, each counted once: under DDP each rank
     runs its own shard and the results are gathered. -> {id: (probs of each task, in the model's
     head order: emotion, sentiment for MELD)}. progress: a progress-bar label (rank 0 shows it;
-    None = no bar)."""
+    None = no bar). max_batches > 0: only that many batches per rank (smoke runs)."""
     model.eval()
     results = {}
-    for batch in tqdm(loader, desc=progress, disable=progress is None or (world > 1 and dist.get_rank() > 0),
-                      leave=False, dynamic_ncols=True, unit="batch"):
+    batches = itertools.islice(loader, max_batches or None)
+    for batch in tqdm(batches, desc=progress, total=min(len(loader), max_batches or len(loader)), leave=False,
+                      disable=progress is None or (world > 1 and dist.get_rank() > 0), dynamic_ncols=True,
+                      unit="batch"):
         batch = data.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(batch)
@@ -141,28 +147,9 @@ def predict_views(model, dataset, device, views=1, batch_size=16, workers=0):
             for clip_id, first in per_view[0].items()}
 
 
-def save_checkpoint(path, state):
-    """torch.save, atomically (a temporary file renamed over path): a kill never leaves half a checkpoint.
-    state: tensors and plain containers only, so that load_checkpoint reads it with weights_only=True."""
-    cli.write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path, device="cpu"):
-    """A train.py checkpoint: plain tensors and containers only (weights_only=True), so a
-    checkpoint holding a pickled object is refused."""
-    if not Path(path).is_file():
-        what = "a folder, not a checkpoint file" if Path(path).is_dir() else "no such checkpoint file"
-        raise SystemExit(f"{path}: {what} (train.py writes best.pt and last.pt in its --out)")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
-        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): "
-                         f"{type(e).__name__}: {cli.first_line(e)}") from None
-
-
 def load_checkpoint_model(path, device):
     """Rebuild the model from the configuration stored in a train.py checkpoint (no download)."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = runs.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise SystemExit(f"{path}: not a train.py checkpoint (it has no model_config; a bare state dict or a "
                          "Kinetics file goes to train.py --video-init kinetics:PATH)")
@@ -180,6 +167,21 @@ def dataset_for(checkpoint, root, split, decode="cpu"):
     tokenizer = model_lib.load_tokenizer(text_model) if "text" in config.modalities else None
     classes = dict(checkpoint["tasks"]).get("label") if config.dataset == "csv" else None
     return data.ClipDataset(root, split, config, tokenizer, classes=classes, decode=decode)
+
+
+def write_predictions(path, predictions, dataset):
+    """One JSON line per clip, readable alone: {"id": "dev/dia0_utt0", "emotion": {"true": "joy",
+    "predicted": "neutral", "probabilities": {"neutral": 0.41, "surprise": 0.02, ...}}, "sentiment": {...}}
+    (--dataset csv: one task, "label"); classes in the order of the model's outputs."""
+    rows = {r.id: r for r in dataset.rows}
+    lines = []
+    for clip_id, probabilities in sorted(predictions.items()):
+        line = dict(id=clip_id)
+        for (task, names), p in zip(dataset.tasks, probabilities):
+            line[task] = dict(true=names[getattr(rows[clip_id], task)], predicted=names[int(np.argmax(p))],
+                              probabilities=dict(zip(names, p)))
+        lines.append(json.dumps(line) + "\n")
+    cli.write_atomic(path, "".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def evaluate_main(argv):
                              "train.py's own plots are kept)")
     parser.add_argument("--batch-size", type=cli.positive(int), default=16, help="clips per batch")
     parser.add_argument("--workers", type=cli.non_negative(int), default=2, help="DataLoader worker processes")
-    parser.add_argument("--decode", default="auto", choices=["auto", *data.DECODES],
+    parser.add_argument("--decode", default="auto", choices=["auto", *loading.DECODES],
                         help="where video frames are decoded, as train.py's --decode (auto: on CUDA, nvJPEG)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
@@ -309,7 +311,7 @@ def evaluate_main(argv):
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     out = Path(args.out or Path(args.checkpoint).parent / "evaluation")
     with cli.one_line_errors():  # a bad CSV or cache, an --out that cannot be made: one line that names it
-        dataset = dataset_for(checkpoint, args.data, args.split, data.resolve_decode(args.decode, device))
+        dataset = dataset_for(checkpoint, args.data, args.split, loading.resolve_decode(args.decode, device))
         out.mkdir(parents=True, exist_ok=True)
     print(dataset.summary())
     if len(dataset) == 0:
@@ -332,107 +334,6 @@ def evaluate_main(argv):
     return results
 
 
-def predict_main(argv):
-    parser = cli.ArgumentParser(prog="evaluate.py predict",
-                                     description="Predict the emotion and sentiment of mp4 clips (or audio "
-                                                 "files, images, or text alone: what the checkpoint's model reads).")
-    parser.add_argument("--checkpoint", required=True, help="best.pt written by train.py")
-    parser.add_argument("--video", nargs="*", default=[], help="mp4 files (decoded as prepare.py does)")
-    parser.add_argument("--text", nargs="*", default=[], help="what is said in each clip, in the order of --video")
-    parser.add_argument("--dialogue", help="a conversation: CSV with columns Speaker, Utterance (and Video, a file "
-                                           "per row, for models that read video or audio); every utterance is "
-                                           "predicted with the dialogue context the checkpoint was trained with")
-    parser.add_argument("--json", action="store_true",
-                        help="print a JSON list (one object per clip) instead of a table")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    args = parser.parse_args(argv)
-    device = cli.resolve_device(args.device)
-    model, checkpoint = load_checkpoint_model(args.checkpoint, device)
-    modalities = checkpoint["model_config"]["modalities"]
-    media = {"video", "audio"} & set(modalities)
-    context = data.DataConfig(**checkpoint["data_config"]).context
-    if args.dialogue:
-        if args.video or args.text:
-            raise SystemExit("--dialogue gives the utterances (and videos) itself: leave out --video and --text")
-        with cli.one_line_errors():
-            utterances, videos = meld.read_dialogue_csv(args.dialogue)
-        if media and not all(videos):
-            raise SystemExit(f"{args.dialogue}: this model reads {' and '.join(sorted(media))}: give a Video for "
-                             f"every row (row {videos.index('') + 2} has none)")
-        contexts = data.dialogue_context(utterances, utterances, *context)
-    else:
-        videos = args.video
-        utterances = [meld.Utterance(f"text {i + 1}", "", 0, i, text, "", -1, -1) for i, text in enumerate(args.text)]
-        contexts = [((), ())] * len(utterances)
-        if media and not videos:
-            raise SystemExit(f"this model reads {' and '.join(sorted(media))}: pass --video FILE.mp4 ...")
-        if not media and not utterances:
-            raise SystemExit("this model reads text alone: pass --text UTTERANCE ... or --dialogue FILE.csv")
-        if "text" in modalities and media and len(utterances) != len(videos):
-            raise SystemExit(f"this model reads text ({'+'.join(modalities)}): pass --text with one utterance per "
-                             f"clip, each in quotes ({len(videos)} clip(s), {len(utterances)} text(s) given)")
-        if "text" in modalities and any(context):
-            print(f"warning: this model was trained with dialogue context ({context[0]} utterances before, "
-                  f"{context[1]} after): --text is read without it; pass --dialogue FILE.csv to give the "
-                  "conversation", file=sys.stderr)
-    empty = [i + 1 for i, u in enumerate(utterances) if not u.text.strip()] if "text" in modalities else []
-    if empty:
-        raise SystemExit(f"{args.dialogue or '--text'}: utterance {empty[0]} is empty, and this model reads text; "
-                         "give what is said in each clip")
-    dataset = dataset_for(checkpoint, ".", None)
-    import prepare  # PyAV: decodes the --video files as prepare.py decodes clips
-    settings = prepare.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()
-                                          if k in prepare.PrepareSettings.__dataclass_fields__})
-    names = videos if media else [u.id for u in utterances]
-    samples = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, name in enumerate(names):
-            sample = dict(id=name)
-            if media:
-                folder = Path(tmp) / f"clip{i}"
-                if not Path(name).is_file():
-                    raise SystemExit(f"{name}: {'a folder, not a file' if Path(name).is_dir() else 'no such file'}")
-                try:  # the same decoding as prepare.py
-                    info = prepare.extract_clip(name, folder, settings)
-                except Exception as e:
-                    raise SystemExit(f"{name}: cannot be decoded ({cli.first_line(e, name)})") from None
-                if "video" in modalities:
-                    if not info["frames"]:
-                        raise SystemExit(f"{name}: has no video frames, and this model reads video")
-                    sample["video"] = dataset.load_video(folder, info["frames"])
-                if "audio" in modalities:
-                    if not info["audio_samples"]:
-                        what = ("no audio stream" if "no audio stream" in info["reason"]
-                                else "an audio stream with no samples")
-                        raise SystemExit(f"{name}: has {what}, and this model reads audio")
-                    sample["audio"] = dataset.load_audio(folder)
-            if "text" in modalities:
-                sample.update(dataset.tokenize(utterances[i], *contexts[i]))
-            samples.append(sample)
-    batch = data.collate(samples, num_frames=dataset.config.num_frames if "video" in modalities else None,
-                         pad_token_id=getattr(dataset, "pad_token_id", 0), tasks=())
-    with torch.no_grad():
-        out = model(data.to_device(batch, device))
-    results = []
-    for i, name in enumerate(names):
-        row = {"file": name} | ({"speaker": utterances[i].speaker, "text": utterances[i].text} if args.dialogue else {})
-        for task, labels in checkpoint["tasks"]:
-            probs = out[task][i].float().softmax(-1).tolist()
-            row[task] = dict(sorted(zip(labels, probs), key=lambda x: -x[1]))
-        results.append(row)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        (primary, _), *others = checkpoint["tasks"]
-        for row in results:
-            print(f"{row['file']}: {row['speaker']}: {row['text']}" if args.dialogue else row["file"])
-            for label, p in row[primary].items():
-                print(f"  {label:<10} {p:6.3f}  {'#' * round(40 * p)}")
-            for task, _ in others:
-                print(f"  {task}: " + ", ".join(f"{label} {p:.3f}" for label, p in row[task].items()))
-    return results
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "curves":
@@ -440,7 +341,8 @@ def main(argv=None):
             raise SystemExit("usage: python evaluate.py curves RUN_DIR")
         print(f"wrote {plot_curves(argv[1])}")
     elif argv and argv[0] == "predict":
-        return predict_main(argv[1:])
+        import predict  # the predict command lives in predict.py (it decodes media as prepare.py does)
+        return predict.main(argv[1:])
     elif argv and not argv[0].startswith("-"):
         raise SystemExit(f"evaluate.py: unknown command {argv[0]!r}; the commands are curves and predict, or "
                          "--checkpoint CKPT --data DATA to evaluate (see --help)")

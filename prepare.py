@@ -489,6 +489,16 @@ def prepare_meld(meld_root, out, splits=meld.SPLITS, settings=PrepareSettings(),
     return _run_prepare(meld_root, out, tasks, workers, progress)
 
 
+def demo_cache(folder, workers=2):
+    """The demo's data: synthetic MELD (synth's defaults) in folder/raw, decoded at 10 fps, short side 90,
+    into folder/cache; both kept and reused when present. -> the cache folder."""
+    raw, cache = Path(folder) / "raw", Path(folder) / "cache"
+    if not (raw / "test_sent_emo.csv").exists():
+        synth(raw, workers=workers)
+    prepare_meld(raw, cache, settings=PrepareSettings(fps=10, short_side=90), workers=workers)
+    return cache
+
+
 def prepare_csv(csv_path, out, settings=PrepareSettings(), split_ratio=(0.8, 0.1, 0.1), seed=0, workers=1,
                 progress=True):
     """Decode every file a manifest CSV lists (videos, audio-only files, images) into the cache

@@ -1,69 +1,39 @@
-"""SlowFast-R50 8x8 exactly as published, for video clips with padded frames: the network, the
-masking it needs, ImageNet ResNet-50 inflation into its slow pathway, and the official Kinetics-400
-checkpoints.
+"""SlowFast-R50 8x8 exactly as published, for clips with padded frames: the network and the
+masking it needs.
 
     from slowfast import SlowFast
 
     net = SlowFast("r50", init="imagenet")   # init "random", "imagenet" or "kinetics:PATH"
     features = net(video, mask)              # uint8 [B, 3, T, H, W], bool [B, T] -> [B, 2048 + 256]
 
-model.py builds it for video_arch="slowfast" (model.VIDEO_ARCHS) and moves it to the device with
-model.place (3-D convolution weights channels-last on CUDA); model.py's audio and text encoders
-use the masking helpers defined here (mask_time, masked_mean, masked_batch_norm). This module
-does not import model.py.
+Network: Feichtenhofer, Fan, Malik and He, "SlowFast Networks for Video Recognition", ICCV 2019
+(arXiv:1812.03982), as PySlowFast and pytorchvideo's `create_slowfast` (hub `slowfast_r50`) build
+it: alpha = 4 fast frames per slow frame, beta = 1/8 (fast width / slow width), no temporal
+striding, fast->slow laterals (Conv3d 7x1x1, temporal stride alpha, 2 x C_fast channels)
+concatenated onto the slow path after the stem, res2, res3 and res4. Written with torchvision's
+ResNet names (conv1, bn1, layer1..layer4), so ImageNet ResNet-50 weights map onto the slow pathway
+name for name and Kinetics-400 checkpoints onto the whole network (pretrained.py reads both).
+VIDEO_PRESETS: "r50" (the published network, 33,644,488 parameters), "small" and "tiny" (the same
+layout, fewer blocks and channels). Any T, H, W work.
 
-Network: SlowFast-R50 8x8 of Feichtenhofer, Fan, Malik and He, "SlowFast Networks for Video
-Recognition", ICCV 2019 (arXiv:1812.03982), as PySlowFast (github.com/facebookresearch/SlowFast)
-and pytorchvideo (`pytorchvideo.models.slowfast.create_slowfast`, hub `slowfast_r50`) build it:
-alpha = 4 fast frames per slow frame, beta = 1/8 (fast width / slow width), no temporal striding,
-fast->slow laterals (Conv3d 7x1x1, temporal stride alpha, 2 x C_fast channels) concatenated onto
-the slow path after the stem, res2, res3 and res4. It is written out with torchvision's ResNet
-names (conv1, bn1, layer1..layer4; conv1/conv2/conv3 in a block), so that ImageNet ResNet-50
-weights map onto the slow pathway name for name and the Kinetics checkpoints map onto the whole
-network through `slowfast_key_map`. VIDEO_PRESETS: "r50" (the published network, 33,644,488
-parameters), "small" and "tiny" (same layout, fewer blocks and channels). Any T, H, W work.
+Masking contract: mask [B, T] bool, True = real frame, real frames first and padding last. Every
+tensor is zeroed at padded time steps after each operation that can make them non-zero; every
+BatchNorm takes its training statistics, and updates its running statistics, from real time steps
+only (masked_batch_norm); pooling is a masked mean over real time. So in eval and in training mode
+the same real frames padded with anything give the same outputs, gradients and running statistics;
+a sample with no real frame gives zeros. model.py's audio and text encoders use the same helpers.
 
-Masking contract for padded frames: mask [B, T] bool, True = real frame, real frames first and
-padding last. Every tensor is zeroed at padded time steps after each operation that can make them
-non-zero; every BatchNorm takes its training statistics, and updates its running statistics, from
-real time steps only (masked_batch_norm); pooling is a masked mean over real time. So in eval and
-in training mode the same real frames padded with anything give the same outputs, gradients and
-BatchNorm running statistics; a sample with no real frame gives zeros.
-
-Weights (`init`): "imagenet" inflates torchvision's ResNet-50 IMAGENET1K_V2 into the slow pathway
-(centre inflation, inflate_resnet50: a static clip gives the 2-D network's activations); the fast
-pathway and the laterals stay random. "kinetics:PATH" reads the official Kinetics-400
-SlowFast-R50 checkpoint (load_kinetics_checkpoint): a pytorchvideo (blocks.*) or PySlowFast
-(s1.*, ... in a .pyth) state dict, bare or inside the wrappers and key prefixes of PySlowFast,
-pytorchvideo hub, Lightning, DDP and torch.compile files, or a .safetensors file; always with
-torch.load(weights_only=True), and strictly (every backbone tensor, nothing but the 400-class
-head left over). A Caffe2 .pkl or any other file is a one-line ValueError naming the file (a
-missing file, FileNotFoundError).
-
-Some layers are computed another way than the plain PyTorch layer they stand for
-(StridedPointwiseConv3d and TemporalTapConv3d on the CPU, FrameMaxPool everywhere); each gives
-the same values and gradients, and has the plain layer's parameters and state-dict names.
-
-Tested, on the CPU with random weights and nothing downloaded, by tests/test_slowfast.py
-(parameter counts, FLOPs, parity with pytorchvideo's slowfast_r50, PySlowFast checkpoint names,
-ImageNet inflation, padding invariance in training, the rewritten layers, channels-last) and
-tests/test_checkpoint_formats.py (Kinetics checkpoint layouts):
-
-    python -m pytest tests/test_slowfast.py tests/test_checkpoint_formats.py
+Some layers are computed another way than the plain layer they stand for (StridedPointwiseConv3d
+and TemporalTapConv3d on the CPU, FrameMaxPool everywhere): the same values, gradients, parameters
+and state-dict names. Tested by tests/test_slowfast.py (parameter counts, FLOPs, parity with
+pytorchvideo's slowfast_r50, padding invariance in training, the rewritten layers, channels-last).
 """
 
-import os
-import pickletools
-import warnings
-import zipfile
-
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-import cli
+import pretrained
 
 # ---------------------------------------------------------------------------------------------
 # Masking helpers: every padded time step is zero, and means are taken over real time steps only.
@@ -418,24 +388,24 @@ class Lateral(nn.Module):
 
 
 class SlowFast(nn.Module):
-    """Masked SlowFast network (alpha = 4, beta = fast_width / slow_width): Feichtenhofer et al. 2019,
-    laid out as PySlowFast and pytorchvideo's create_slowfast (see the module docstring).
+    """Masked SlowFast network (Feichtenhofer et al. 2019; see the module docstring).
 
     size: a key of VIDEO_PRESETS ("r50" is the published SlowFast-R50 8x8).
     init: "random", "imagenet" (torchvision ResNet-50 IMAGENET1K_V2 inflated into the slow
     pathway; the fast pathway and laterals stay random) or "kinetics:PATH" (the official
     Kinetics-400 SlowFast-R50 checkpoint, PySlowFast .pyth or pytorchvideo state dict).
     load_pretrained=False builds the same network (and normalisation) without loading weights.
+    alpha: fast frames per slow frame (4 as published).
 
     forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, out_channels] (2048 + 256).
     Any T, H, W work: T need not be a multiple of alpha, pooling is not fixed-size.
 
     Errors: ValueError for an unknown size or init, or a pretrained init with a size other than
-    r50; with load_pretrained, OSError when the ImageNet weights cannot be fetched, and those of
-    load_kinetics_checkpoint (FileNotFoundError, one-line ValueError) for kinetics:PATH.
+    r50; with load_pretrained, those of pretrained.load_imagenet_resnet50 (OSError) and
+    pretrained.load_kinetics_checkpoint (FileNotFoundError, one-line ValueError).
     """
 
-    def __init__(self, size="r50", init="random", load_pretrained=True):
+    def __init__(self, size="r50", init="random", load_pretrained=True, alpha=ALPHA):
         super().__init__()
         if size not in VIDEO_PRESETS:
             raise ValueError(f"unknown video size {size!r}; choose one of {sorted(VIDEO_PRESETS)}")
@@ -445,7 +415,7 @@ class SlowFast(nn.Module):
             raise ValueError(f"--video-init {init} needs --video-size r50 (got {size})")
         preset = VIDEO_PRESETS[size]
         depths, ws, wf = preset["depths"], preset["slow_width"], preset["fast_width"]
-        self.size, self.init, self.alpha, self.depths = size, init, ALPHA, tuple(depths)
+        self.size, self.init, self.alpha, self.depths = size, init, alpha, tuple(depths)
 
         fast_channels = (wf, 4 * wf, 8 * wf, 16 * wf)   # fast stem, res2, res3, res4 outputs
         self.slow = Pathway(ws, depths, SLOW_TEMPORAL_KERNELS, stem_temporal_kernel=1,
@@ -453,7 +423,7 @@ class SlowFast(nn.Module):
         self.fast = Pathway(wf, depths, FAST_TEMPORAL_KERNELS, stem_temporal_kernel=5,
                             lateral_channels=(0, 0, 0, 0))
         # lateral[i] fuses after: 0 stem, 1 res2, 2 res3, 3 res4 (none after res5)
-        self.lateral = nn.ModuleList([Lateral(c, ALPHA) for c in fast_channels])
+        self.lateral = nn.ModuleList([Lateral(c, alpha) for c in fast_channels])
         self.out_channels = self.slow.out_channels + self.fast.out_channels
 
         kinetics = init.startswith("kinetics:")
@@ -464,10 +434,10 @@ class SlowFast(nn.Module):
 
         self.reset_parameters()
         if load_pretrained and init == "imagenet":
-            inflate_resnet50(self, load_imagenet_resnet50())
+            pretrained.inflate_resnet50(self, pretrained.load_imagenet_resnet50(), LATERAL_INIT_GAIN)
         if load_pretrained and kinetics:
-            self.load_state_dict(load_kinetics_checkpoint(init[len("kinetics:"):], self.depths,
-                                                          self.state_dict()))
+            self.load_state_dict(pretrained.load_kinetics_checkpoint(init[len("kinetics:"):], self.depths,
+                                                                     self.state_dict()))
 
     def reset_parameters(self):
         """Random init as PySlowFast: He-normal convs, BN weight 1 / bias 0, and the last BN of
@@ -530,24 +500,26 @@ class SlowFast(nn.Module):
         return torch.cat([masked_mean(slow, slow_mask), masked_mean(fast, fast_mask)], dim=1)
 
     def stages(self):
-        """Freezing units: {slow,fast,lateral}.{stem,res2,res3,res4,res5} -> modules.
-        lateral.<stage> is the fusion that runs after <stage> (there is none after res5) together
-        with the weights of the next slow stage that read it (LateralInputConv3d.lateral_weight,
-        held in an nn.ParameterList); the slow stage holds the rest of its parameters. So the
-        lateral-reading weights are new parameters whatever the slow pathway was loaded from,
-        and train while their slow stage is frozen."""
-        stages = {}
+        """Freezing units -> modules: <stage> for stem, res2..res5 (the three pathways' parts of that
+        stage together), then the finer {slow,fast,lateral}.<stage>. lateral.<stage> is the fusion
+        that runs after <stage> (none after res5) together with the weights of the next slow stage
+        that read it (LateralInputConv3d.lateral_weight, in an nn.ParameterList); the slow stage
+        holds the rest of its parameters. So the lateral-reading weights are new parameters whatever
+        the slow pathway was loaded from, and train while their slow stage is frozen."""
+        fine = {}
         for path_name, path in (("slow", self.slow), ("fast", self.fast)):
-            stages[f"{path_name}.stem"] = [path.conv1, path.bn1]
+            fine[f"{path_name}.stem"] = [path.conv1, path.bn1]
             for i, layer in enumerate(path.layers):
-                stages[f"{path_name}.res{i + 2}"] = [layer]
+                fine[f"{path_name}.res{i + 2}"] = [layer]
         for i, stage in enumerate(("stem", "res2", "res3", "res4")):  # lateral i is read by slow layer i
             layer = self.slow.layers[i]
             reads = [m.lateral_weight for m in layer[0].modules() if isinstance(m, LateralInputConv3d)]
-            stages[f"slow.res{i + 2}"] = [nn.ParameterList(p for p in layer.parameters()
-                                                           if all(p is not r for r in reads))]
-            stages[f"lateral.{stage}"] = [self.lateral[i], nn.ParameterList(reads)]
-        return stages
+            fine[f"slow.res{i + 2}"] = [nn.ParameterList(p for p in layer.parameters()
+                                                         if all(p is not r for r in reads))]
+            fine[f"lateral.{stage}"] = [self.lateral[i], nn.ParameterList(reads)]
+        coarse = {stage: [m for path in ("slow", "fast", "lateral") for m in fine.get(f"{path}.{stage}", [])]
+                  for stage in ("stem", "res2", "res3", "res4", "res5")}
+        return coarse | fine
 
     def pretrained_stages(self):
         """Stage names whose weights came from a pretrained checkpoint (for `init`)."""
@@ -556,204 +528,3 @@ class SlowFast(nn.Module):
         if self.init.startswith("kinetics:"):
             return list(self.stages())
         return []
-
-
-def load_imagenet_state_dict(weights, hint):
-    """The state dict of torchvision weights (an enum such as ResNet50_Weights.IMAGENET1K_V2), from
-    the torch hub cache or the network. A failure is an OSError of one line ending in hint (what to
-    pass)."""
-    try:
-        return weights.get_state_dict(progress=False)
-    except Exception as e:  # URLError, timeouts, proxies: all mean the same to the user
-        raise OSError(f"could not fetch ImageNet weights {weights} ({type(e).__name__}, "
-                           f"offline?): {hint}") from None
-
-
-def load_imagenet_resnet50():
-    """torchvision ResNet-50 with IMAGENET1K_V2 weights, for the SlowFast slow pathway (OSError when
-    they cannot be fetched)."""
-    resnet = torchvision.models.resnet50()
-    resnet.load_state_dict(load_imagenet_state_dict(torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
-                                                    "pass --video-init random or kinetics:PATH"))
-    return resnet
-
-
-@torch.no_grad()
-def inflate_resnet50(slowfast, resnet):
-    """Copy a torchvision ResNet-50 into the slow pathway, inflated to 3-D (centre inflation).
-
-    A 2-D kernel [O, I, kh, kw] goes to the centre temporal tap of the 3-D kernel
-    [O, I, kt, kh, kw] and the other taps are zero: with zero temporal padding each output frame
-    sees only its own input frame, so the slow pathway computes the 2-D network frame by frame
-    for any clip. BN parameters and statistics are copied as they are. The weights that read the
-    laterals (LateralInputConv3d.lateral_weight, new parameters) keep their random init scaled by
-    LATERAL_INIT_GAIN: the network starts within about 1% of ResNet-50 (0.6% per stage in
-    tests/test_slowfast.py), and yet every lateral gets a gradient from the first step (with zero
-    there, the laterals themselves would get none until these weights had moved). A slow pathway
-    whose state-dict names differ from the ResNet's (fc aside) is a ValueError."""
-    target = slowfast.slow.state_dict()
-    source = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
-    if set(source) != set(target):
-        raise ValueError("slow pathway and ResNet-50 differ: "
-                         f"{sorted(set(source) ^ set(target))[:5]}")
-    for name, w2d in source.items():
-        w3d = target[name]                                  # conv [O, I + I_lateral, kt, kh, kw]
-        if w2d.dim() == 4:                                  # conv [O, I, kh, kw]
-            O, I, kh, kw = w2d.shape
-            assert w3d.shape[0] == O and w3d.shape[3:] == (kh, kw) and w3d.shape[1] >= I, name
-            w3d[:, :I] = 0
-            w3d[:, :I, w3d.shape[2] // 2] = w2d             # [O, I, kh, kw] into the centre tap
-            w3d[:, I:] *= LATERAL_INIT_GAIN                 # the lateral_weight part, if any
-        else:                                               # BN weight / bias / stats
-            w3d.copy_(w2d)
-    slowfast.slow.load_state_dict(target, strict=True)
-
-
-def slowfast_key_map(depths=(3, 4, 6, 3)):
-    """Our state-dict key -> (pytorchvideo key, PySlowFast key) for every backbone tensor.
-
-    pytorchvideo `create_slowfast`: blocks.<stage>.multipathway_blocks.<pathway>... and
-    blocks.<stage>.multipathway_fusion...; PySlowFast (its .pyth files): s<stage+1>.pathway<p>_...
-    and s<stage+1>_fuse.... Pathway 0 is slow, 1 is fast."""
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    key_map = {}
-
-    def add(ours, ptv, psf, suffixes):
-        for s in suffixes:
-            key_map[f"{ours}.{s}"] = (f"{ptv}.{s}", f"{psf}.{s}")
-
-    for p, path in enumerate(("slow", "fast")):
-        add(f"{path}.conv1", f"blocks.0.multipathway_blocks.{p}.conv",
-            f"s1.pathway{p}_stem.conv", ["weight"])
-        add(f"{path}.bn1", f"blocks.0.multipathway_blocks.{p}.norm",
-            f"s1.pathway{p}_stem.bn", bn)
-        for stage, depth in enumerate(depths, start=1):
-            for j in range(depth):
-                ours = f"{path}.layer{stage}.{j}"
-                ptv = f"blocks.{stage}.multipathway_blocks.{p}.res_blocks.{j}"
-                psf = f"s{stage + 1}.pathway{p}_res{j}"
-                if j == 0:
-                    add(f"{ours}.downsample.0", f"{ptv}.branch1_conv", f"{psf}.branch1", ["weight"])
-                    add(f"{ours}.downsample.1", f"{ptv}.branch1_norm", f"{psf}.branch1_bn", bn)
-                for ours_conv, ptv_conv, psf_conv in (("1", "a", "a"), ("2", "b", "b"),
-                                                      ("3", "c", "c")):
-                    add(f"{ours}.conv{ours_conv}", f"{ptv}.branch2.conv_{ptv_conv}",
-                        f"{psf}.branch2.{psf_conv}", ["weight"])
-                    add(f"{ours}.bn{ours_conv}", f"{ptv}.branch2.norm_{ptv_conv}",
-                        f"{psf}.branch2.{psf_conv}_bn", bn)
-    for i in range(4):
-        add(f"lateral.{i}.conv", f"blocks.{i}.multipathway_fusion.conv_fast_to_slow",
-            f"s{i + 1}_fuse.conv_f2s", ["weight"])
-        add(f"lateral.{i}.bn", f"blocks.{i}.multipathway_fusion.norm", f"s{i + 1}_fuse.bn", bn)
-    return key_map
-
-
-KINETICS_HEAD_PREFIXES = ("blocks.6.", "head.")   # the 400-class heads, which we do not use
-
-
-def convert_slowfast_state_dict(state, depths, own_state):
-    """Map a pytorchvideo or PySlowFast SlowFast state dict onto our names, strictly.
-
-    Every backbone tensor must be there with our shape (num_batches_tracked may be absent: older
-    checkpoints lack it, and it is then taken from own_state) and nothing but the 400-class head
-    may be left over. Returns a state dict for SlowFast.load_state_dict(strict=True)."""
-    key_map = slowfast_key_map(depths)
-    style = 0 if any(k.startswith("blocks.") for k in state) else 1    # 0 pytorchvideo, 1 PySlowFast
-    theirs_to_ours = {names[style]: ours for ours, names in key_map.items()}
-    missing = [k for k in theirs_to_ours
-               if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state
-                  if k not in theirs_to_ours and not k.startswith(KINETICS_HEAD_PREFIXES)]
-    reshaped = [f"{k} {tuple(state[k].shape)} instead of {tuple(own_state[ours].shape)}"
-                for k, ours in theirs_to_ours.items()
-                if k in state and state[k].shape != own_state[ours].shape]
-    problems = {"missing keys": missing, "unexpected keys": unexpected, "of another shape": reshaped}
-    if any(problems.values()):
-        raise ValueError("not a SlowFast-R50 state dict: " + ", ".join(
-            f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})" for what, keys in problems.items() if keys))
-    return {ours: state.get(theirs, own_state[ours]) for theirs, ours in theirs_to_ours.items()}
-
-
-CHECKPOINT_WRAPPERS = ("model_state", "state_dict", "model", "module")
-STATE_DICT_PREFIXES = ("module.", "model.", "_orig_mod.")    # DDP, Lightning, torch.compile
-
-
-def unwrap_state_dict(checkpoint):
-    """The tensors of a checkpoint, without its wrappers and key prefixes ({} if there are none).
-
-    Wrappers, top-level dict keys, nested in any order: model_state (PySlowFast and pytorchvideo
-    hub .pyth), state_dict (PyTorch Lightning .ckpt), model, module. Key prefixes, repeated or
-    combined: module. (DDP), model. (Lightning), _orig_mod. (torch.compile); one is removed only
-    when every key has it. Values that are not tensors (epoch, optimizer state, ...) are dropped."""
-    while isinstance(checkpoint, dict):
-        wrapper = next((w for w in CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(w), dict)), None)
-        if wrapper is None:
-            break
-        checkpoint = checkpoint[wrapper]
-    if not isinstance(checkpoint, dict):
-        return {}
-    state = {k: v for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    while state:
-        prefix = next((p for p in STATE_DICT_PREFIXES if all(k.startswith(p) for k in state)), None)
-        if prefix is None:
-            break
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def is_caffe2_pickle(path):
-    """Whether path is a plain pickle (not torch.save's zip) of a dict with a "blobs" key: the
-    Caffe2 / Detectron .pkl layout {"blobs": {name: numpy array}, ...} of the PySlowFast model
-    zoo. Reads pickle opcodes only (pickletools), never unpickles."""
-    if zipfile.is_zipfile(path):
-        return False
-    try:
-        with open(path, "rb") as f:
-            if f.read(1) not in (b"\x80", b"(", b"}"):     # PROTO (protocol 2+), MARK, EMPTY_DICT
-                return False
-            f.seek(0)
-            for opcode, arg, _ in pickletools.genops(f):
-                if arg in ("blobs", b"blobs"):
-                    return True
-                if opcode.name == "STOP":
-                    return False
-    except Exception:                                       # not a pickle after all
-        return False
-    return False
-
-
-def load_kinetics_checkpoint(path, depths, own_state):
-    """Read a Kinetics-400 SlowFast-R50 checkpoint -> a state dict for SlowFast (strict).
-
-    Accepted: a torch.save file holding a pytorchvideo (blocks.*) or PySlowFast (s1.*, ...)
-    state dict, bare or inside the wrappers and key prefixes of unwrap_state_dict: PySlowFast and
-    pytorchvideo hub .pyth, Lightning .ckpt, DDP, torch.compile; or a .safetensors file of such a
-    state dict. Loaded with weights_only=True only. Everything else is a one-line ValueError that
-    names the file: a Caffe2 .pkl, a file torch.load cannot read that way (corrupt, truncated,
-    pickled objects), a state dict that is not SlowFast-R50. A missing file is a FileNotFoundError."""
-    flag = f"--video-init kinetics:{path}"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}: no such file")
-    try:
-        if str(path).endswith(".safetensors"):
-            checkpoint = safetensors.torch.load_file(path)
-        else:
-            with warnings.catch_warnings():  # torch warns about an unknown pickle protocol before failing
-                warnings.simplefilter("ignore", UserWarning)
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if is_caffe2_pickle(path):
-            raise ValueError(f"{flag}: a Caffe2 pickle ({{'blobs': numpy arrays}}), which is not "
-                             "supported; pass the PyTorch .pyth checkpoint of the same model from "
-                             "the PySlowFast or pytorchvideo model zoo") from None
-        raise ValueError(f"{flag}: not a plain-tensor PyTorch checkpoint (torch.load with "
-                         f"weights_only=True failed: {type(e).__name__}: {cli.first_line(e)})") from None
-    state = unwrap_state_dict(checkpoint)
-    if not state:
-        top = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{flag}: holds no state dict of tensors (top level: {top})")
-    try:
-        return convert_slowfast_state_dict(state, depths, own_state)
-    except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from None
-

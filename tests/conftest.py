@@ -18,6 +18,13 @@ SYNTH_KWARGS = dict(sizes=SYNTH_SIZES, seed=3, width=96, height=54, fps=24, min_
 PREPARE_SETTINGS = prepare.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)
 
 
+def data_config(modalities=("video", "audio", "text"), **settings):
+    """data.DataConfig for a model of these modalities with ModelConfig's defaults otherwise (64 log-mel bands)."""
+    import data
+    import model
+    return data.DataConfig.for_model(model.ModelConfig(modalities=modalities), **settings)
+
+
 def needs_cuda(count=1):
     """Mark for tests of the CUDA paths (fp16 AMP, NCCL): skipped on machines without enough GPUs."""
     import torch

@@ -1,4 +1,4 @@
-"""Tests for --video-init kinetics:PATH checkpoint layouts (slowfast.load_kinetics_checkpoint): the
+"""Tests for --video-init kinetics:PATH checkpoint layouts (pretrained.load_kinetics_checkpoint): the
 wrappers and key prefixes of PySlowFast, pytorchvideo hub, Lightning, DDP and torch.compile files
 load the same weights as the bare state dict; Caffe2 pickles, unreadable files, pickled objects
 and other architectures are refused in one line naming the file, never loaded with
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import pretrained
 import slowfast
 
 DEPTHS = slowfast.VIDEO_PRESETS["tiny"]["depths"]
@@ -54,7 +55,7 @@ def own_state():
 def pytorchvideo_state(own_state):
     """Random pytorchvideo-named tensors for our tiny depths, with a 400-class head left over."""
     g = torch.Generator().manual_seed(1)
-    key_map = slowfast.slowfast_key_map(DEPTHS)
+    key_map = pretrained.slowfast_key_map(DEPTHS)
     state = {key_map[k][0]: torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 7
              for k, v in own_state.items()}
     state["blocks.6.proj.weight"] = torch.randn(400, 8, generator=g)
@@ -64,7 +65,7 @@ def pytorchvideo_state(own_state):
 
 @pytest.fixture(scope="module")
 def pyslowfast_state(own_state, pytorchvideo_state):
-    key_map = slowfast.slowfast_key_map(DEPTHS)
+    key_map = pretrained.slowfast_key_map(DEPTHS)
     state = {key_map[k][1]: pytorchvideo_state[key_map[k][0]] for k in own_state}
     state["head.projection.weight"] = pytorchvideo_state["blocks.6.proj.weight"]
     state["head.projection.bias"] = pytorchvideo_state["blocks.6.proj.bias"]
@@ -72,7 +73,7 @@ def pyslowfast_state(own_state, pytorchvideo_state):
 
 
 def load(path, own_state):
-    return slowfast.load_kinetics_checkpoint(str(path), DEPTHS, own_state)
+    return pretrained.load_kinetics_checkpoint(str(path), DEPTHS, own_state)
 
 
 def prefixed(prefix, state):
@@ -130,11 +131,11 @@ def test_safetensors_file_loads_the_same_weights(own_state, pytorchvideo_state, 
 
 def test_prefix_is_stripped_only_when_every_key_has_it():
     t = torch.zeros(1)
-    assert slowfast.unwrap_state_dict({"model.blocks.0.w": t, "model.head.w": t}).keys() == {"blocks.0.w", "head.w"}
-    assert slowfast.unwrap_state_dict({"model.blocks.0.w": t, "blocks.1.w": t}).keys() == {"model.blocks.0.w",
+    assert pretrained.unwrap_state_dict({"model.blocks.0.w": t, "model.head.w": t}).keys() == {"blocks.0.w", "head.w"}
+    assert pretrained.unwrap_state_dict({"model.blocks.0.w": t, "blocks.1.w": t}).keys() == {"model.blocks.0.w",
                                                                                           "blocks.1.w"}
-    assert slowfast.unwrap_state_dict({"module.model.x": t, "module.model.y": t, "epoch": 3}).keys() == {"x", "y"}
-    assert slowfast.unwrap_state_dict({"epoch": 3, "model_state": {}}) == {}
+    assert pretrained.unwrap_state_dict({"module.model.x": t, "module.model.y": t, "epoch": 3}).keys() == {"x", "y"}
+    assert pretrained.unwrap_state_dict({"epoch": 3, "model_state": {}}) == {}
 
 
 def assert_one_line_error(error, path, *words):
@@ -201,7 +202,7 @@ def test_other_architecture_is_one_line(own_state, pyslowfast_state, tmp_path):
     torch.save({"model_state": own_state}, path)              # our names: not a checkpoint's
     with pytest.raises(ValueError) as error:
         load(path, own_state)
-    required = [k for k in slowfast.slowfast_key_map(DEPTHS) if not k.endswith("num_batches_tracked")]
+    required = [k for k in pretrained.slowfast_key_map(DEPTHS) if not k.endswith("num_batches_tracked")]
     assert_one_line_error(error, path, "not a SlowFast-R50 state dict", f"{len(required)} missing keys",
                           f"{len(own_state)} unexpected keys", "slow.conv1.weight")
 

@@ -158,7 +158,7 @@ def test_flags_context_and_speakers_reach_the_data_config(tmp_path):
     args = train.parse_args(["--context", "3", "--no-speakers", "--modalities", "text", "--data", str(tmp_path)])
     assert args.context == [3, 0] and args.speakers is False and args.workers == 0
     args.data, args.dataset = str(tmp_path), "meld"
-    _, config = train.configs_from_args(args)
+    _, config = train.configs_from_args(args, tmp_path)
     assert config.context == [3, 0] and config.speakers is False
     assert train.parse_args(["--context", "2,5"]).context == [2, 5]
     for bad in ("-1", "1,2,3", "x"):

@@ -16,10 +16,11 @@ import torch
 from torchvision.io import decode_jpeg
 
 import data
+import loading
 import model as model_lib
 import slowfast
 import train
-from conftest import ROOT, needs_cuda
+from conftest import ROOT, data_config, needs_cuda
 
 pytestmark = needs_cuda()
 CUDA = torch.device("cuda")
@@ -29,8 +30,8 @@ def small_model(tiny_bert, **kwargs):
     """On the GPU as train.py places it: 3-D convolutions channels-last (model.place)."""
     torch.manual_seed(0)
     net = model_lib.EmotionModel(model_lib.ModelConfig(**dict(dict(
-        modalities=("video", "audio", "text"), video_size="tiny", text_model=str(tiny_bert), n_mels=16,
-        audio_channels=(8, 16), fusion_dim=32), **kwargs)))
+        modalities=("video", "audio", "text"), video_size="tiny", video_init="random", text_model=str(tiny_bert),
+        n_mels=16, audio_channels=(8, 16), fusion_dim=32), **kwargs)))
     return model_lib.place(net, CUDA)
 
 
@@ -137,9 +138,9 @@ def test_decoding_on_cuda_gives_the_workers_batch_within_rounding(cache, tokeniz
     """decode="device" on CUDA (nvJPEG, pinned JpegVideo through worker processes) against the
     workers' CPU decode: the same clips, masks and padding; decoded frames and transformed clips
     equal up to the rounding of nvJPEG and the CUDA kernels (differences printed)."""
-    config = data.DataConfig(num_frames=24, crop_size=40)
+    config = data_config(num_frames=24, crop_size=40)
     batches = {}
-    for decode in data.DECODES:
+    for decode in loading.DECODES:
         ds = data.ClipDataset(cache, "train", config, tokenizer, train=train_mode, seed=5, decode=decode)
         loader = data.make_loader(ds, batch_size=4, train=train_mode, workers=2)
         loader.sampler.set_epoch(1)

@@ -18,9 +18,10 @@ import torch
 from torchvision.io import decode_jpeg
 
 import data
+import loading
 import meld
 import prepare
-from conftest import PREPARE_SETTINGS, ROOT, SHARED_MELD, SYNTH_SIZES
+from conftest import PREPARE_SETTINGS, ROOT, SHARED_MELD, SYNTH_SIZES, data_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -243,7 +244,7 @@ def test_prepare_resumes_after_sigkill(synth_root, cache, tmp_path):
 
 def test_round_trip_batches_carry_frames_audio_and_labels(synth_root, cache, tokenizer):
     T, crop = 32, 40
-    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=T, crop_size=crop), tokenizer)
+    ds = data.ClipDataset(cache, "train", data_config(num_frames=T, crop_size=crop), tokenizer)
     manifest = meld.read_manifest(cache)
     rows = {r.id: r for r in meld.read_meld_csv(synth_root / "train_sent_emo.csv", "train")}
     loader = data.make_loader(ds, batch_size=4, train=False, workers=0)
@@ -276,9 +277,9 @@ def test_decoding_on_the_device_gives_the_batch_the_workers_decode(cache, tokeni
     """decode="device" on the CPU: the workers pass JPEG files and the drawn augmentation, to_device
     decodes them; frames, padding, masks and every other field equal the workers' batch bitwise,
     over two epochs of training (different draws each) or an evaluation pass, with workers."""
-    config = data.DataConfig(num_frames=24, crop_size=40)  # synth clips have 5 to 50 frames: some padded
+    config = data_config(num_frames=24, crop_size=40)  # synth clips have 5 to 50 frames: some padded
     batches = {}
-    for decode in data.DECODES:
+    for decode in loading.DECODES:
         ds = data.ClipDataset(cache, "train", config, tokenizer, train=train, seed=5, decode=decode)
         loader = data.make_loader(ds, batch_size=4, train=train, workers=2, pin_memory=False)
         batches[decode] = []
@@ -299,12 +300,12 @@ def test_decoding_on_the_device_gives_the_batch_the_workers_decode(cache, tokeni
 def test_jpeg_video_holds_the_files_and_decodes_them_as_the_workers_do(cache, tokenizer):
     """The bytes a JpegVideo carries are the clips' files: decoded they are bitwise the frames
     load_video decodes; the augmentation drawn in the worker is the one load_video applies."""
-    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer, train=True,
+    ds = data.ClipDataset(cache, "train", data_config(num_frames=8, crop_size=32), tokenizer, train=True,
                           decode="device")
     samples = [ds[(3, i)] for i in range(3)]
     batch = data.collate(samples, num_frames=8, crop_size=32)
     video = batch["video"]
-    assert isinstance(video, data.JpegVideo) and video.frames == [len(s["video_jpeg"][0]) for s in samples]
+    assert isinstance(video, loading.JpegVideo) and video.frames == [len(s["video_jpeg"][0]) for s in samples]
     assert all(len(p) == 7 for p in video.params)                        # drawn: training
     frames = decode_jpeg(list(video.data.split(video.sizes)))
     start = 0
@@ -316,14 +317,14 @@ def test_jpeg_video_holds_the_files_and_decodes_them_as_the_workers_do(cache, to
         assert any(all(torch.equal(frames[start + k], own[j + k]) for k in range(t))
                    for j in range(len(own) - t + 1)), s["id"]
         start += t
-    cpu = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer, train=True)
+    cpu = data.ClipDataset(cache, "train", data_config(num_frames=8, crop_size=32), tokenizer, train=True)
     expected = data.collate([cpu[(3, i)] for i in range(3)], num_frames=8, crop_size=32)
     assert torch.equal(video.decode(torch.device("cpu")), expected["video"])
 
 
 def test_defective_clips_never_reach_a_batch(synth_root, cache, tokenizer):
     ids = defect_ids(synth_root)
-    everything = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer)
+    everything = data.ClipDataset(cache, "train", data_config(num_frames=8, crop_size=32), tokenizer)
     batches = list(data.make_loader(everything, batch_size=5, train=False, workers=0))
     seen = {i for b in batches for i in b["ids"]}
     assert not seen & set(ids.values())
@@ -396,7 +397,7 @@ def test_frame_sampling():
 def test_views_take_different_frames_and_the_same_part_of_the_audio(cache, sampling):
     """Multi-view testing: view v of N reads other frames than the other views (both sampling
     modes) and an audio window at the same relative place in the clip."""
-    ds = data.ClipDataset(cache, "test", data.DataConfig(modalities=("video", "audio"), num_frames=4, crop_size=32,
+    ds = data.ClipDataset(cache, "test", data_config(modalities=("video", "audio"), num_frames=4, crop_size=32,
                                                          frame_sampling=sampling, max_audio_seconds=0.5))
     index = max(range(len(ds)), key=lambda i: ds.entries[ds.rows[i].id]["frames"])
     clip = ds.root / ds.rows[index].id
@@ -418,11 +419,11 @@ def test_views_take_different_frames_and_the_same_part_of_the_audio(cache, sampl
 
 
 def test_augmentation_is_keyed_by_epoch_and_index_not_by_worker(cache, tokenizer):
-    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer, train=True, seed=1)
+    ds = data.ClipDataset(cache, "train", data_config(num_frames=8, crop_size=32), tokenizer, train=True, seed=1)
     a, b, c = ds[(1, 3)], ds[(1, 3)], ds[(2, 3)]
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
     assert not torch.equal(a["video"], c["video"])
-    evaluation = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=32), tokenizer)
+    evaluation = data.ClipDataset(cache, "train", data_config(num_frames=8, crop_size=32), tokenizer)
     assert torch.equal(evaluation[3]["video"], evaluation[(5, 3)]["video"])  # no randomness in eval
 
     def epoch_batches(workers):
@@ -509,7 +510,7 @@ def test_sampler_orders_shards_and_resumes():
 def test_balanced_sampler_repeats_get_their_own_augmentation(cache, tokenizer):
     """Drawn with replacement, a clip comes several times in one epoch: each repeat is its draw k
     (counted over every rank's samples) and is augmented differently; draw 0 keeps (seed, epoch, index)."""
-    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("video", "audio"), num_frames=8, crop_size=32),
+    ds = data.ClipDataset(cache, "train", data_config(modalities=("video", "audio"), num_frames=8, crop_size=32),
                           train=True, seed=1)
     sampler = data.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0)
     sampler.set_epoch(3)

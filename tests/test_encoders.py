@@ -21,9 +21,14 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+import pretrained  # noqa: E402
 from test_model import random_video, randomize_  # noqa: E402
 
-SMALL = dict(fusion_dim=32, fusion_heads=2, head_hidden=(32, 16))   # small fusion and heads
+SMALL = dict(fusion_dim=32, fusion_heads=2, head_hidden=(32, 16), video_init="random")   # small fusion and heads
+
+
+def frames_resnet(size, init="random", **kwargs):
+    return M.FrameResNet(M.ModelConfig(video_arch="frames", video_size=size, video_init=init), **kwargs)
 
 
 def lengths_mask(lengths, total):
@@ -41,7 +46,7 @@ def parameter_ids(modules):
 
 def test_frames_equal_the_torchvision_resnet_per_frame():
     """One frame is the image classifier's pooled features; T frames are their mean."""
-    frames = randomize_(M.FrameResNet("tiny"), seed=1).eval()
+    frames = randomize_(frames_resnet("tiny"), seed=1).eval()
     resnet = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     missing, unexpected = resnet.load_state_dict(frames.state_dict(), strict=False)
     assert missing == ["fc.weight", "fc.bias"] and not unexpected   # the same names, fc dropped
@@ -71,7 +76,7 @@ def test_frames_model_forward_and_backward(T):
 
 
 def test_frames_padding_does_not_change_the_output():
-    frames = randomize_(M.FrameResNet("tiny"), seed=3).eval()
+    frames = randomize_(frames_resnet("tiny"), seed=3).eval()
     lengths, T = [1, 3, 6, 0], 8
     clips = random_video(len(lengths), T, 32, 32, seed=4)         # padded frames are noise
     mask = lengths_mask(lengths, T)
@@ -106,9 +111,9 @@ def test_frames_imagenet_loads_torchvision_weights_by_name(monkeypatch):
     torch.manual_seed(0)
     source = torchvision.models.resnet18().state_dict()
     requested = []
-    monkeypatch.setattr(M, "load_imagenet_state_dict",
+    monkeypatch.setattr(pretrained, "load_imagenet_state_dict",
                         lambda weights, hint: requested.append(weights) or source)
-    frames = M.FrameResNet("small", "imagenet")
+    frames = frames_resnet("small", "imagenet")
     assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
     ours = frames.state_dict()
     assert set(ours) == {k for k in source if not k.startswith("fc.")}
@@ -121,14 +126,14 @@ def test_frames_imagenet_errors(monkeypatch):
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(OSError) as error:
-        M.FrameResNet("small", "imagenet")
+        frames_resnet("small", "imagenet")
     message = str(error.value)
     assert "\n" not in message and "--video-init random" in message and "ResNet18" in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
     with pytest.raises(ValueError, match="no ImageNet weights for the tiny"):
-        M.FrameResNet("tiny", "imagenet")
+        frames_resnet("tiny", "imagenet")
     with pytest.raises(ValueError, match="kinetics:PATH is for --video-arch slowfast"):
-        M.FrameResNet("r50", "kinetics:/some.pyth")
+        frames_resnet("r50", "kinetics:/some.pyth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,18 +142,19 @@ def test_frames_imagenet_errors(monkeypatch):
 
 def test_lstm_mfcc_is_torchaudio_mfcc():
     """The DCT of the natural-log mel input is torchaudio's MFCC with log_mels=True."""
-    lstm = M.AudioLSTM(n_mels=64)
+    lstm = M.AudioLSTM(M.ModelConfig(n_mels=64, audio_features="mfcc"))
     wave = torch.randn(1, 8000, generator=torch.Generator().manual_seed(0))
     reference = torchaudio.transforms.MFCC(16000, n_mfcc=40, log_mels=True,
                                            melkwargs=dict(n_fft=400, hop_length=160, n_mels=64))
     mel = torch.log(reference.MelSpectrogram(wave) + 1e-6)          # [1, 64, A]
-    torch.testing.assert_close((mel.transpose(1, 2) @ lstm.dct).transpose(1, 2), reference(wave))
-    assert M.AudioLSTM(n_mels=16).dct.shape == (16, 16)             # fewer mel bins: all of them
+    torch.testing.assert_close(lstm.features(mel), reference(wave))
+    fewer = M.AudioLSTM(M.ModelConfig(n_mels=16, audio_features="mfcc"))
+    assert fewer.features.dct.shape == (16, 16)                      # fewer mel bins: all of them
 
 
 def test_lstm_forward_backward_and_silence():
     torch.manual_seed(0)
-    lstm = M.AudioLSTM(n_mels=16).train()
+    lstm = M.AudioLSTM(M.ModelConfig(n_mels=16, audio_features="mfcc")).train()
     mel = torch.randn(3, 16, 40)
     out = lstm(mel, lengths_mask([40, 17, 0], 40))
     assert out.shape == (3, 256) and lstm.out_channels == 256
@@ -164,7 +170,7 @@ def test_lstm_forward_backward_and_silence():
 
 def test_lstm_padding_does_not_change_the_output():
     torch.manual_seed(0)
-    lstm = randomize_(M.AudioLSTM(n_mels=16), seed=5).eval()
+    lstm = randomize_(M.AudioLSTM(M.ModelConfig(n_mels=16, audio_features="mfcc")), seed=5).eval()
     lengths, A = [1, 4, 23, 60], 64
     g = torch.Generator().manual_seed(6)
     mel = torch.randn(len(lengths), 16, A, generator=g) * 5        # padded frames are noise
@@ -251,7 +257,7 @@ def test_hf_padding(tiny_wav2vec2):
     padded clip differs from the clip alone (GroupNorm over the padded length, attention over
     padded frames): what the transformers docs describe for these models."""
     norm, path = tiny_wav2vec2
-    encoder = M.SpeechEncoder(path).eval()
+    encoder = M.SpeechEncoder(M.ModelConfig(audio_encoder=f"hf:{path}")).eval()
     lengths, S = [4000, 2500, 800], 4000
     wave, mask = random_waves(lengths, S, seed=1)                  # padded samples are noise
     with torch.no_grad():
@@ -285,13 +291,13 @@ def test_hf_loading_and_rebuild(tiny_wav2vec2):
 
 
 def test_hf_errors(monkeypatch, tiny_bert):
-    monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(OSError) as error:
         M.EmotionModel(M.ModelConfig(modalities=("audio",), audio_encoder="hf:some-org/not-a-cached-model"))
     message = str(error.value)
     assert "\n" not in message and "--audio-encoder" in message and "cnn or lstm" in message
     with pytest.raises(ValueError, match="not a wav2vec2-style speech encoder"):
-        M.SpeechEncoder(tiny_bert)
+        M.SpeechEncoder(M.ModelConfig(audio_encoder=f"hf:{tiny_bert}"))
 
 
 # ---------------------------------------------------------------------------------------------

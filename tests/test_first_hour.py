@@ -13,6 +13,7 @@ import torch
 import evaluate
 import meld
 import prepare
+import runs
 import train
 from conftest import ROOT
 
@@ -146,8 +147,8 @@ def test_predictions_name_their_classes_truth_and_prediction(run, cache, tiny_be
 
 
 def test_best_checkpoint_keeps_what_evaluation_needs_and_last_what_resuming_needs(run, capsys):
-    best, last = evaluate.load_checkpoint(run / "best.pt"), evaluate.load_checkpoint(run / "last.pt")
-    assert not set(train.RESUME_ONLY) & set(best) and set(train.RESUME_ONLY) <= set(last)
+    best, last = runs.load_checkpoint(run / "best.pt"), runs.load_checkpoint(run / "last.pt")
+    assert not set(runs.RESUME_ONLY) & set(best) and set(runs.RESUME_ONLY) <= set(last)
     assert {"model", "model_config", "args", "tasks", "prepare"} <= set(best)
     assert (run / "best.pt").stat().st_size < 0.6 * (run / "last.pt").stat().st_size
     line = one_line_exit(capsys, train.main, ["--resume", str(run / "best.pt"), "--out", str(run)])

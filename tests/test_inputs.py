@@ -22,7 +22,7 @@ import evaluate
 import meld
 import model as M
 import prepare
-from conftest import ROOT, SHARED_MELD
+from conftest import ROOT, SHARED_MELD, data_config
 
 SETTINGS = prepare.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=95)
 
@@ -227,7 +227,7 @@ def test_short_audio_gives_log_mel_frames_in_training_and_evaluation(tmp_path):
     assert all(e["status"] == "ok" for e in manifest.values())
 
     for train_mode in (False, True):
-        ds = data.ClipDataset(tmp_path / "cache", "train", data.DataConfig(modalities=("audio",)), train=train_mode,
+        ds = data.ClipDataset(tmp_path / "cache", "train", data_config(modalities=("audio",)), train=train_mode,
                               seed=1)
         reference = ds.load_audio(tmp_path / "cache" / "train/dia0_utt3")          # 4000 samples, eval
         for i, n in enumerate(SHORT):
@@ -252,7 +252,7 @@ def test_speech_encoder_runs_on_a_batch_shorter_than_its_receptive_field(tmp_pat
         conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2, num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4)
     transformers.Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v")
-    encoder = M.SpeechEncoder(str(tmp_path / "w2v"))
+    encoder = M.SpeechEncoder(M.ModelConfig(audio_encoder=f"hf:{tmp_path / 'w2v'}"))
     assert encoder.receptive_field == 20                       # kernel 10 stride 5, then kernel 3 stride 2
     assert encoder.min_train_samples == 20 + 10 * (config.mask_time_length - 1)    # SpecAugment's 10 frames
     wave = torch.rand(2, 1, 12) * 2 - 1
@@ -407,7 +407,7 @@ def test_real_meld_clips_prepare_as_their_csv_says(real_cache):
 
 def test_real_meld_clips_load_with_all_modalities_and_predict(real_cache, tokenizer, run):
     cache, names = real_cache
-    ds = data.ClipDataset(cache, "train", data.DataConfig(num_frames=8, crop_size=64), tokenizer, train=True)
+    ds = data.ClipDataset(cache, "train", data_config(num_frames=8, crop_size=64), tokenizer, train=True)
     assert len(ds) == 10 and not ds.excluded
     batch = data.collate([ds[i] for i in range(3)], num_frames=8)
     assert batch["video"].shape == (3, 3, 8, 64, 64) and batch["video_mask"].all()

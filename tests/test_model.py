@@ -18,6 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+import pretrained  # noqa: E402
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -51,7 +52,7 @@ def random_video(B, T, H, W, seed=0):
 
 
 def tiny_model(tiny_bert, **kwargs):
-    args = dict(modalities=("video", "audio", "text"), video_arch="slowfast", video_size="tiny",
+    args = dict(modalities=("video", "audio", "text"), video_arch="slowfast", video_size="tiny", video_init="random",
                 text_model=tiny_bert, n_mels=16, audio_channels=(8, 16), fusion_dim=32, fusion_heads=2,
                 head_hidden=(32, 16))
     args.update(kwargs)
@@ -81,9 +82,9 @@ def make_batch(B=4, T=8, size=32, n_mels=16, A=40, L=6, seed=0):
 
 def test_video_padding_does_not_change_logits():
     torch.manual_seed(0)
-    model = M.EmotionModel(M.ModelConfig(modalities=("video", "audio"), video_size="r50", n_mels=16,
-                                         audio_channels=(8, 16), fusion="attention", fusion_dim=32, fusion_heads=2,
-                                         head_hidden=(32, 16)))
+    model = M.EmotionModel(M.ModelConfig(modalities=("video", "audio"), video_size="r50", video_init="random",
+                                         n_mels=16, audio_channels=(8, 16), fusion="attention", fusion_dim=32,
+                                         fusion_heads=2, head_hidden=(32, 16)))
     randomize_(model, seed=5).eval()
     lengths, T, size = [1, 5, 8, 13, 20], 32, 32
     clips = random_video(len(lengths), T, size, size, seed=6)      # padded frames are noise
@@ -179,7 +180,7 @@ def assert_same_training_step(a, b, tolerance=1e-7):
 
 def test_audio_cnn_padding_changes_nothing_in_training():
     torch.manual_seed(0)
-    model = randomize_(M.AudioCNN(n_mels=16, channels=(8, 16, 32)), seed=13).double()
+    model = randomize_(M.AudioCNN(M.ModelConfig(n_mels=16, audio_channels=(8, 16, 32))), seed=13).double()
     lengths = [1, 7, 50, 33]
     real = torch.randn(len(lengths), 16, max(lengths), generator=torch.Generator().manual_seed(14),
                        dtype=torch.float64) * 3 - 2
@@ -226,7 +227,7 @@ def test_missing_modalities_end_to_end(tiny_bert, fusion):
 @pytest.mark.parametrize("fusion_class", [M.ConcatFusion, M.AttentionFusion])
 def test_fusion_masks_a_missing_modality(fusion_class):
     torch.manual_seed(0)
-    fusion = fusion_class([6, 5, 4], 8).eval()
+    fusion = fusion_class([6, 5, 4], M.ModelConfig(fusion_dim=8)).eval()
     feats = [torch.randn(3, d) for d in (6, 5, 4)]
     present = torch.tensor([[True, False, True], [True, True, False], [False, True, True]])
     with torch.no_grad():
@@ -371,7 +372,7 @@ def test_packaged_minilm_alias():
 
 
 def test_unreachable_text_model_is_one_line(monkeypatch):
-    monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(OSError) as error:
         M.load_tokenizer("some-org/not-a-cached-model")
     message = str(error.value)
@@ -394,7 +395,7 @@ def test_text_pooling(tiny_bert):
 
 
 def test_audio_cnn_shapes_and_silence():
-    audio = M.AudioCNN(n_mels=64, channels=(8, 16, 32, 64)).eval()
+    audio = M.AudioCNN(M.ModelConfig(n_mels=64, audio_channels=(8, 16, 32, 64))).eval()
     mel = torch.randn(3, 64, 101)
     mask = torch.arange(101)[None, :] < torch.tensor([101, 50, 0])[:, None]      # [3, 101]
     with torch.no_grad():

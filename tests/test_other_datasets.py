@@ -23,9 +23,9 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-import evaluate
 import meld
 import prepare
+import runs
 import train
 from conftest import ROOT
 
@@ -203,7 +203,7 @@ def test_audio_encoders_tell_applause_from_tones(audio_cache, tmp_path, encoder)
     assert metrics["n"] == 20 and metrics["accuracy"] >= 0.9
     assert metrics["roc_auc"] >= 0.9 and metrics["average_precision"] >= 0.9
     assert set(metrics["per_class"]) == {"applause", "tone"}
-    assert evaluate.load_checkpoint(out / "best.pt")["tasks"] == [["label", ["applause", "tone"]]]
+    assert runs.load_checkpoint(out / "best.pt")["tasks"] == [["label", ["applause", "tone"]]]
     if encoder == "lstm":  # evaluate.py: the model and the data settings rebuilt from best.pt alone
         run_script("evaluate.py", "--checkpoint", str(out / "best.pt"), "--data", str(audio_cache), "--split", "test",
                    "--out", str(tmp_path / "eval"), "--workers", "0", "--device", "cpu")

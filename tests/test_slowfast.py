@@ -22,6 +22,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pretrained  # noqa: E402
 import slowfast  # noqa: E402
 from test_model import (  # noqa: E402
     assert_same_training_step,
@@ -170,7 +171,7 @@ def ptv_to_pyslowfast(key):
 
 def test_parity_with_pytorchvideo(reference_slowfast):
     ours = slowfast.SlowFast("r50").eval()
-    converted = slowfast.convert_slowfast_state_dict(reference_slowfast.state_dict(), ours.depths,
+    converted = pretrained.convert_slowfast_state_dict(reference_slowfast.state_dict(), ours.depths,
                                                      ours.state_dict())
     ours.load_state_dict(converted, strict=True)
     video, mask = random_video(1, 16, 64, 64, seed=2), torch.ones(1, 16, dtype=torch.bool)
@@ -189,8 +190,8 @@ def test_parity_with_pytorchvideo(reference_slowfast):
     torch.testing.assert_close(features, pooled, rtol=1e-4, atol=1e-4)
 
     # and back: our state dict exports to pytorchvideo's names and shapes through the same key map
-    exported = {slowfast.slowfast_key_map(ours.depths)[k][0]: v for k, v in ours.state_dict().items()}
-    head = {k: v for k, v in reference_slowfast.state_dict().items() if k.startswith(slowfast.KINETICS_HEAD_PREFIXES)}
+    exported = {pretrained.slowfast_key_map(ours.depths)[k][0]: v for k, v in ours.state_dict().items()}
+    head = {k: v for k, v in reference_slowfast.state_dict().items() if k.startswith(pretrained.KINETICS_HEAD_PREFIXES)}
     again = copy.deepcopy(reference_slowfast)
     again.load_state_dict(exported | head, strict=True)
     for key, tensor in reference_slowfast.state_dict().items():
@@ -208,7 +209,7 @@ def test_pyslowfast_checkpoint_loads_strictly(reference_slowfast, tmp_path):
 
     ours = slowfast.SlowFast("r50", init=f"kinetics:{path}")
     expected = slowfast.SlowFast("r50")
-    expected.load_state_dict(slowfast.convert_slowfast_state_dict(reference_state, expected.depths,
+    expected.load_state_dict(pretrained.convert_slowfast_state_dict(reference_state, expected.depths,
                                                                   expected.state_dict()))
     for name, tensor in expected.state_dict().items():
         assert torch.equal(ours.state_dict()[name], tensor), name
@@ -239,7 +240,7 @@ def test_pyslowfast_checkpoint_loads_strictly(reference_slowfast, tmp_path):
 def test_inflated_slow_pathway_reproduces_resnet50_frame_by_frame(monkeypatch):
     torch.manual_seed(0)
     resnet = randomize_(torchvision.models.resnet50(), seed=3).eval()
-    monkeypatch.setattr(slowfast, "load_imagenet_resnet50", lambda: resnet)
+    monkeypatch.setattr(pretrained, "load_imagenet_resnet50", lambda: resnet)
     video_model = slowfast.SlowFast("r50", init="imagenet").eval()   # inflates `resnet`
     assert video_model.mean.flatten().tolist() == pytest.approx(list(slowfast.IMAGENET_MEAN))
     assert (video_model.slow.layer3[0].conv1.weight[:, :, [0, 2]] == 0).all()  # non-centre taps

@@ -19,9 +19,10 @@ import data
 import evaluate
 import meld
 import model as model_lib
+import runs
 import slowfast
 import train
-from conftest import ROOT, needs_cuda
+from conftest import ROOT, data_config, needs_cuda
 
 TIMING = ("seconds", "clips_per_s", "data_wait", "peak_memory_mb")
 
@@ -44,7 +45,7 @@ def run_train(argv, **env):
 
 def small_model(tiny_bert, modalities=("audio", "text")):
     torch.manual_seed(0)
-    return model_lib.EmotionModel(model_lib.ModelConfig(modalities=modalities, video_size="tiny",
+    return model_lib.EmotionModel(model_lib.ModelConfig(modalities=modalities, video_size="tiny", video_init="random",
                                                         text_model=str(tiny_bert), audio_channels=(4, 8, 8, 8),
                                                         fusion_dim=32))
 
@@ -109,7 +110,7 @@ def test_gradient_accumulation_equals_one_big_batch(cache, tiny_bert, tokenizer)
     """Three micro-batches of 4 with different class mixes == one batch of 12, through train.py's
     step function with the default class-weighted focal loss, BatchNorm in eval mode."""
     args = train.parse_args([])
-    ds = data.ClipDataset(cache, "train", data.DataConfig(modalities=("audio", "text")), tokenizer)
+    ds = data.ClipDataset(cache, "train", data_config(modalities=("audio", "text")), tokenizer)
     assert len(ds) >= 12
     samples = sorted((ds[i] for i in range(len(ds))), key=lambda s: s["emotion"])[-12:]  # micro-batches by class
     collate = lambda xs: data.collate(xs, pad_token_id=tokenizer.pad_token_id)  # noqa: E731
@@ -186,7 +187,7 @@ def test_laterals_learn_from_the_first_step_while_pretrained_slow_stages_stay_fr
     import torchvision
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50()
-    monkeypatch.setattr(slowfast, "load_imagenet_resnet50", lambda: resnet)
+    monkeypatch.setattr("pretrained.load_imagenet_resnet50", lambda: resnet)
     model = model_lib.EmotionModel(model_lib.ModelConfig(modalities=("video",), video_size="r50",
                                                          video_init="imagenet", head_hidden=(32, 16)))
     args = train.parse_args([])
@@ -244,7 +245,7 @@ def test_unknown_or_empty_stage_is_an_error_at_start_up(cache, tiny_bert, tmp_pa
 # ---------------------------------------------------------------------------------------------- early stopping
 
 def test_early_stopping_patience_minimum_epochs_and_minimum_gain():
-    stopper = train.EarlyStopping(patience=2, min_epochs=5, min_delta=0.01)
+    stopper = runs.EarlyStopping(patience=2, min_epochs=5, min_delta=0.01)
     scores = [0.30, 0.35, 0.355, 0.359, 0.40, 0.405, 0.41, 0.42]
     improved, stops = [], []
     for epoch, score in enumerate(scores):
@@ -254,7 +255,7 @@ def test_early_stopping_patience_minimum_epochs_and_minimum_gain():
     assert improved == [True, True, False, False, True, False, False, True]
     assert stops == [False, False, False, False, False, False, True, False]  # epoch 3 had patience used, but < 5 epochs
     assert stopper.best == 0.42 and stopper.best_epoch == 7
-    restored = train.EarlyStopping(2, 5, 0.01)
+    restored = runs.EarlyStopping(2, 5, 0.01)
     restored.load_state_dict(stopper.state_dict())
     assert restored.state_dict() == stopper.state_dict()
 
@@ -263,7 +264,7 @@ def test_early_stopping_patience_minimum_epochs_and_minimum_gain():
 
 def test_checkpoints_are_atomic_plain_and_refuse_pickles(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    evaluate.save_checkpoint(path, dict(model={"w": torch.ones(2)}, rng=train.rng_state()))
+    runs.save_checkpoint(path, dict(model={"w": torch.ones(2)}, rng=runs.rng_state()))
 
     def cut_off(obj, f):  # a write killed halfway
         with open(f, "wb") as handle:
@@ -272,23 +273,23 @@ def test_checkpoints_are_atomic_plain_and_refuse_pickles(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", cut_off)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.save_checkpoint(path, dict(model={"w": torch.zeros(2)}))
+        runs.save_checkpoint(path, dict(model={"w": torch.zeros(2)}))
     monkeypatch.undo()
-    assert torch.equal(evaluate.load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert torch.equal(runs.load_checkpoint(path)["model"]["w"], torch.ones(2))
 
     import argparse
     torch.save(dict(args=argparse.Namespace(lr=1.0)), tmp_path / "pickled.pt")
     with pytest.raises(SystemExit, match="weights_only"):
-        evaluate.load_checkpoint(tmp_path / "pickled.pt")
+        runs.load_checkpoint(tmp_path / "pickled.pt")
 
 
 def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     import random
 
     import numpy as np
-    evaluate.save_checkpoint(tmp_path / "rng.pt", dict(rng=train.rng_state()))
+    runs.save_checkpoint(tmp_path / "rng.pt", dict(rng=runs.rng_state()))
     expected = (torch.rand(3), random.random(), np.random.rand())
-    train.set_rng_state(evaluate.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    runs.set_rng_state(runs.load_checkpoint(tmp_path / "rng.pt")["rng"])
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
@@ -450,7 +451,7 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
                              "--master_port", "29533", str(ROOT / "train.py"), *argv],
                             capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    dev = data.ClipDataset(cache, "dev", data.DataConfig(modalities=("video", "audio", "text"), num_frames=8,
+    dev = data.ClipDataset(cache, "dev", data_config(modalities=("video", "audio", "text"), num_frames=8,
                                                          crop_size=32), tokenizer)
     assert len(dev) % (2 * 2) != 0  # the last shard is short: nothing may be counted twice
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -462,7 +463,7 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
 
     ddp_predictions = {p["id"]: p for p in map(json.loads, (out / "predictions_dev.jsonl").read_text().splitlines())}
     assert sorted(ddp_predictions) == sorted(r.id for r in dev.rows)
-    best = evaluate.load_checkpoint(out / "best.pt")
+    best = runs.load_checkpoint(out / "best.pt")
     model = model_lib.EmotionModel(model_lib.ModelConfig(**best["model_config"]), load_pretrained=False)
     model.load_state_dict(best["model"])
     single = evaluate.predict(model, data.make_loader(dev, batch_size=3, train=False, workers=0), torch.device("cpu"))
@@ -486,7 +487,7 @@ def test_demo_end_to_end_with_wandb_offline_and_hub_upload_failing_cleanly(tmp_p
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(metrics["test"]["emotion"]["per_class"]) == set(meld.EMOTIONS)
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert evaluate.load_checkpoint(out / "best.pt")["model_config"]["video_size"] == "tiny"
+    assert runs.load_checkpoint(out / "best.pt")["model_config"]["video_size"] == "tiny"
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert (out / "hub" / "model.safetensors").is_file() and (out / "hub" / "README.md").is_file()
 
@@ -511,7 +512,7 @@ def test_other_encoders_train_evaluate_and_rebuild(cache, tiny_bert, tmp_path, e
     result = run_train(small_args(cache, tiny_bert, out, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    config = evaluate.load_checkpoint(out / "best.pt")["model_config"]
+    config = runs.load_checkpoint(out / "best.pt")["model_config"]
     if encoders == "speech":
         assert config["audio_encoder"] == f"hf:{tmp_path / 'wav2vec2'}"
         assert record["lr"]["audio.pretrained.decay"] == pytest.approx(2e-5)  # trained from the start, own LR

@@ -1,0 +1,491 @@
+"""Run management: checkpoints, exact resume, RNG states, run folders, early stopping, W&B and
+the Hugging Face Hub. train.py calls it; it imports nothing of the training loop or of evaluation.
+
+    runs.save_checkpoint(path, state)            # atomic, plain tensors (weights_only=True reads it)
+    checkpoint = runs.load_checkpoint(path)      # one line naming the file if it cannot be read
+    runs.save_checkpoints(out, stateful, progress, run, world, best=True)   # last.pt (and best.pt)
+    progress = runs.restore(checkpoint, stateful, rank)                     # model, optimizer, ..., RNG
+
+What last.pt holds to continue exactly: the state_dict of the model, optimizer, scheduler, scaler
+and early stopping; the progress counters (epoch, optimizer step, position in the epoch, the
+epoch's losses and reported scalars so far, the log); every rank's RNG states (python, numpy,
+torch, every CUDA device) as tensors; and what the run is: its settings (args), the model's and
+the data's configuration, the cache's prepare settings, the class names, the number of processes.
+best.pt is the same without what only resuming reads (RESUME_ONLY). Tested by tests/test_train.py
+(SIGKILL mid-epoch and resume, bitwise; DDP), tests/test_settings.py and tests/test_first_hour.py.
+"""
+
+import json
+import math
+import os
+import random
+import resource
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import cli
+import meld
+
+
+@dataclass
+class RunConfig:
+    """What a run reads, where it lives and how it is managed: each field is a train.py flag."""
+    data: str = cli.setting("data/meld-cache", "cache written by `prepare.py`; for --modalities text any folder "
+                            "with the CSVs; synth = synthetic MELD made once in OUT/data (as --demo does)")
+    out: str = cli.setting("runs/meld", "output folder")
+    resume: str = cli.setting("", "'' = new run, auto = OUT/last.pt if present, or a checkpoint path")
+    overwrite: bool = cli.setting(False, "start a new run in --out even if it holds one (its outputs are deleted "
+                                  "first)")
+    seed: int = cli.setting(0, "seed (each rank adds its rank)")
+    device: str = cli.setting("auto", "auto, cpu, cuda, cuda:N")
+    deterministic: bool = cli.setting(False, "deterministic algorithms (slower on CUDA)")
+    save_every: int = cli.setting(0, "also write last.pt every N optimizer steps (0 = epoch ends only)",
+                                  type=cli.non_negative(int))
+    log_every: int = cli.setting(10, "optimizer steps between progress-bar updates", type=cli.positive(int))
+    wandb: bool = cli.setting(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = cli.setting("meld-emotion", "W&B project")
+    push_to_hub: str = cli.setting("", "Hugging Face Hub repo id to upload the best model to ('' = no)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes, seeds, the data a run reads
+# ------------------------------------------------------------------------------------------------
+
+def setup_distributed(device_flag):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process on --device. -> rank, world, device."""
+    if "RANK" not in os.environ:
+        return 0, 1, cli.resolve_device(device_flag)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def setup_environment(args, rank, device):
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    seed = args.seed + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def data_root(args, out, rank, world):
+    """Where the clips are: --data, or for --data synth synthetic MELD made once in OUT/data (rank 0)."""
+    if args.data != "synth":
+        return Path(args.data)
+    if rank == 0:
+        import prepare  # PyAV: only runs that decode media import it
+        prepare.demo_cache(out / "data")
+    if world > 1:
+        dist.barrier()
+    return out / "data" / "cache"
+
+
+def check_data_folder(args, root):
+    """Before anything is loaded: the data folder exists and has the train and dev splits."""
+    if not root.is_dir():
+        raise SystemExit(f"--data {root}: no such folder; give a cache written by `python prepare.py` "
+                         "(or, for --modalities text, a folder with MELD's CSVs)")
+    available = meld.available_splits(root, args.dataset)
+    if "train" not in available or "dev" not in available:
+        raise SystemExit(f"--data {root}: needs {meld.split_file(args.dataset, 'train')} and "
+                         f"{meld.split_file(args.dataset, 'dev')} (found splits: {available or 'none'}; --dataset "
+                         f"{args.dataset}); give the --out of `python prepare.py`, or for --modalities text the "
+                         "folder holding MELD's CSVs")
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint files
+# ------------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    """torch.save, atomically (a temporary file renamed over path): a kill never leaves half a
+    checkpoint. state: tensors and plain containers only, so that load_checkpoint reads it with
+    weights_only=True."""
+    cli.write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, device="cpu"):
+    """A train.py checkpoint: plain tensors and containers only (weights_only=True), so a checkpoint
+    holding a pickled object is refused; SystemExit in one line naming the file when it cannot be
+    read. Older checkpoints are brought up to date (upgrade)."""
+    if not Path(path).is_file():
+        what = "a folder, not a checkpoint file" if Path(path).is_dir() else "no such checkpoint file"
+        raise SystemExit(f"{path}: {what} (train.py writes best.pt and last.pt in its --out)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for objects; RuntimeError/EOFError for a cut-off file
+        raise SystemExit(f"{path}: cannot be loaded as a plain-tensor checkpoint (weights_only=True): "
+                         f"{type(e).__name__}: {cli.first_line(e)}") from None
+    return upgrade(checkpoint)
+
+
+def upgrade(checkpoint):
+    """A checkpoint written before a setting existed, with that setting as the older code used it:
+    the lstm audio encoder read MFCCs before --audio-features existed."""
+    if isinstance(checkpoint, dict):
+        for key in ("model_config", "args"):
+            config = checkpoint.get(key)
+            if isinstance(config, dict) and config.get("audio_encoder") == "lstm" and "audio_features" not in config:
+                config["audio_features"] = "mfcc"
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run is and where it is
+# ------------------------------------------------------------------------------------------------
+
+class EarlyStopping:
+    """Stop when dev weighted F1 has not improved by min_delta for `patience` epochs, never before
+    `min_epochs` epochs have run. `step` returns True when this epoch is the new best."""
+
+    def __init__(self, patience, min_epochs, min_delta):
+        self.patience, self.min_epochs, self.min_delta = patience, min_epochs, min_delta
+        self.best, self.best_epoch, self.bad_epochs = -math.inf, -1, 0
+
+    def step(self, epoch, score):
+        if score > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def should_stop(self, epoch):
+        return epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
+
+    def state_dict(self):
+        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs)
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+@dataclass
+class Progress:
+    """Where a run is, and what it has recorded so far."""
+    epoch: int = 0                  # the epoch running (or next to run)
+    step_in_epoch: int = 0          # optimizer steps of it done
+    step: int = 0                   # optimizer steps done in all
+    epoch_losses: list = field(default_factory=list)   # losses of this epoch's steps so far
+    epoch_aux: dict = field(default_factory=dict)      # scalars the model reported, per step (model.report)
+    history: list = field(default_factory=list)        # one record per finished epoch: log.jsonl
+    wandb_id: str = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        return cls(**{name: checkpoint[name] for name in cls.__dataclass_fields__ if name in checkpoint})
+
+
+def describe_run(args, model_config, data_config, tasks, world, data_root):
+    """What a checkpoint says about the run that wrote it: its settings, the model's and the data's
+    configuration, how its clips were decoded (the cache's prepare.json, for evaluate.py predict),
+    the class names of each task, and its number of processes."""
+    prepare_json = Path(data_root) / "prepare.json"
+    return dict(args=dict(vars(args)), model_config=asdict(model_config), data_config=asdict(data_config),
+                prepare=json.loads(prepare_json.read_text()) if prepare_json.exists() else None,
+                tasks=[[task, list(names)] for task, names in tasks], world_size=world)
+
+
+def rng_state():
+    """This process's RNG states as tensors and plain values, so that torch.load(weights_only=True)
+    reads them (np.random.get_state() as it is would not load)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(mt), gauss], numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                          has_gauss, cached],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def rng_states(world):
+    """Every rank's rng_state(), indexed by rank (a collective call under DDP: every rank calls it)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def set_rng_state(state):
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# What only resuming reads: last.pt has it, best.pt does not.
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_losses", "epoch_aux")
+
+
+def save_checkpoints(out, stateful, progress, run, world, best=False):
+    """Rank 0 writes out/last.pt: the state_dict() of each object in stateful (model, optimizer,
+    scheduler, scaler, early_stopping), progress, every rank's RNG states and run (describe_run);
+    with best=True also out/best.pt, the same without RESUME_ONLY. Every rank must call it: all
+    ranks' RNG states are gathered."""
+    rng = rng_states(world)
+    if world == 1 or dist.get_rank() == 0:
+        state = {name: obj.state_dict() for name, obj in stateful.items()} | asdict(progress) | dict(rng=rng) | run
+        save_checkpoint(out / "last.pt", state)
+        if best:
+            save_checkpoint(out / "best.pt", {k: v for k, v in state.items() if k not in RESUME_ONLY})
+
+
+def restore(checkpoint, stateful, rank):
+    """Load a last.pt into the stateful objects and this rank's RNGs. -> its Progress."""
+    for name, obj in stateful.items():
+        obj.load_state_dict(checkpoint[name])
+    rng = checkpoint["rng"]
+    set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: a checkpoint of one process
+    return Progress.from_checkpoint(checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming: which run, and the same settings
+# ------------------------------------------------------------------------------------------------
+
+# Settings a resumed run may change: they cannot change what it computes.
+RESUME_FREE = ("resume", "out", "overwrite", "workers", "log_every", "save_every", "wandb", "wandb_project",
+               "push_to_hub", "device", "decode")
+
+
+def find_resume_path(flag, out, is_main=True):
+    """--resume: '' = a new run (None), auto = out/last.pt if it exists (else None, said in a line),
+    or a path."""
+    if flag == "auto":
+        if (out / "last.pt").exists():
+            return out / "last.pt"
+        if is_main:
+            print(f"--resume auto: no last.pt in {out}: starting a new run")
+        return None
+    return Path(flag) if flag else None
+
+
+def run_settings(checkpoint, defaults):
+    """The settings a checkpoint's run used: every setting of `defaults` ({name: default}), a setting
+    the checkpoint does not record (added since) at its default."""
+    return defaults | {k: v for k, v in checkpoint.get("args", {}).items() if k in defaults}
+
+
+def adopt_run_settings(args, checkpoint, given, defaults):
+    """Resuming: every setting not given on this command line (or its --config) takes the run's value,
+    so `--out RUN --resume auto` alone continues a run; given ones are compared by check_resume.
+    RESUME_FREE settings keep this command line's values."""
+    for key, value in run_settings(checkpoint, defaults).items():
+        if key not in given and key not in RESUME_FREE:
+            setattr(args, key, value)
+
+
+def check_resume(checkpoint, args, world, path, defaults):
+    """Refuse, in one line, a resume whose settings (or process count) differ from the run's in
+    anything that changes the result; RESUME_FREE settings may differ. Every setting is compared:
+    one the checkpoint does not record is compared as its default."""
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"--resume {path}: holds the model only (best.pt keeps no optimizer state); resume from "
+                         "the run's last.pt, or fine-tune from it in a new run")
+    saved, now = run_settings(checkpoint, defaults), vars(args)
+    changed = [k for k in defaults if k not in RESUME_FREE and saved[k] != now[k]]
+    if changed:
+        raise SystemExit(f"--resume {path}: the run was trained with {format_flags(saved, changed)}, now "
+                         f"{format_flags(now, changed)}; that changes the result: pass the run's values, or start "
+                         "a new run with another --out")
+    saved_world = checkpoint.get("world_size", 1)
+    if saved_world != world:
+        raise SystemExit(f"--resume {path}: the run was trained with {saved_world} process(es), now {world}; "
+                         "that changes the result: resume with the same torchrun --nproc_per_node")
+
+
+def format_flags(values, keys):
+    """{'batch_size': 16, 'modalities': ['video', 'text']} -> "--batch-size 16 --modalities video,text"."""
+    def show(value):
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value))
+        return repr(value) if value == "" else str(value)
+    return " ".join(f"--{key.replace('_', '-')} {show(values[key])}" for key in keys)
+
+
+def finished_reason(checkpoint, args):
+    """Why the run a checkpoint comes from is over (all --epochs done, or early stopping), or None."""
+    epoch = checkpoint["epoch"]
+    if epoch >= args.epochs:
+        return f"all {args.epochs} epochs done"
+    stopper = EarlyStopping(args.patience, args.min_epochs, args.min_delta)
+    stopper.load_state_dict(checkpoint["early_stopping"])
+    if epoch > 0 and checkpoint["step_in_epoch"] == 0 and stopper.should_stop(epoch - 1):
+        return f"early-stopped after epoch {epoch - 1}"
+    return None
+
+
+RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "test_metrics.json", "predictions_dev.jsonl",
+             "predictions_test.jsonl", "confusion_dev.png", "confusion_test.png", "f1_dev.png", "f1_test.png",
+             "curves.png")
+
+
+def check_new_run_folder(out, overwrite, is_main):
+    """A new run never silently replaces another: refuse a folder that holds one, unless told to
+    overwrite (then its outputs are deleted first, so none of the old run is left mixed in)."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise SystemExit(f"--out {out} already holds a run ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}): "
+                         "continue it with --resume auto, choose another --out, or pass --overwrite to replace it")
+    if held and is_main:
+        for name in held:
+            (out / name).unlink()
+        print(f"--overwrite: deleted the previous run's {', '.join(held)} in {out}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Health of a run: memory, ranks in step
+# ------------------------------------------------------------------------------------------------
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def params_checksum(model):
+    """Sum over parameters of sum(p) and sum(p * position): equal weights give equal numbers."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        flat = p.detach().double().flatten().cpu()
+        total += torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum()])
+    return total
+
+
+def check_ranks_agree(model, world, epoch):
+    """Under DDP: every rank's weights as a checksum (a collective call). RuntimeError if they
+    differ (the run is broken). -> the checksums, by rank."""
+    sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(sums, params_checksum(model))
+    if any(not torch.equal(sums[0], s) for s in sums):
+        raise RuntimeError(f"epoch {epoch}: weights differ across ranks: {[s.tolist() for s in sums]}")
+    return [s.tolist() for s in sums]
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run logs
+# ------------------------------------------------------------------------------------------------
+
+def epoch_record(model, optimizer, progress, dev, stopper, seconds, data_wait, clips, device, world):
+    """One line of log.jsonl for the epoch just trained (progress.epoch) and evaluated on dev, with
+    the scalars the model reported averaged over the epoch. Under DDP it also checks that every
+    rank holds the same weights (a collective call)."""
+    losses = progress.epoch_losses
+    record = dict(epoch=progress.epoch, step=progress.step,
+                  train_loss=float(np.mean(losses)) if losses else float("nan"),
+                  lr={g["name"]: g["lr"] for g in optimizer.param_groups},
+                  dev={task: {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "partial") if k in m}
+                       for task, m in dev.items()},
+                  aux={name: float(np.mean(values)) for name, values in progress.epoch_aux.items()},
+                  best_epoch=stopper.best_epoch, seconds=round(seconds, 2), clips_per_s=round(clips / seconds, 2),
+                  data_wait=round(data_wait, 4), peak_memory_mb=round(peak_memory_mb(device), 1),
+                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    if world > 1:  # the same weights on every rank, or the run is broken
+        record["rank_checksums"] = check_ranks_agree(model, world, progress.epoch)
+    return record
+
+
+def epoch_summary(record, best):
+    """The line printed after an epoch: loss, dev weighted F1 of each task, speed."""
+    (primary, dev), *others = record["dev"].items()
+    return (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, dev{partial(record['dev'])} {primary} "
+            f"weighted F1 {dev['weighted_f1']:.4f} (best {best:.4f} at epoch {record['best_epoch']}), "
+            + "".join(f"{task} {m['weighted_f1']:.4f}, " for task, m in others)
+            + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
+
+
+def partial(metrics):
+    """' (partial: 32 of 120 clips, --max-eval-batches)' for metrics of a capped evaluation, else ''."""
+    note = next(iter(metrics.values())).get("partial")
+    return f" (partial: {note})" if note else ""
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights & Biases, Hugging Face Hub
+# ------------------------------------------------------------------------------------------------
+
+def start_wandb(args, out, progress):
+    """A W&B run (resumed when progress has its id; WANDB_MODE=offline works without a network)."""
+    import wandb
+    run = wandb.init(project=args.wandb_project, dir=str(out), config=vars(args), id=progress.wandb_id,
+                     resume="allow" if progress.wandb_id else None)
+    progress.wandb_id = run.id
+    return run
+
+
+def log_wandb_epoch(run, record, predictions, rows, tasks, step):
+    """An epoch's record (dev metrics, speed, reported scalars), the dev confusion matrix of the
+    primary task and a table of eight dev predictions. rows: {clip id: meld.Utterance}."""
+    import wandb
+    run.log({"epoch": record["epoch"], "train_loss_epoch": record["train_loss"],
+             **{f"dev/{task}_{k}": v for task, m in record["dev"].items() for k, v in m.items()},
+             **{f"aux/{k}": v for k, v in record["aux"].items()},
+             "clips_per_s": record["clips_per_s"], "data_wait": record["data_wait"]}, step=step)
+    task, names = tasks[0]
+    ids = sorted(predictions)
+    y_true = [getattr(rows[i], task) for i in ids]
+    y_pred = [int(np.argmax(predictions[i][0])) for i in ids]
+    run.log({f"dev/confusion_{task}": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred,
+                                                                  class_names=list(names))}, step=step)
+    table = wandb.Table(columns=["id", "text", "true", "predicted", "p"])
+    for i, truth, guess in list(zip(ids, y_true, y_pred))[:8]:
+        table.add_data(i, rows[i].text, names[truth], names[guess], max(predictions[i][0]))
+    run.log({"dev/samples": table}, step=step)
+
+
+def push_to_hub(repo_id, out, test_metrics):
+    """Best weights as safetensors, config.json, metrics and a model card, in one commit. SystemExit
+    (one line, the run untouched, the upload staged in out/hub) if the upload fails."""
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    stage = out / "hub"
+    stage.mkdir(exist_ok=True)
+    best = load_checkpoint(out / "best.pt")
+    save_file({k: v.contiguous() for k, v in best["model"].items()}, stage / "model.safetensors")
+    tasks = best["tasks"]
+    (stage / "config.json").write_text(json.dumps(dict(model_config=best["model_config"],
+                                                       data_config=best["data_config"],
+                                                       args=best["args"], tasks=tasks), indent=2) + "\n")
+    (stage / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+    header = " | ".join(f"{task} weighted F1 | {task} accuracy" for task, _ in tasks)
+    rows = "\n".join(f"| {split} | " + " | ".join(f"{m[t]['weighted_f1']:.4f} | {m[t]['accuracy']:.4f}"
+                                                  for t, _ in tasks) + " |"
+                     for split, m in test_metrics.items() if isinstance(m, dict))
+    classes = "; ".join(f"{task}: {', '.join(names)}" for task, names in tasks)
+    (stage / "README.md").write_text(
+        f"---\nlibrary_name: pytorch\ntags: [emotion-recognition, multimodal]\n---\n\n"
+        f"# {repo_id}\n\nMultimodal classification ({', '.join(best['model_config']['modalities'])}) "
+        f"on {best['args'].get('dataset', 'meld')}. Classes: {classes}.\n\n"
+        f"| split | {header} |\n|---|{'---|' * 2 * len(tasks)}\n{rows}\n\n"
+        f"Best epoch {best['early_stopping']['best_epoch']} (chosen on dev). "
+        "The training arguments are in config.json.\n")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(stage),
+                          commit_message="Upload model, config, metrics and card")
+    except Exception as e:
+        raise SystemExit(f"--push-to-hub {repo_id} failed ({type(e).__name__}: {cli.first_line(e)}); "
+                         f"the run in {out} is complete and untouched, the upload is staged in {stage}") from None
+    print(f"uploaded to https://huggingface.co/{repo_id}")
