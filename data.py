@@ -1,4 +1,4 @@
-"""From a prepared cache to batches: frame sampling, augmentation, the dataset, collate, the sampler, the loader.
+"""From a prepared cache to batches: frame sampling, augmentation, the dataset, collate, the loaders.
 
     config = data.DataConfig.for_model(model_config, num_frames=32, crop_size=224)   # what the model reads
     train = data.ClipDataset("data/meld-cache", "train", config, tokenizer, train=True)
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import torchaudio
 import torchvision.transforms.v2.functional as TF
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import decode_jpeg
 
 import cli
@@ -255,31 +255,17 @@ def dialogue_context(rows, utterances, past, future):
 # ------------------------------------------------------------------------------------------------
 
 class ClipDataset(Dataset):
-    """One split of MELD (or synth, or a `prepare.py --csv` cache) as samples for `collate`.
+    """One split of a prepared cache (MELD, synth, or `prepare.py --csv`; for text alone any folder
+    with the CSVs) as samples for `collate`; split=None: only the clip loaders, for predict.
 
-    root: a cache written by `prepare`, or for modalities=("text",) any folder with the CSVs.
-    split=None: no rows, only the clip loaders (load_video, load_audio, tokenize) with these settings,
-    for clips prepared elsewhere (evaluate.py predict).
-    Items are keyed by (epoch, index, draw) when training: the augmentation of sample i in epoch e
-    comes from a generator seeded with (seed, e, i), the same whichever worker loads it, so a
-    resumed run sees the same augmentations as an uninterrupted one; the k-th repeat of a sample in
-    one epoch (draw k > 0: the balanced sampler draws with replacement) is seeded with
-    (seed, e, i, k), so repeats are augmented differently. Plain integer keys mean epoch 0, draw 0.
-
-    config: a DataConfig (how clips become tensors). dataset "csv": classes = the class list (default:
-    the sorted labels of root's train split; evaluate.py passes the checkpoint's, so indices mean
-    what they meant in training). view, num_views: the temporal window evaluation takes, view v of
-    num_views evenly spaced ones (multi-view testing; 1 = the centre); `with_view` gives a copy.
-    decode: where video frames are decoded: "cpu" in the loader's workers (samples hold uint8
-    [3, t, crop, crop]); "device": the workers only read the JPEG files and draw the augmentation,
-    and to_device decodes the batch (see loading.py). Both give the same batch. ValueError for
-    another value.
-
-    Clips are excluded, and counted in self.excluded by reason, when their extraction failed or when
-    they lack a selected modality (for example the video-only clip with no audio stream is used when
-    audio is not selected, and excluded when it is; a row whose utterance is empty or whitespace is
-    excluded as "no text" when text is selected). Nothing is ever replaced by a blank.
-    """
+    Training items are keyed by (epoch, index, draw): sample i's augmentation in epoch e comes from
+    a generator seeded with (seed, e, i[, draw]), whichever worker loads it, so a resumed run sees
+    the same augmentations, and a balanced sampler's repeats differ. classes: a csv dataset's class
+    list (default: root's train labels; evaluate.py passes the checkpoint's). view, num_views: the
+    window evaluation takes (multi-view testing). decode: "cpu" (frames decoded in the workers) or
+    "device" (loading.JpegVideo); the same batch either way. Clips whose extraction failed or that
+    lack a selected modality (text that is empty) are excluded and counted by reason in
+    self.excluded, never replaced by a blank."""
 
     def __init__(self, root, split, config, tokenizer=None, train=False, seed=0, classes=None,
                  view=0, num_views=1, decode="cpu"):
@@ -293,47 +279,10 @@ class ClipDataset(Dataset):
         self.max_audio_samples = max(1, int(config.max_audio_seconds * meld.AUDIO_RATE))
         self.tokenizer = tokenizer
         self.tasks = meld.tasks(config.dataset, self.root if split is not None else None, classes)
-        rows = []
-        if split is not None:
-            path = self.root / meld.split_file(config.dataset, split)
-            if config.dataset == "csv" and path.is_file():
-                rows = meld.read_clips_csv(self.root, split, self.tasks[0][1])
-            elif config.dataset == "meld" and meld.find_csv(self.root, split):
-                rows = meld.read_meld_csv(meld.find_csv(self.root, split), split)
-            else:
-                raise FileNotFoundError(f"{path}: no {split} split here" + (
-                    " (python prepare.py --csv MANIFEST --out CACHE writes it)" if config.dataset == "csv" else ""))
-
-        self.excluded = collections.Counter()
-        self.entries = {}
+        rows = meld.read_split(self.root, config.dataset, split, self.tasks[0][1]) if split is not None else []
+        self.excluded, self.entries, all_rows = collections.Counter(), {}, rows
         if {"video", "audio"} & set(self.modalities) and split is not None:
-            manifest = meld.read_manifest(self.root)
-            if not manifest:
-                source = (f"--meld-root {self.root} --out data/meld-cache` and pass --data data/meld-cache"
-                          if (self.root / meld.VIDEO_DIRS[split]).is_dir() else "--meld-root MELD_RAW (or --csv "
-                          f"MANIFEST) --out {self.root}` first")
-                raise FileNotFoundError(f"{self.root}: not a prepared cache (no manifest.jsonl) and the model "
-                                        f"reads {'+'.join(self.modalities)}: run `python prepare.py {source} "
-                                        "(a text-only model, --modalities text, reads the CSVs alone)")
-            missing = [r.id for r in rows if r.id not in manifest]
-            if missing:
-                raise ValueError(f"{self.root / 'manifest.jsonl'}: {len(missing)} of {len(rows)} {split} clips "
-                                 f"(e.g. {missing[0]}) were never prepared; re-run prepare to finish it")
-            kept = []
-            for r in rows:
-                entry = manifest[r.id]
-                if entry["status"] != "ok":
-                    self.excluded[entry["reason"].split(":")[0]] += 1
-                elif "video" in self.modalities and entry["frames"] == 0:
-                    self.excluded["no video"] += 1
-                elif "audio" in self.modalities and entry["audio_samples"] == 0:
-                    self.excluded["no audio"] += 1
-                else:
-                    kept.append(r)
-                    self.entries[r.id] = entry
-            all_rows, rows = rows, kept
-        else:
-            all_rows = rows
+            rows, self.entries, self.excluded = meld.prepared_clips(self.root, rows, split, self.modalities)
         if "text" in self.modalities:  # an empty transcript would train on [CLS] [SEP] alone
             kept = [r for r in rows if r.text.strip()]
             if len(kept) < len(rows):
@@ -353,20 +302,13 @@ class ClipDataset(Dataset):
                 sample_rate=meld.AUDIO_RATE, n_fft=MEL_WINDOW, hop_length=MEL_HOP, n_mels=config.n_mels)
 
     def tokenize(self, target, past=(), future=()):
-        """The text input of one utterance (a meld.Utterance) with its context: `past` and `future`
-        utterances of its dialogue, nearest first (dialogue_context gives them), each written
-        "Speaker: text" when the run uses context and config.speakers (and the speaker is known):
-
-            [CLS] past utterances, oldest first [SEP] target [SEP] future utterances [SEP]
-
-        A side without context has no block and no [SEP]. Whole utterances are kept, nearest first
-        and alternating sides, while they fit in config.max_text_tokens; a side stops at its first
-        utterance that does not fit. The target is never cut for context (only when it alone is
-        longer than the budget). -> dict of lists: input_ids; target_mask, 1 on the target's tokens
-        (what pooling "target" averages), or on the whole input when no context is around it (as
-        mean pooling: a run without context reads what it read before context existed);
-        token_type_ids, if the tokenizer uses them: 1 on the target and its [SEP] when there is
-        context around it, else 0 everywhere."""
+        """The text input of one utterance with its dialogue context (dialogue_context's past and
+        future, nearest first; "Speaker: text" with context and config.speakers):
+        [CLS] past, oldest first [SEP] target [SEP] future [SEP], a side without context left out.
+        Whole utterances are kept, nearest first and alternating sides, within max_text_tokens; the
+        target is never cut for context. -> dict of lists: input_ids; target_mask (1 on the target,
+        or everywhere without context); token_type_ids if the tokenizer uses them (1 on the target
+        and its [SEP] when context is around it)."""
         tokenizer = self.tokenizer
         budget = self.config.max_text_tokens - 2                        # [CLS] target [SEP]
         target_ids = self.utterance_ids(target)[:budget]
@@ -443,9 +385,8 @@ class ClipDataset(Dataset):
         return transform_frames(decode_jpeg(jpegs), self.config.crop_size, params)   # [3, t, crop, crop]
 
     def read_video(self, folder, available, generator=None):
-        """What load_video decodes: the JPEG files of the clip's sampled frames (t x uint8 [bytes])
-        and its augmentation (draw_augmentation's tuple in training, None in evaluation), drawn in
-        the order load_video always drew them; the frame size comes from the first file's header."""
+        """The JPEG files of the clip's sampled frames (t x uint8 [bytes]) and its augmentation
+        (draw_augmentation's tuple in training, None in evaluation; the size from the first header)."""
         picks = sample_frame_indices(available, self.config.num_frames, self.config.frame_sampling, generator,
                                      self.view, self.num_views)
         try:
@@ -460,13 +401,10 @@ class ClipDataset(Dataset):
         return [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files], params
 
     def load_audio(self, folder, generator=None):
-        """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A = 1 + samples // 160
-        up to max_audio_frames (a random window in training, the centre in evaluation; a clip of
-        at most 200 samples, 12.5 ms, too short for the STFT's reflect padding, is zero-padded
-        past its end instead), SpecAugment in training; or with
-        audio_input="waveform" the samples in [-1, 1] as [1, S], S <= max_audio_samples, windowed
-        the same way, without SpecAugment (speech models mask their own features in training).
-        Evaluation takes the window of view self.view of self.num_views, as load_video does."""
+        """audio.npy of one prepared clip folder -> log-mel [n_mels, A], A = 1 + samples // 160 up to
+        max_audio_frames (a window as load_video's; a clip too short for the STFT's reflect padding is
+        zero-padded past its end), SpecAugment in training; audio_input "waveform": the samples in
+        [-1, 1] as [1, S], windowed alike, without SpecAugment (speech models mask their own)."""
         wave = np.load(Path(folder) / "audio.npy", mmap_mode="r")
         if self.config.audio_input == "waveform":
             extra = max(len(wave) - self.max_audio_samples, 0)
@@ -539,90 +477,20 @@ def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentime
     return batch
 
 
-class ClipSampler(Sampler):
-    """Order of samples for one epoch, yielding (epoch, index, draw) keys, draw = how often the
-    index came earlier in this epoch's order (0 unless balanced); the one sampler for every case.
-
-    shuffle: a permutation from a generator of its own seeded with (seed, epoch), so the order of an
-    epoch can be rebuilt on resume; balanced: draws with replacement, probability ∝ 1 / class count
-    (what `WeightedRandomSampler` does); distributed (num_replicas > 1): rank r takes every
-    num_replicas-th sample, as `DistributedSampler` does. Training pads the order to a multiple of
-    num_replicas so every rank takes the same number of steps; evaluation (pad=False) does not, so
-    every sample is seen exactly once across ranks. set_epoch(epoch, skip) starts after `skip`
-    samples of this rank (the batches already consumed before an interruption).
-    Not DistributedSampler + WeightedRandomSampler: together they cannot shard a balanced draw, skip
-    the consumed part of an epoch (exact resume), or number repeated draws for their augmentation.
-    """
-
-    def __init__(self, labels, shuffle, balanced=False, num_replicas=1, rank=0, seed=0, pad=True, lengths=None,
-                 batch_size=1):
-        self.labels, self.shuffle, self.balanced = torch.as_tensor(labels), shuffle, balanced
-        self.num_replicas, self.rank, self.seed, self.pad = num_replicas, rank, seed, pad
-        self.lengths, self.batch_size = None if lengths is None else torch.as_tensor(lengths), batch_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-
-    def _order(self):
-        n = len(self.labels)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.balanced:
-            weights = 1.0 / torch.bincount(self.labels).float()[self.labels]
-            order = torch.multinomial(weights, n, replacement=True, generator=generator)
-        elif self.shuffle:
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.arange(n)
-        if self.pad and n % self.num_replicas:
-            order = torch.cat([order, order[: self.num_replicas - n % self.num_replicas]])
-        if self.lengths is not None:
-            order = self._group_by_length(order, generator)
-        seen, keys = collections.Counter(), []   # (index, draw) over every rank's samples
-        for i in order.tolist():
-            keys.append((i, seen[i]))
-            seen[i] += 1
-        return keys[self.rank::self.num_replicas]
-
-    def _group_by_length(self, order, generator, pool=50):
-        """Batches of similar lengths, to pad less: the order is cut into pools of `pool` global
-        batches (batch_size x num_replicas samples each), each pool sorted by length (longest first),
-        cut into its global batches, and the batches of the epoch shuffled; all from the epoch's
-        generator, so the order can still be rebuilt on resume. Samples after the last whole global
-        batch stay at the end (training drops them)."""
-        step = self.batch_size * self.num_replicas
-        whole = len(order) // step * step
-        batches = []
-        for start in range(0, whole, step * pool):
-            chunk = order[start:min(start + step * pool, whole)]
-            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
-            batches += list(chunk.split(step))
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return torch.cat(shuffled + [order[whole:]])
-
-    def __len__(self):
-        n = len(self.labels)
-        per_rank = math.ceil(n / self.num_replicas) if self.pad else len(range(self.rank, n, self.num_replicas))
-        return per_rank - self.skip
-
-    def __iter__(self):
-        return iter([(self.epoch, i, draw) for i, draw in self._order()[self.skip:]])
-
-
 def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0, num_replicas=1, rank=0,
                 pin_memory=None, group_by_length=False):
-    """DataLoader over a ClipDataset: ClipSampler (random or balanced, sharded when distributed),
+    """DataLoader over a ClipDataset: loading.ClipSampler (random or balanced, sharded when distributed),
     drop_last in training (BatchNorm in the heads cannot take a batch of one, and equal micro-batches
     keep gradient accumulation exact), persistent workers that reuse freed memory, pinned memory
     when CUDA is available. group_by_length (training, text selected): batches of texts of similar
-    token counts (ClipSampler._group_by_length). ValueError for an unknown sampler, or for
+    token counts (loading.ClipSampler). ValueError for an unknown sampler, or for
     group_by_length without text."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {SAMPLERS})")
     if group_by_length and "text" not in dataset.modalities:
         raise ValueError("--group-by-length groups texts by their token counts: it needs the text modality")
     lengths = [len(t["input_ids"]) for t in dataset.tokens] if group_by_length and train else None
-    order = ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
+    order = loading.ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
                         num_replicas=num_replicas, rank=rank, seed=seed, pad=train, lengths=lengths,
                         batch_size=batch_size)
     return DataLoader(
@@ -636,3 +504,26 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=loading.reuse_freed_memory,
         generator=torch.Generator().manual_seed(seed))  # worker seeds from here, not the global RNG
+
+
+def make_loaders(root, config, tokenizer, args, decode="cpu", rank=0, world=1):
+    """{split: DataLoader} for the splits root has (train's with --batch-size, the others with
+    --eval-batch-size; args: train.py's settings). An empty test split is skipped, an empty train or
+    dev refused (SystemExit naming the folder); rank 0 prints each split's summary."""
+    available, loaders = meld.available_splits(root, config.dataset), {}
+    for split in meld.SPLITS:
+        if split not in available:
+            if rank == 0:
+                print(f"{split}: no {meld.split_file(config.dataset, split)} in {root}: not evaluated")
+            continue
+        ds = ClipDataset(root, split, config, tokenizer, train=split == "train", seed=args.seed, decode=decode)
+        if rank == 0:
+            print(ds.summary() + (": not evaluated" if len(ds) == 0 and split == "test" else ""))
+        if len(ds) == 0 and split != "test":
+            raise SystemExit(f"{root}: the {split} split has no usable clip ({ds.summary()})")
+        if len(ds):
+            loaders[split] = make_loader(
+                ds, args.batch_size if split == "train" else args.eval_batch_size, train=split == "train",
+                workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank,
+                group_by_length=args.group_by_length)
+    return loaders

@@ -1,6 +1,8 @@
-"""What makes loading fast, apart from what a batch holds: video decoded on the training device,
-and loader workers that keep their memory.
+"""The loader's machinery, apart from what a sample holds (data.py): the order of an epoch's
+samples, video decoded on the training device, and loader workers that keep their memory.
 
+    sampler = loading.ClipSampler(labels, shuffle=True, seed=0)   # keys (epoch, index, draw)
+    sampler.set_epoch(3, skip=64)                      # epoch 3 after its first 64 samples (a resume)
     decode = loading.resolve_decode("auto", device)   # "device" on CUDA, "cpu" elsewhere
     video = loading.JpegVideo.pack(clips, transform)  # in collate: each clip's files and augmentation
     batch = video.decode(device)                       # in data.to_device: one decode_jpeg call, then transform
@@ -10,13 +12,17 @@ With decode "device" the loader's workers read each clip's JPEG files and draw i
 collate packs the bytes into a JpegVideo, and data.to_device decodes the whole batch in one
 torchvision.io.decode_jpeg call on the device (nvJPEG on CUDA) and applies the same transform as
 the workers: the same batch (bitwise on the CPU), about 1/4 of the bytes between processes at
-32 x 224^2. Measured in docs/PERFORMANCE.md; tested by tests/test_data.py and tests/test_cuda.py.
+32 x 224^2. Measured in docs/PERFORMANCE.md; tested by tests/test_data.py, tests/test_context.py,
+tests/test_train.py (exact resume) and tests/test_cuda.py.
 """
 
+import collections
 import ctypes
+import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils.data import Sampler
 from torchvision.io import decode_jpeg
 
 DECODES = ("cpu", "device")   # where video frames are decoded: the loader's workers, or the training device
@@ -26,6 +32,76 @@ def resolve_decode(decode, device):
     """The --decode flag for a run on `device` (torch.device): "auto" decodes on the device when it
     is CUDA (nvJPEG) and in the loader's workers otherwise; "cpu" and "device" are kept."""
     return ("device" if device.type == "cuda" else "cpu") if decode == "auto" else decode
+
+
+class ClipSampler(Sampler):
+    """Order of samples for one epoch, yielding (epoch, index, draw) keys, draw = how often the
+    index came earlier in this epoch's order (0 unless balanced); the one sampler for every case.
+
+    shuffle: a permutation from a generator of its own seeded with (seed, epoch), so the order of an
+    epoch can be rebuilt on resume; balanced: draws with replacement, probability ∝ 1 / class count
+    (what `WeightedRandomSampler` does); distributed (num_replicas > 1): rank r takes every
+    num_replicas-th sample, as `DistributedSampler` does. Training pads the order to a multiple of
+    num_replicas so every rank takes the same number of steps; evaluation (pad=False) does not, so
+    every sample is seen exactly once across ranks. set_epoch(epoch, skip) starts after `skip`
+    samples of this rank (the batches already consumed before an interruption).
+    Not DistributedSampler + WeightedRandomSampler: together they cannot shard a balanced draw, skip
+    the consumed part of an epoch (exact resume), or number repeated draws for their augmentation.
+    """
+
+    def __init__(self, labels, shuffle, balanced=False, num_replicas=1, rank=0, seed=0, pad=True, lengths=None,
+                 batch_size=1):
+        self.labels, self.shuffle, self.balanced = torch.as_tensor(labels), shuffle, balanced
+        self.num_replicas, self.rank, self.seed, self.pad = num_replicas, rank, seed, pad
+        self.lengths, self.batch_size = None if lengths is None else torch.as_tensor(lengths), batch_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self):
+        n = len(self.labels)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.balanced:
+            weights = 1.0 / torch.bincount(self.labels).float()[self.labels]
+            order = torch.multinomial(weights, n, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if self.pad and n % self.num_replicas:
+            order = torch.cat([order, order[: self.num_replicas - n % self.num_replicas]])
+        if self.lengths is not None:
+            order = self._group_by_length(order, generator)
+        seen, keys = collections.Counter(), []   # (index, draw) over every rank's samples
+        for i in order.tolist():
+            keys.append((i, seen[i]))
+            seen[i] += 1
+        return keys[self.rank::self.num_replicas]
+
+    def _group_by_length(self, order, generator, pool=50):
+        """Batches of similar lengths, to pad less: the order is cut into pools of `pool` global
+        batches (batch_size x num_replicas samples each), each pool sorted by length (longest first),
+        cut into its global batches, and the batches of the epoch shuffled; all from the epoch's
+        generator, so the order can still be rebuilt on resume. Samples after the last whole global
+        batch stay at the end (training drops them)."""
+        step = self.batch_size * self.num_replicas
+        whole = len(order) // step * step
+        batches = []
+        for start in range(0, whole, step * pool):
+            chunk = order[start:min(start + step * pool, whole)]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(chunk.split(step))
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return torch.cat(shuffled + [order[whole:]])
+
+    def __len__(self):
+        n = len(self.labels)
+        per_rank = math.ceil(n / self.num_replicas) if self.pad else len(range(self.rank, n, self.num_replicas))
+        return per_rank - self.skip
+
+    def __iter__(self):
+        return iter([(self.epoch, i, draw) for i, draw in self._order()[self.skip:]])
 
 
 @dataclass

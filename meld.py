@@ -260,6 +260,51 @@ def read_manifest(cache):
     return entries
 
 
+def read_split(root, dataset, split, classes):
+    """The rows of one split: MELD's CSV (dataset "meld") or the {split}_clips.csv of a `prepare.py --csv`
+    cache (labels indexing classes). FileNotFoundError naming the file when the split is not there."""
+    path = Path(root) / split_file(dataset, split)
+    if dataset == "csv" and path.is_file():
+        return read_clips_csv(root, split, classes)
+    if dataset == "meld" and find_csv(root, split):
+        return read_meld_csv(find_csv(root, split), split)
+    raise FileNotFoundError(f"{path}: no {split} split here" + (
+        " (python prepare.py --csv MANIFEST --out CACHE writes it)" if dataset == "csv" else ""))
+
+
+def prepared_clips(root, rows, split, modalities):
+    """The rows of a prepared cache whose clips have what `modalities` need -> (rows kept, {id: manifest
+    entry}, Counter of the others by reason: the extraction's ("corrupt", ...), "no video", "no audio").
+    FileNotFoundError for a folder without manifest.jsonl (saying how to prepare it), ValueError when
+    some rows were never prepared."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if not manifest:
+        source = (f"--meld-root {root} --out data/meld-cache` and pass --data data/meld-cache"
+                  if (root / VIDEO_DIRS[split]).is_dir() else f"--meld-root MELD_RAW (or --csv MANIFEST) --out {root}` "
+                  "first")
+        raise FileNotFoundError(f"{root}: not a prepared cache (no manifest.jsonl) and the model reads "
+                                f"{'+'.join(modalities)}: run `python prepare.py {source} (a text-only model, "
+                                "--modalities text, reads the CSVs alone)")
+    missing = [r.id for r in rows if r.id not in manifest]
+    if missing:
+        raise ValueError(f"{root / 'manifest.jsonl'}: {len(missing)} of {len(rows)} {split} clips "
+                         f"(e.g. {missing[0]}) were never prepared; re-run prepare to finish it")
+    kept, entries, excluded = [], {}, collections.Counter()
+    for r in rows:
+        entry = manifest[r.id]
+        if entry["status"] != "ok":
+            excluded[entry["reason"].split(":")[0]] += 1
+        elif "video" in modalities and entry["frames"] == 0:
+            excluded["no video"] += 1
+        elif "audio" in modalities and entry["audio_samples"] == 0:
+            excluded["no audio"] += 1
+        else:
+            kept.append(r)
+            entries[r.id] = entry
+    return kept, entries, excluded
+
+
 def tasks(dataset, root=None, classes=None):
     """The classification tasks of a dataset as [(task, class names)], the first the primary one:
     MELD's [("emotion", EMOTIONS), ("sentiment", SENTIMENTS)]; a csv cache's [("label", classes)],

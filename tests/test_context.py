@@ -11,6 +11,7 @@ import torch
 
 import data
 import evaluate
+import loading
 import meld
 import model as M
 import train
@@ -136,7 +137,7 @@ def test_length_grouped_batches_are_seeded_complete_and_similar():
     labels = [0] * 103
 
     def epoch(seed, e, replicas=1, rank=0):
-        sampler = data.ClipSampler(labels, shuffle=True, seed=seed, lengths=lengths, batch_size=4,
+        sampler = loading.ClipSampler(labels, shuffle=True, seed=seed, lengths=lengths, batch_size=4,
                                    num_replicas=replicas, rank=rank)
         sampler.set_epoch(e)
         return [i for _, i, _ in sampler]

@@ -486,7 +486,7 @@ def test_horizontal_flip_probability():
 
 def test_sampler_orders_shards_and_resumes():
     labels = [0] * 30 + [1] * 10 + [2] * 3
-    full = data.ClipSampler(labels, shuffle=True, seed=4)
+    full = loading.ClipSampler(labels, shuffle=True, seed=4)
     full.set_epoch(1)
     order = list(full)
     assert sorted(i for _, i, _ in order) == list(range(43)) and {(e, d) for e, _, d in order} == {(1, 0)}
@@ -495,14 +495,14 @@ def test_sampler_orders_shards_and_resumes():
     full.set_epoch(2)
     assert list(full) != [(2, i, 0) for _, i, _ in order]
     # Evaluation across 4 ranks: disjoint shards, every sample exactly once.
-    shards = [list(data.ClipSampler(labels, shuffle=False, num_replicas=4, rank=r, pad=False)) for r in range(4)]
+    shards = [list(loading.ClipSampler(labels, shuffle=False, num_replicas=4, rank=r, pad=False)) for r in range(4)]
     flat = [i for shard in shards for _, i, _ in shard]
     assert sorted(flat) == list(range(43)) and [len(s) for s in shards] == [11, 11, 11, 10]
     # Training across 4 ranks: the same number of samples everywhere.
-    train = [data.ClipSampler(labels, shuffle=True, num_replicas=4, rank=r, seed=4) for r in range(4)]
+    train = [loading.ClipSampler(labels, shuffle=True, num_replicas=4, rank=r, seed=4) for r in range(4)]
     assert {len(list(s)) for s in train} == {11} and {len(s) for s in train} == {11}
     # Balanced: classes drawn about equally often.
-    balanced = data.ClipSampler(labels * 50, shuffle=True, balanced=True, seed=0)
+    balanced = loading.ClipSampler(labels * 50, shuffle=True, balanced=True, seed=0)
     counts = collections.Counter(labels[i % 43] for _, i, _ in balanced)
     assert all(abs(n / sum(counts.values()) - 1 / 3) < 0.05 for n in counts.values()), counts
 
@@ -512,14 +512,14 @@ def test_balanced_sampler_repeats_get_their_own_augmentation(cache, tokenizer):
     (counted over every rank's samples) and is augmented differently; draw 0 keeps (seed, epoch, index)."""
     ds = data.ClipDataset(cache, "train", data_config(modalities=("video", "audio"), num_frames=8, crop_size=32),
                           train=True, seed=1)
-    sampler = data.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0)
+    sampler = loading.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0)
     sampler.set_epoch(3)
     keys = list(sampler)
     repeated = [(epoch, i, draw) for epoch, i, draw in keys if draw == 1]
     assert repeated, "no clip was drawn twice"
     for index in {i for _, i, _ in keys}:  # draws of an index count 0, 1, 2, ... in order
         assert [d for _, i, d in keys if i == index] == list(range(sum(i == index for _, i, _ in keys)))
-    shards = [data.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0, num_replicas=2, rank=r)
+    shards = [loading.ClipSampler(ds.labels(), shuffle=True, balanced=True, seed=0, num_replicas=2, rank=r)
               for r in range(2)]
     for shard in shards:
         shard.set_epoch(3)

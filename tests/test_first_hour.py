@@ -12,6 +12,7 @@ import torch
 
 import evaluate
 import meld
+import plots
 import prepare
 import runs
 import train
@@ -179,7 +180,7 @@ def test_curves_and_f1_plots_say_what_they_show(run, monkeypatch):
     figures = []
     monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     monkeypatch.setattr(plt, "close", lambda fig=None: None)
-    evaluate.plot_curves(run)
+    plots.plot_curves(run)
     loss, lr, f1 = figures[-1].axes
     assert loss.get_ylabel() and lr.get_ylabel() and f1.get_ylabel()
     curves = [tuple(line.get_ydata()) for line in lr.get_lines()]
@@ -187,7 +188,7 @@ def test_curves_and_f1_plots_say_what_they_show(run, monkeypatch):
     best = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["best_epoch"]
     assert any(f"best epoch ({best})" == line.get_label() for line in f1.get_lines())
     metrics = json.loads((run / "test_metrics.json").read_text())["test"]
-    evaluate.plot_per_class_f1(metrics, run / "unused.png", "test", [("emotion", meld.EMOTIONS)])
+    plots.plot_per_class_f1(metrics, run / "unused.png", "test", [("emotion", meld.EMOTIONS)])
     labels = [t.get_text() for t in figures[-1].axes[0].get_xticklabels()]
     supports = [int(metrics["emotion"]["per_class"][n]["support"]) for n in meld.EMOTIONS]
     assert labels == [f"{n}\n{k} clip{'s' * (k != 1)}" for n, k in zip(meld.EMOTIONS, supports)]

@@ -17,6 +17,7 @@ import transformers
 
 import data
 import evaluate
+import loading
 import meld
 import model as model_lib
 import runs
@@ -458,7 +459,8 @@ def test_ddp_two_processes_evaluate_disjoint_shards_and_stay_in_sync(cache, tiny
     for record in log:  # the same weights on both ranks, also after the unfreeze at epoch 1
         assert len(record["rank_checksums"]) == 2 and record["rank_checksums"][0] == record["rank_checksums"][1]
     assert log[1]["trainable"] > log[0]["trainable"]
-    shards = [list(data.ClipSampler(dev.labels(), shuffle=False, num_replicas=2, rank=r, pad=False)) for r in range(2)]
+    shards = [list(loading.ClipSampler(dev.labels(), shuffle=False, num_replicas=2, rank=r, pad=False))
+              for r in range(2)]
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) + len(shards[1]) == len(dev)
 
     ddp_predictions = {p["id"]: p for p in map(json.loads, (out / "predictions_dev.jsonl").read_text().splitlines())}
