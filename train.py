@@ -496,15 +496,16 @@ def build(args, root, load_pretrained, rank, world, device):
 
 
 def build_optimisation(args, model, loaders, device):
-    """-> (criteria, optimizer, scheduler, optimizer steps per epoch), every group at its peak LR."""
+    """-> (criteria, optimizer, scheduler, optimizer steps per epoch, {group name: peak LR})."""
     criteria = {task: c.to(device) for task, c in
                 build_criteria(args, loaders["train"].dataset.labels(), model.config.tasks).items()}
     optimizer = build_optimizer(model, args)
+    peak_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # before the scheduler rewrites g["lr"]
     steps_per_epoch = optimizer_steps_per_epoch(len(loaders["train"]), args.accum_steps, args.max_steps_per_epoch)
     if steps_per_epoch == 0:
         raise SystemExit(f"no optimizer step per epoch: {len(loaders['train'])} batches of {args.batch_size} "
                          f"with --accum-steps {args.accum_steps}; lower them")
-    return criteria, optimizer, build_scheduler(optimizer, args, steps_per_epoch), steps_per_epoch
+    return criteria, optimizer, build_scheduler(optimizer, args, steps_per_epoch), steps_per_epoch, peak_lrs
 
 
 def main(argv=None):
@@ -529,8 +530,7 @@ def main(argv=None):
     primary = tasks[0][0]  # what dev selection, early stopping and plateau follow
     schedule, skipped = fit_schedule(raw_model, parse_unfreeze(args.unfreeze))
     frozen = frozen_at_start(raw_model, schedule, [s.strip() for s in args.freeze.split(",") if s.strip()])
-    criteria, optimizer, scheduler, steps_per_epoch = build_optimisation(args, raw_model, loaders, device)
-    peak_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # before a scheduler rewrites g["lr"]
+    criteria, optimizer, scheduler, steps_per_epoch, peak_lrs = build_optimisation(args, raw_model, loaders, device)
     stopper = runs.EarlyStopping(args.patience, args.min_epochs, args.min_delta)
     stateful = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, early_stopping=stopper)
     progress = runs.restore(checkpoint, stateful, rank) if checkpoint is not None else runs.Progress()

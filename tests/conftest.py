@@ -12,7 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import prepare  # noqa: E402
 
-SHARED_MELD = ROOT.parent / "shared" / "meld"
+# Real MELD annotations (train_sent_emo.csv, dev_sent_emo.csv) and a few MELD.Raw clips
+# (clips/train/train_splits/*.mp4), where MELD_TEST_DATA names such a folder; the tests that read
+# them skip without it.
+SHARED_MELD = Path(os.environ.get("MELD_TEST_DATA", "/nonexistent-meld-test-data"))
 SYNTH_SIZES = (16, 8, 8)
 SYNTH_KWARGS = dict(sizes=SYNTH_SIZES, seed=3, width=96, height=54, fps=24, min_seconds=0.5, max_seconds=5.0)
 PREPARE_SETTINGS = prepare.PrepareSettings(fps=10, short_side=48, max_seconds=15.0, jpeg_quality=90)

@@ -65,7 +65,7 @@ def test_missing_column_is_refused(tmp_path):
         meld.read_meld_csv(path, "train")
 
 
-@pytest.mark.skipif(not SHARED_MELD.is_dir(), reason="../shared/meld is absent")
+@pytest.mark.skipif(not SHARED_MELD.is_dir(), reason="MELD_TEST_DATA is not set")
 def test_real_meld_dev_csv_counts():
     rows = meld.read_meld_csv(SHARED_MELD / "dev_sent_emo.csv", "dev")
     assert len(rows) == 1109
@@ -345,7 +345,7 @@ def test_unprepared_cache_is_a_clear_error(synth_root, tokenizer):
         data.ClipDataset(synth_root, "train", data.DataConfig(modalities=("video",)))
 
 
-@pytest.mark.skipif(not SHARED_MELD.is_dir(), reason="../shared/meld is absent")
+@pytest.mark.skipif(not SHARED_MELD.is_dir(), reason="MELD_TEST_DATA is not set")
 def test_text_only_on_the_real_csvs_needs_no_media(tokenizer):
     ds = data.ClipDataset(SHARED_MELD, "dev", data.DataConfig(modalities=("text",)), tokenizer)
     assert len(ds) == 1109 and not ds.excluded

@@ -368,7 +368,7 @@ def real_cache(tmp_path_factory):
     """The ten real MELD.Raw clips in a MELD-layout folder (links, and their rows of the real
     train CSV), prepared with the default settings (10 fps, short side 256)."""
     if not REAL_CLIPS.is_dir():
-        pytest.skip(f"{REAL_CLIPS} is absent")
+        pytest.skip(f"{REAL_CLIPS} is absent (MELD_TEST_DATA)")
     root = tmp_path_factory.mktemp("meld-raw")
     (root / meld.VIDEO_DIRS["train"]).mkdir(parents=True)
     names = sorted(p.stem for p in REAL_CLIPS.glob("*.mp4"))

@@ -192,8 +192,8 @@ def train_csv(cache, out, *extra):
 def test_audio_encoders_tell_applause_from_tones(audio_cache, tmp_path, encoder):
     """Two classes (chance 50%): each audio encoder reaches >= 90% test accuracy, and the binary
     metrics (ROC-AUC, average precision) are reported; evaluate.py rebuilds the run from best.pt."""
-    extra = dict(lstm=["--audio-encoder", "lstm", "--scheduler", "plateau", "--lr", "1e-3", "--batch-size", "4",
-                       "--epochs", "7", "--min-epochs", "7"],
+    extra = dict(lstm=["--audio-encoder", "lstm", "--audio-features", "mfcc", "--scheduler", "plateau", "--lr", "1e-3",
+                       "--batch-size", "4", "--epochs", "7", "--min-epochs", "7"],
                  cnn=["--audio-encoder", "cnn", "--audio-channels", "8,16,16,16", "--lr", "3e-3", "--batch-size", "8",
                       "--epochs", "10", "--min-epochs", "10"])[encoder]
     out = tmp_path / "run"

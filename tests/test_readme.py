@@ -1,8 +1,8 @@
 """Every command the README shows in a code block runs, in README order, in a fresh folder, and
 exits 0. Paths the user supplies are replaced by synthetic stand-ins made here (MELD.Raw by
 `prepare.py synth`, the applause and image manifests by small generated files), and sizes are shrunk
-by flags appended to each command (argparse keeps the last value). Skipped: `pip install` and the
-test command itself; `--device cuda` commands without a GPU."""
+by flags appended to each command (argparse keeps the last value). Skipped: making and entering the
+virtual environment, `pip install` and the test command itself; `--device cuda` commands without a GPU."""
 
 import os
 import re
@@ -32,6 +32,7 @@ SHRINK = {  # (script, first argument or None) -> flags appended
     ("evaluate.py", None): ["--device", "cpu", "--workers", "0"],
     ("evaluate.py", "predict"): ["--device", "cpu"],
     ("evaluate.py", "curves"): [],
+    ("seeds.py", None): SMALL_MODEL + ["--data", "runs/demo/data/cache"],   # after its "--": train.py's flags
     ("bench.py", None): ["--clips", "2", "--width", "160", "--height", "90", "--seconds", "1", "--loader-clips", "8",
                          "--loader-workers", "0", "--batch-size", "2", "--num-frames", "8", "--crop-size", "32",
                          "--prepare-workers", "1", "--model-iters", "1", "--pairs", "1"],
@@ -77,7 +78,7 @@ def make_image_manifest(folder, rng):
 def command_line(argv, text_model):
     """A README argv -> the argv run here: this repository's scripts, user paths replaced, sizes
     shrunk; None for what is not run here."""
-    if argv[0] == "pip" or argv[:3] == ["python", "-m", "pytest"]:
+    if argv[0] == "pip" or argv[:3] == ["python", "-m", "pytest"] or argv[1:3] == ["-m", "venv"]:
         return None
     if "--device" in argv and argv[argv.index("--device") + 1].startswith("cuda") and not torch.cuda.is_available():
         return None
@@ -94,7 +95,7 @@ def command_line(argv, text_model):
     argv[script_at] = str(ROOT / script)
     first = argv[script_at + 1] if len(argv) > script_at + 1 and not argv[script_at + 1].startswith("-") else None
     extra = SHRINK.get((script, first), SHRINK.get((script, None)))
-    if script == "train.py":
+    if script in ("train.py", "seeds.py"):
         extra = extra + ["--text-model", text_model]
     return argv + extra
 

@@ -72,7 +72,8 @@ def test_demo_is_a_preset_and_config_files_are_checked_like_the_command_line(tmp
     assert "--config demo" in one_line(capsys, ["--demo", "--config", str(bad)])
 
 
-def test_config_file_plus_command_line_override_gives_the_expected_args_json(tmp_path, synth_root, tiny_bert):
+def test_config_file_plus_command_line_override_gives_the_expected_args_json(tmp_path, synth_root, tiny_bert,
+                                                                            capsys):
     arm = tmp_path / "arm.json"
     from_file = {"lr": 0.002, "fusion": "concat", "speakers": False, "context": [1, 0], "modalities": ["text"],
                  "head_hidden": [16, 8], "gamma": 0.5}
@@ -82,6 +83,7 @@ def test_config_file_plus_command_line_override_gives_the_expected_args_json(tmp
                 tiny_bert, "--out", str(out), *TINY])
     saved = json.loads((out / "args.json").read_text())
     assert saved["lr"] == 0.003 and saved["gamma"] == 1.0                       # the command line wins
+    assert "heads.new.decay 3.0e-03" in capsys.readouterr().out                 # the peak LR, as printed
     assert {k: saved[k] for k in from_file if k not in ("lr", "gamma")} == \
         {k: v for k, v in from_file.items() if k not in ("lr", "gamma")}         # then the file
     assert (saved["patience"], saved["weight_decay"], saved["audio_features"]) == (10, 1e-4, "logmel")  # defaults
