@@ -210,40 +210,39 @@ def format_flags(values, keys):
 
 
 def add_config(parser, presets):
-    """--config FILE|NAME, and a flag --NAME for each of presets ({name: {setting: value}})."""
-    parser.add_argument("--config", help="a JSON file of settings (a run's args.json is one) or a preset: "
-                                         f"{', '.join(presets)}; flags on the command line override its values")
+    """--config FILE|NAME (repeatable), and a flag --NAME for each of presets ({name: {setting: value}})."""
+    parser.add_argument("--config", action="append", help="a JSON file of settings (a run's args.json is one) or "
+                        f"a preset ({', '.join(presets)}); several apply in turn, and flags override them all")
     for name, values in presets.items():
         parser.add_argument(f"--{name}", action="store_true", help=f"--config {name}: {format_flags(values, values)}")
 
 
 def parse_settings(parser, argv, presets):
-    """argv parsed over the defaults as changed by --config (a JSON file or a preset's name) or a
-    preset's flag -> (args, without those flags; the names of the settings the config and argv give).
-    A config's values are checked as the command line's are, errors naming the file."""
+    """argv parsed over the defaults as changed by the presets' flags (--demo) and then each --config
+    (a JSON file or a preset's name), in turn -> (args, without those flags; the names of the
+    settings the configs and argv give). Each config is checked as the command line is, a mistake
+    reported with its name."""
     meta = argparse.ArgumentParser(add_help=False)
-    meta.add_argument("--config")
+    meta.add_argument("--config", action="append", default=[])
     for name in presets:
         meta.add_argument(f"--{name}", action="store_true")
     chosen = vars(meta.parse_known_args(argv)[0])
-    named = [chosen["config"]] * bool(chosen["config"]) + [name for name in presets if chosen[name]]
-    if len(named) > 1:
-        raise SystemExit(f"--{named[1]} is --config {named[1]}: give one set of values")
-    values = {}
-    if named:
-        values = presets[named[0]] if named[0] in presets else read_config(named[0])
-        parser.prog = f"--config {named[0]}"      # a bad value is reported with the file's name
-        parsed = parser.parse_args(config_argv(values, parser, f"--config {named[0]}"))
+    given = set()
+    for source in [name for name in presets if chosen[name]] + chosen["config"]:
+        values = presets[source] if source in presets else read_config(source)
+        parser.prog = f"--config {source}"      # a bad value is reported with the file's name
+        parsed = parser.parse_args(config_argv(values, parser, f"--config {source}"))
         parser.prog = None
         values = {k: getattr(parsed, k) for k, v in values.items() if k != "argv" and v is not None}
         parser.set_defaults(**values)
+        given |= set(values)
     args = parser.parse_args(argv)
     for name in ("config", *presets):
         delattr(args, name)
     for key, value in vars(args).items():
         if isinstance(value, tuple):   # a default: the list a flag or a JSON file gives
             setattr(args, key, list(value))
-    return args, set(values) | given_flags(parser, argv)
+    return args, given | given_flags(parser, argv)
 
 
 def given_flags(parser, argv):

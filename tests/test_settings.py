@@ -69,7 +69,10 @@ def test_demo_is_a_preset_and_config_files_are_checked_like_the_command_line(tmp
     assert str(bad) in line and "--lr" in line
     line = one_line(capsys, ["--config", str(tmp_path / "none.json")])
     assert "none.json" in line
-    assert "--config demo" in one_line(capsys, ["--demo", "--config", str(bad)])
+    arm = tmp_path / "arm.json"                                     # an arm on top of a preset
+    arm.write_text(json.dumps({"fusion": "concat", "epochs": 5}))
+    both = train.parse_args(["--demo", "--config", str(arm), "--epochs", "3"])
+    assert (both.fusion, both.epochs, both.video_size) == ("concat", 3, "tiny")
 
 
 def test_config_file_plus_command_line_override_gives_the_expected_args_json(tmp_path, synth_root, tiny_bert,
