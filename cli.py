@@ -50,9 +50,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)   # --epoch is a typo, not --epochs
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):   # a typo: name the nearest flags
+            flags = [s for action in self._actions for s in action.option_strings]
+            near = [m for word in message.split(": ", 1)[1].split() if word.startswith("--")
+                    for m in difflib.get_close_matches(word.split("=")[0], flags, n=2)]
+            message += f" (did you mean {' or '.join(near)}?)" if near else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -166,22 +172,27 @@ def field_defaults(*config_classes):
             for c in config_classes for f in flag_fields(c)}
 
 
-def config_argv(values, parser, source):
+def config_argv(values, parser, source, command_line_only=()):
     """A config file's {setting: value} as command-line tokens (["--lr=0.001", "--no-speakers"]) that
     parser accepts, so a config file is checked exactly as a command line is. SystemExit in one line
-    naming source for a name that is no flag of parser (with the nearest names). A value None
-    keeps the default; "argv" (what args.json records besides the settings) is skipped."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    naming source for a name that is no setting of parser (with the nearest names), one of
+    command_line_only, or a switch whose value is not true or false. A value None keeps the default;
+    "argv" (the command lines args.json records besides the settings) is skipped."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     tokens = []
     for key, value in values.items():
         if key == "argv" or value is None:
             continue
+        if key in command_line_only:
+            raise SystemExit(f"{source}: {key!r} is given on the command line only, not in a config file")
         if key not in actions:
             near = difflib.get_close_matches(key, list(actions), n=3)
             raise SystemExit(f"{source}: unknown setting {key!r}" + (f" (did you mean {' or '.join(near)}?)"
                                                                        if near else ""))
         flag = actions[key].option_strings[0]
         if isinstance(actions[key], argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise SystemExit(f"{source}: {key} must be true or false, got {value!r}")
             tokens.append(flag if value else f"--no-{flag[2:]}")
         else:
             tokens.append(f"{flag}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
@@ -192,9 +203,13 @@ def read_config(path):
     """A JSON file of {setting: value} (a run's args.json is one). SystemExit in one line for a file
     that is missing, not JSON or not an object."""
     try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--config {path}: {first_line(e, path)}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"--config {path}: {first_line(e, path)} (a JSON file or a preset's name)") from None
+    try:
+        values = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"--config {path}: not JSON ({first_line(e)})") from None
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: not a JSON object of settings")
     return values
@@ -217,11 +232,11 @@ def add_config(parser, presets):
         parser.add_argument(f"--{name}", action="store_true", help=f"--config {name}: {format_flags(values, values)}")
 
 
-def parse_settings(parser, argv, presets):
+def parse_settings(parser, argv, presets, command_line_only=()):
     """argv parsed over the defaults as changed by the presets' flags (--demo) and then each --config
     (a JSON file or a preset's name), in turn -> (args, without those flags; the names of the
     settings the configs and argv give). Each config is checked as the command line is, a mistake
-    reported with its name."""
+    reported with its name; the settings in command_line_only cannot come from a config."""
     meta = argparse.ArgumentParser(add_help=False)
     meta.add_argument("--config", action="append", default=[])
     for name in presets:
@@ -230,9 +245,10 @@ def parse_settings(parser, argv, presets):
     given = set()
     for source in [name for name in presets if chosen[name]] + chosen["config"]:
         values = presets[source] if source in presets else read_config(source)
-        parser.prog = f"--config {source}"      # a bad value is reported with the file's name
-        parsed = parser.parse_args(config_argv(values, parser, f"--config {source}"))
-        parser.prog = None
+        prog, parser.prog = parser.prog, f"--config {source}"      # a bad value is reported with the file's name
+        parsed = parser.parse_args(config_argv(values, parser, f"--config {source}",
+                                               ("config", *presets, *command_line_only)))
+        parser.prog = prog
         values = {k: getattr(parsed, k) for k, v in values.items() if k != "argv" and v is not None}
         parser.set_defaults(**values)
         given |= set(values)

@@ -113,9 +113,7 @@ class DataConfig:
                    audio_input=model_config.audio_input, **settings)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling and augmentation
-# ------------------------------------------------------------------------------------------------
+# --- Sampling and augmentation ----------------------------------------------------------------------------------------
 
 def window_start(extra, generator=None, view=0, num_views=1):
     """Start of a window that leaves `extra` steps of a longer sequence out: uniform at random in
@@ -250,9 +248,7 @@ def dialogue_context(rows, utterances, past, future):
     return context
 
 
-# ------------------------------------------------------------------------------------------------
-# The dataset
-# ------------------------------------------------------------------------------------------------
+# --- The dataset ------------------------------------------------------------------------------------------------------
 
 class ClipDataset(Dataset):
     """One split of a prepared cache (MELD, synth, or `prepare.py --csv`; for text alone any folder
@@ -423,9 +419,7 @@ class ClipDataset(Dataset):
         return spec_augment(logmel, generator) if generator is not None else logmel
 
 
-# ------------------------------------------------------------------------------------------------
-# Batches: collate, sampler, loader
-# ------------------------------------------------------------------------------------------------
+# --- Batches: collate, the loaders ------------------------------------------------------------------------------------
 
 def to_device(batch, device):
     """Tensors of a batch to the device (non-blocking from pinned memory); a loading.JpegVideo is

@@ -40,9 +40,7 @@ import model as model_lib
 import plots
 import runs
 
-# ------------------------------------------------------------------------------------------------
-# Metrics
-# ------------------------------------------------------------------------------------------------
+# --- Metrics ----------------------------------------------------------------------------------------------------------
 
 def classification_metrics(y_true, y_pred, class_names, probabilities=None):
     """Accuracy, macro F1, weighted F1, per-class precision/recall/F1/support and the confusion
@@ -105,9 +103,7 @@ def report(y_true, y_pred, names, title, metrics):
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# Prediction
-# ------------------------------------------------------------------------------------------------
+# --- Prediction -------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model, loader, device, amp_dtype=None, world=1, progress=None, max_batches=0):
@@ -151,6 +147,10 @@ def load_checkpoint_model(path, device):
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise SystemExit(f"{path}: not a train.py checkpoint (it has no model_config; a bare state dict or a "
                          "Kinetics file goes to train.py --video-init kinetics:PATH)")
+    unknown = set(checkpoint["model_config"]) - set(model_lib.ModelConfig.__dataclass_fields__)
+    if unknown:
+        raise SystemExit(f"{path}: written by code with model settings this code lacks ({', '.join(sorted(unknown))}); "
+                         "evaluate it with the code that trained it")
     model = model_lib.EmotionModel(model_lib.ModelConfig(**checkpoint["model_config"]), load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model_lib.place(model, device).eval(), checkpoint
@@ -167,9 +167,7 @@ def dataset_for(checkpoint, root, split, decode="cpu"):
     return data.ClipDataset(root, split, config, tokenizer, classes=classes, decode=decode)
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
+# --- Command line -----------------------------------------------------------------------------------------------------
 
 def evaluate_main(argv):
     parser = cli.ArgumentParser(
@@ -192,6 +190,9 @@ def evaluate_main(argv):
                         help="where video frames are decoded, as train.py's --decode (auto: on CUDA, nvJPEG)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"--data {args.data}: no such folder; give the cache the model was trained on (or, for a "
+                         "text-only model, a folder with MELD's CSVs)")
     device = cli.resolve_device(args.device)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     out = Path(args.out or Path(args.checkpoint).parent / "evaluation")

@@ -65,8 +65,7 @@ def pop_reports(model):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Video backbones: cls(config, load_pretrained)
+# --- Video backbones: cls(config, load_pretrained) --------------------------------------------------------------------
 
 
 class SlowFastBackbone(SlowFast):
@@ -137,8 +136,7 @@ class FrameResNet(nn.Module):
 VIDEO_BACKBONES = {"slowfast": SlowFastBackbone, "frames": FrameResNet}
 
 
-# ---------------------------------------------------------------------------------------------
-# Text
+# --- Text -------------------------------------------------------------------------------------------------------------
 
 
 TEXT_POOLINGS = ("target", "mean", "cls")
@@ -183,8 +181,7 @@ class TextEncoder(nn.Module):
         return list(self.stages())
 
 
-# ---------------------------------------------------------------------------------------------
-# Audio: a shared front-end, then an encoder: cls(config, load_pretrained)
+# --- Audio: a shared front-end, then an encoder: cls(config, load_pretrained) -----------------------------------------
 
 AUDIO_FEATURES = ("logmel", "mfcc")
 
@@ -303,8 +300,7 @@ def audio_encoder_class(name):
     return AUDIO_ENCODERS[key]
 
 
-# ---------------------------------------------------------------------------------------------
-# Fusion: cls(in_dims, config), and heads
+# --- Fusion: cls(in_dims, config), and heads --------------------------------------------------------------------------
 
 
 class ConcatFusion(nn.Module):
@@ -369,8 +365,7 @@ class Head(nn.Sequential):
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# The whole model
+# --- The whole model --------------------------------------------------------------------------------------------------
 
 MELD_TASKS = tuple((task, len(names)) for task, names in meld.tasks("meld"))
 
@@ -427,6 +422,9 @@ class ModelConfig:
             raise ValueError(f"tasks must be (name, num_classes) pairs with distinct names, got {self.tasks}")
         for name in ("audio_channels", "head_hidden", "head_dropouts"):
             setattr(self, name, list(getattr(self, name)))
+        if len(self.head_hidden) != 2 or len(self.head_dropouts) != 2:
+            raise ValueError(f"head_hidden {self.head_hidden} and head_dropouts {self.head_dropouts}: two values "
+                             "each, one per hidden layer of the heads (--head-hidden 512,256 --head-dropouts 0.3,0.2)")
 
     @property
     def audio_input(self):

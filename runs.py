@@ -20,6 +20,7 @@ import math
 import os
 import random
 import resource
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class RunConfig:
     resume: str = cli.setting("", "'' = new run, auto = OUT/last.pt if present, or a checkpoint path")
     overwrite: bool = cli.setting(False, "start a new run in --out even if it holds one (its outputs are deleted "
                                   "first)")
-    seed: int = cli.setting(0, "seed (each rank adds its rank)")
+    seed: int = cli.setting(0, "seed (each rank adds its rank)", type=cli.non_negative(int))
     device: str = cli.setting("auto", "auto, cpu, cuda, cuda:N")
     deterministic: bool = cli.setting(False, "deterministic algorithms (slower on CUDA)")
     save_every: int = cli.setting(0, "also write last.pt every N optimizer steps (0 = epoch ends only)",
@@ -51,9 +52,7 @@ class RunConfig:
     push_to_hub: str = cli.setting("", "Hugging Face Hub repo id to upload the best model to ('' = no)")
 
 
-# ------------------------------------------------------------------------------------------------
-# Processes, seeds, the data a run reads
-# ------------------------------------------------------------------------------------------------
+# --- Processes, seeds, the data a run reads ---------------------------------------------------------------------------
 
 def setup_distributed(device_flag):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process on --device. -> rank, world, device."""
@@ -110,9 +109,7 @@ def check_data_folder(args, root):
 
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoint files
-# ------------------------------------------------------------------------------------------------
+# --- Checkpoint files -------------------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
     """torch.save, atomically (a temporary file renamed over path): a kill never leaves half a
@@ -147,9 +144,7 @@ def upgrade(checkpoint):
     return checkpoint
 
 
-# ------------------------------------------------------------------------------------------------
-# What a run is and where it is
-# ------------------------------------------------------------------------------------------------
+# --- What a run is and where it is ------------------------------------------------------------------------------------
 
 class EarlyStopping:
     """Stop when dev weighted F1 has not improved by min_delta for `patience` epochs, never before
@@ -258,13 +253,14 @@ def restore(checkpoint, stateful, rank):
     return Progress.from_checkpoint(checkpoint)
 
 
-# ------------------------------------------------------------------------------------------------
-# Resuming: which run, and the same settings
-# ------------------------------------------------------------------------------------------------
+# --- Resuming: which run, and the same settings -----------------------------------------------------------------------
 
 # Settings a resumed run may change: they cannot change what it computes.
 RESUME_FREE = ("resume", "out", "overwrite", "workers", "log_every", "save_every", "wandb", "wandb_project",
                "push_to_hub", "device", "decode")
+# Settings of one command line, not of the run: never read from a config file, written to args.json
+# or taken from the run on resume.
+INVOCATION = ("resume", "overwrite")
 
 
 def find_resume_path(flag, out, is_main=True):
@@ -279,6 +275,17 @@ def find_resume_path(flag, out, is_main=True):
     return Path(flag) if flag else None
 
 
+def write_args(out, args, resumed):
+    """out/args.json: the run's settings (INVOCATION's aside), a config file that repeats the run, and
+    "argv": the command lines that started the run and, after it, each that resumed it."""
+    path, argv = out / "args.json", [sys.argv]
+    if resumed and path.exists():
+        before = json.loads(path.read_text()).get("argv") or []
+        argv = (before if isinstance(before[0], list) else [before]) + argv if before else argv
+    settings = {k: v for k, v in vars(args).items() if k not in INVOCATION}
+    cli.write_atomic(path, json.dumps(settings | dict(argv=argv), indent=2) + "\n")
+
+
 def run_settings(checkpoint, defaults):
     """The settings a checkpoint's run used: every setting of `defaults` ({name: default}), a setting
     the checkpoint does not record (added since) at its default."""
@@ -287,10 +294,10 @@ def run_settings(checkpoint, defaults):
 
 def adopt_run_settings(args, checkpoint, given, defaults):
     """Resuming: every setting not given on this command line (or its --config) takes the run's value,
-    so `--out RUN --resume auto` alone continues a run; given ones are compared by check_resume.
-    RESUME_FREE settings keep this command line's values."""
+    so `--out RUN --resume auto` alone continues a run as it was (on its device, saving as often);
+    given ones are compared by check_resume. INVOCATION settings are this command line's own."""
     for key, value in run_settings(checkpoint, defaults).items():
-        if key not in given and key not in RESUME_FREE:
+        if key not in given and key not in INVOCATION:
             setattr(args, key, value)
 
 
@@ -300,7 +307,7 @@ def check_resume(checkpoint, args, world, path, defaults):
     one the checkpoint does not record is compared as its default."""
     if "optimizer" not in checkpoint:
         raise SystemExit(f"--resume {path}: holds the model only (best.pt keeps no optimizer state); resume from "
-                         "the run's last.pt, or fine-tune from it in a new run")
+                         "the run's last.pt")
     saved, now = run_settings(checkpoint, defaults), vars(args)
     changed = [k for k in defaults if k not in RESUME_FREE and saved[k] != now[k]]
     if changed:
@@ -343,9 +350,7 @@ def check_new_run_folder(out, overwrite, is_main):
         print(f"--overwrite: deleted the previous run's {', '.join(held)} in {out}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Health of a run: memory, ranks in step
-# ------------------------------------------------------------------------------------------------
+# --- Health of a run: memory, ranks in step ---------------------------------------------------------------------------
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -372,9 +377,7 @@ def check_ranks_agree(model, world, epoch):
     return [s.tolist() for s in sums]
 
 
-# ------------------------------------------------------------------------------------------------
-# What a run logs
-# ------------------------------------------------------------------------------------------------
+# --- What a run logs --------------------------------------------------------------------------------------------------
 
 def epoch_record(model, optimizer, progress, dev, stopper, seconds, data_wait, clips, device, world):
     """One line of log.jsonl for the epoch just trained (progress.epoch) and evaluated on dev, with
@@ -439,9 +442,7 @@ def partial(metrics):
 
 
 
-# ------------------------------------------------------------------------------------------------
-# Weights & Biases, Hugging Face Hub
-# ------------------------------------------------------------------------------------------------
+# --- Weights & Biases, Hugging Face Hub -------------------------------------------------------------------------------
 
 def start_wandb(args, out, progress):
     """A W&B run (resumed when progress has its id; WANDB_MODE=offline works without a network)."""

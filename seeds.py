@@ -31,7 +31,8 @@ def get_args_parser():
 
 def summary(out, seeds):
     """{"seeds": [...], "<split>": {"values": [...], "mean": m, "sd": s}} of the primary task's weighted
-    F1, from each run's test_metrics.json."""
+    F1, from each run's test_metrics.json; "partial" lists a capped evaluation's notes
+    (--max-eval-batches), so a capped number is never taken for a result."""
     metrics = [json.loads((out / f"seed-{s}" / "test_metrics.json").read_text()) for s in seeds]
     task = next(iter(metrics[0]["dev"]))
     result = dict(seeds=seeds, task=task)
@@ -40,11 +41,20 @@ def summary(out, seeds):
         if values:
             sd = statistics.stdev(values) if len(values) > 1 else float("nan")
             result[split] = dict(values=values, mean=statistics.fmean(values), sd=sd)
+        partial = sorted({m[split][task]["partial"] for m in metrics if "partial" in m.get(split, {}).get(task, {})})
+        if partial:
+            result[split]["partial"] = partial
     return result
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args, unknown = get_args_parser().parse_known_args(argv)
+    if unknown:
+        raise SystemExit(f"seeds.py: {' '.join(unknown)}: train.py's arguments go after --, as in "
+                         "python seeds.py --seeds 0,1,2 --out OUT -- --demo")
+    taken = [flag for flag in ("--seed", "--out", "--resume") if any(a.split("=")[0] == flag for a in args.train_args)]
+    if taken:
+        raise SystemExit(f"seeds.py: {', '.join(taken)} after --: seeds.py sets them for each seed (--seeds, --out)")
     try:
         seeds = [int(s) for s in args.seeds]
     except ValueError:
@@ -55,8 +65,8 @@ def main(argv=None):
                    "--out", str(out / f"seed-{seed}"), "--resume", "auto"]
         print(f"seed {seed}: {' '.join(command[1:])}", flush=True)
         if subprocess.run(command, env=os.environ).returncode != 0:
-            raise SystemExit(f"seed {seed}: train.py failed (its message is above); run the same command again "
-                             f"to continue: finished seeds are kept")
+            raise SystemExit(f"seed {seed}: train.py stopped (its message is above); once that is fixed, the same "
+                             "command continues: finished seeds are kept (a run of other settings needs another --out)")
     result = summary(out, seeds)
     print(f"\n{result['task']} weighted F1 of the best dev epoch")
     print("seed    dev     test")
@@ -64,6 +74,9 @@ def main(argv=None):
         print(f"{seed:<6}" + "".join(f"  {result[s]['values'][i]:.4f}" for s in ("dev", "test") if s in result))
     print("mean  " + "".join(f"  {result[s]['mean']:.4f}" for s in ("dev", "test") if s in result))
     print("sd    " + "".join(f"  {result[s]['sd']:.4f}" for s in ("dev", "test") if s in result))
+    for split in ("dev", "test"):
+        if "partial" in result.get(split, {}):
+            print(f"{split}: partial evaluation ({'; '.join(result[split]['partial'])}, --max-eval-batches)")
     cli.write_atomic(out / "seeds.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result

@@ -127,7 +127,8 @@ def get_args_parser():
 def read_settings(argv=None):
     """-> (args: every setting, from the defaults, then --config or --demo, then the command line;
     given: the names of the settings the config and the command line set)."""
-    args, given = cli.parse_settings(get_args_parser(), sys.argv[1:] if argv is None else list(argv), PRESETS)
+    args, given = cli.parse_settings(get_args_parser(), sys.argv[1:] if argv is None else list(argv), PRESETS,
+                                     command_line_only=runs.INVOCATION)
     return check_settings(args), given
 
 
@@ -154,7 +155,7 @@ def check_settings(args):
     return args
 
 
-# --- Set-up ----------------------------------------------------------------------------------------------------------
+# --- Set-up -----------------------------------------------------------------------------------------------------------
 
 def amp_settings(args, device):
     """-> (autocast dtype or None, GradScaler). fp16 needs the scaler; bf16 and fp32 do not."""
@@ -173,7 +174,7 @@ def wrap_ddp(model, args, world, device):
                find_unused_parameters=args.modality_dropout > 0 or args.sentiment_weight == 0)
 
 
-# --- Freezing: what starts frozen, and when it is released -----------------------------------------------------------
+# --- Freezing: what starts frozen, and when it is released ------------------------------------------------------------
 
 def parse_unfreeze(spec):
     """'3:video.res5,6:video.res4' -> {3: ['video.res5'], 6: ['video.res4']}."""
@@ -234,7 +235,7 @@ def set_frozen_at(model, frozen, schedule, progress):
         model_lib.set_frozen(model, unfrozen, False)
 
 
-# --- Optimisation ----------------------------------------------------------------------------------------------------
+# --- Optimisation -----------------------------------------------------------------------------------------------------
 
 def build_optimizer(model, args):
     """AdamW over every parameter from the start (frozen ones get no gradient until unfrozen):
@@ -293,7 +294,7 @@ def build_criteria(args, train_labels, tasks):
     return criteria
 
 
-# --- One optimizer step ----------------------------------------------------------------------------------------------
+# --- One optimizer step -----------------------------------------------------------------------------------------------
 
 def compute_loss(model, batch, criteria, sentiment_weight, amp_dtype):
     """Forward and loss under autocast: the primary task's loss (MELD's emotion), plus
@@ -338,7 +339,7 @@ def optimizer_step(model, optimizer, scaler, clip_grad):
     return float(norm), finite
 
 
-# --- The epoch loop --------------------------------------------------------------------------------------------------
+# --- The epoch loop ---------------------------------------------------------------------------------------------------
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, criteria, progress, args, device, amp_dtype, world,
                     wandb_run=None, save=None):
@@ -429,7 +430,7 @@ def test_best(model, loaders, out, args, device, amp_dtype, world, best_epoch):
     return test_metrics
 
 
-# --- What a run prints and logs --------------------------------------------------------------------------------------
+# --- What a run prints and logs ---------------------------------------------------------------------------------------
 
 def print_setup(args, model, schedule, skipped, frozen, peak_lrs, steps_per_epoch, world, device, amp_dtype):
     """The start-up summary: devices, batch, parameters, what is frozen, LRs, and warnings about the schedule."""
@@ -446,6 +447,9 @@ def print_setup(args, model, schedule, skipped, frozen, peak_lrs, steps_per_epoc
     print("peak LR per group: " + ", ".join(f"{name} {lr:.1e}" for name, lr in peak_lrs.items()))
     if skipped:
         print(f"note: --unfreeze stages of branches this model does not have are skipped: {', '.join(skipped)}")
+    if any(epoch >= args.epochs for epoch in schedule):
+        print(f"note: --unfreeze epochs from {args.epochs} on never come (--epochs {args.epochs}): "
+              + ", ".join(f"{e}:{n}" for e, names in schedule.items() if e >= args.epochs for n in names))
     if trainable_from_start:
         print(f"note: --unfreeze names stages trainable from the start (not loaded pretrained): "
               f"{', '.join(trainable_from_start)}")
@@ -457,7 +461,7 @@ def print_setup(args, model, schedule, skipped, frozen, peak_lrs, steps_per_epoc
               f"it reaches {args.lr / args.div_factor / args.final_div_factor:.0e} only at epoch {args.epochs}")
 
 
-# --- Main ------------------------------------------------------------------------------------------------------------
+# --- Main -------------------------------------------------------------------------------------------------------------
 
 def open_run(args, given, out, world, is_main):
     """A new run (its folder must not hold another) or a resumed one (the run's settings adopted,
@@ -539,7 +543,7 @@ def main(argv=None):
     save = functools.partial(runs.save_checkpoints, out, stateful, progress, run, world)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        cli.write_atomic(out / "args.json", json.dumps(dict(vars(args), argv=sys.argv), indent=2) + "\n")
+        runs.write_args(out, args, resumed=checkpoint is not None)
         print_setup(args, raw_model, schedule, skipped, frozen, peak_lrs, steps_per_epoch, world, device, amp_dtype)
         if checkpoint is not None:
             print(f"resumed from {resume_path}: " + (

@@ -69,6 +69,18 @@ def test_demo_is_a_preset_and_config_files_are_checked_like_the_command_line(tmp
     assert str(bad) in line and "--lr" in line
     line = one_line(capsys, ["--config", str(tmp_path / "none.json")])
     assert "none.json" in line
+    for values, words in (({"speakers": "false"}, ["speakers", "true or false"]),      # not a truthy string
+                          ({"overwrite": True}, ["'overwrite'", "command line only"]),   # never from a file
+                          ({"demo": True}, ["'demo'", "command line only"]),
+                          ({"config": "demo"}, ["'config'", "command line only"])):
+        bad.write_text(json.dumps(values))
+        line = one_line(capsys, ["--config", str(bad)])
+        assert str(bad) in line and all(word in line for word in words), line
+    bad.write_text("lr: 0.1\n")
+    assert "not JSON" in one_line(capsys, ["--config", str(bad)])
+    assert not one_line(capsys, ["--demo", "--epochs", "0"]).startswith("None")   # the program's name, as without
+    assert "--epochs" in one_line(capsys, ["--epoch", "3"])                       # no abbreviations
+    assert "head_dropouts" in one_line(capsys, ["--head-dropouts", "0.3"])        # two values, one per layer
     arm = tmp_path / "arm.json"                                     # an arm on top of a preset
     arm.write_text(json.dumps({"fusion": "concat", "epochs": 5}))
     both = train.parse_args(["--demo", "--config", str(arm), "--epochs", "3"])
@@ -91,9 +103,10 @@ def test_config_file_plus_command_line_override_gives_the_expected_args_json(tmp
         {k: v for k, v in from_file.items() if k not in ("lr", "gamma")}         # then the file
     assert (saved["patience"], saved["weight_decay"], saved["audio_features"]) == (10, 1e-4, "logmel")  # defaults
     assert (saved["out"], saved["video_size"], saved["audio_channels"]) == (str(out), "tiny", [4, 8, 8, 8])
-    assert set(saved) == set(train.DEFAULTS) | {"argv"}
+    assert set(saved) == set(train.DEFAULTS) - set(runs.INVOCATION) | {"argv"}  # not --resume, --overwrite
     repeated = vars(train.parse_args(["--config", str(out / "args.json")]))   # args.json is a config file
-    assert repeated == {k: v for k, v in saved.items() if k != "argv"}
+    assert {k: v for k, v in repeated.items() if k not in runs.INVOCATION} == {k: v for k, v in saved.items()
+                                                                               if k != "argv"}
 
 
 def test_a_run_repeated_from_its_args_json_ends_bitwise_the_same(cache, tiny_bert, tmp_path):
@@ -122,6 +135,22 @@ def test_resume_compares_a_setting_the_checkpoint_does_not_record(tmp_path, synt
     assert "--audio-features logmel --n-mfcc 40" in line and "--audio-features mfcc --n-mfcc 64" in line
     assert train.main(["--out", str(out), "--resume", "auto"])["best_epoch"] == 0   # compared as defaults: the same
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_resume_keeps_the_runs_settings_unless_given_and_args_json_keeps_every_command_line(tmp_path,
+                                                                                              monkeypatch):
+    checkpoint = dict(args=dict(save_every=5, device="cpu", lr=0.1, workers=3, resume="", overwrite=True))
+    args = train.parse_args(["--out", str(tmp_path), "--resume", "auto", "--workers", "1"])
+    runs.adopt_run_settings(args, checkpoint, {"out", "resume", "workers"}, train.DEFAULTS)
+    assert (args.save_every, args.device, args.lr) == (5, "cpu", 0.1)       # the run's, though free to change
+    assert (args.workers, args.resume, args.overwrite) == (1, "auto", False)  # given here, or this call's own
+    monkeypatch.setattr(sys, "argv", ["train.py", "--lr", "0.1"])
+    runs.write_args(tmp_path, args, resumed=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out", str(tmp_path), "--resume", "auto"])
+    runs.write_args(tmp_path, args, resumed=True)
+    saved = json.loads((tmp_path / "args.json").read_text())
+    assert saved["argv"] == [["train.py", "--lr", "0.1"], ["train.py", "--out", str(tmp_path), "--resume", "auto"]]
+    assert "resume" not in saved and "overwrite" not in saved and saved["save_every"] == 5
 
 
 def test_an_older_lstm_checkpoint_keeps_reading_mfccs():
@@ -221,8 +250,9 @@ def test_max_eval_batches_evaluates_exactly_that_many_batches_and_says_so(cache,
                                                                           capsys):
     out = tmp_path / "run"
     train.main(small_args(cache, tiny_bert, out, "--modalities", "audio,text", "--max-eval-batches", "1",
-                          "--epochs", "1", "--min-epochs", "1", "--max-steps-per-epoch", "1"))
+                          "--epochs", "1", "--min-epochs", "1", "--max-steps-per-epoch", "1", "--unfreeze", "4:heads"))
     printed = capsys.readouterr().out
+    assert "note: --unfreeze epochs from 1 on never come (--epochs 1): 4:heads" in printed
     metrics = json.loads((out / "test_metrics.json").read_text())
     clips = {split: len(data.ClipDataset(cache, split, data_config(("audio", "text")), tokenizer))
              for split in ("dev", "test")}
@@ -254,3 +284,16 @@ def test_seeds_runs_one_configuration_per_seed_and_reports_mean_and_sd(synth_roo
     again = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == report   # read again
     assert "nothing to do" in again.stdout
+    hint = subprocess.run([sys.executable, str(ROOT / "seeds.py"), "--out", str(out), "--demo"], capture_output=True,
+                          text=True, env=environment, timeout=300)
+    assert hint.returncode != 0 and "after --" in hint.stderr and hint.stderr.count("\n") == 1
+
+
+def test_seeds_summary_marks_a_capped_evaluation(tmp_path):
+    import seeds
+    for seed, f1 in ((0, 0.5), (1, 0.7)):
+        (tmp_path / f"seed-{seed}").mkdir()
+        metrics = {split: {"emotion": dict(weighted_f1=f1, partial="2 of 9 clips")} for split in ("dev", "test")}
+        (tmp_path / f"seed-{seed}" / "test_metrics.json").write_text(json.dumps(metrics))
+    result = seeds.summary(tmp_path, [0, 1])
+    assert result["test"]["mean"] == pytest.approx(0.6) and result["test"]["partial"] == ["2 of 9 clips"]
