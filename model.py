@@ -70,7 +70,7 @@ def pop_reports(model):
 
 class SlowFastBackbone(SlowFast):
     """slowfast.SlowFast (SlowFast-R50 8x8 and smaller presets) built from a ModelConfig:
-    video_size, video_init. forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2304]."""
+    video_size, video_init. forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2304 for r50]."""
 
     def __init__(self, config, load_pretrained=True):
         super().__init__(config.video_size, config.video_init, load_pretrained)
