@@ -23,8 +23,10 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -299,19 +301,36 @@ def first_line(error, name=""):
     return lines[0].split(". ")[0] if lines else type(error).__name__
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)   # no space left on the device, or over its quota
+
+
+def disk_full(path):
+    """"the disk holding PATH is full (N MB free)": what a write that failed for room says."""
+    try:
+        free = f"{shutil.disk_usage(Path(path) if Path(path).is_dir() else Path(path).parent).free / 2 ** 20:.0f} MB"
+    except OSError:
+        free = "unknown space"
+    return f"the disk holding {path} is full ({free} free)"
+
+
 def write_atomic(path, content):
     """Write str (UTF-8, line ends as given) or bytes to a temporary file beside `path`, then
-    rename it over `path`: a reader, or a run resumed after a kill, never sees half a file.
-    content may also be a function that writes to the path it is given (e.g. a torch.save)."""
+    rename it over `path`: a reader, or a run resumed after a kill, never sees half a file, and a
+    write that fails (a full disk) leaves no temporary file behind. content may also be a function
+    that writes to the path it is given (e.g. a torch.save)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    if callable(content):
-        content(tmp)
-    elif isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        tmp.write_text(content, encoding="utf-8", newline="")
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"     # its own: another process may write the same file
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve_device(name):

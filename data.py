@@ -279,18 +279,18 @@ class ClipDataset(Dataset):
         self.excluded, self.entries, all_rows = collections.Counter(), {}, rows
         if {"video", "audio"} & set(self.modalities) and split is not None:
             rows, self.entries, self.excluded = meld.prepared_clips(self.root, rows, split, self.modalities)
-        if "text" in self.modalities:  # an empty transcript would train on [CLS] [SEP] alone
-            kept = [r for r in rows if r.text.strip()]
+        if "text" in self.modalities:  # no token the model would see: it would train on [CLS] [SEP] alone
+            if tokenizer is None:
+                raise ValueError("the text modality needs a tokenizer (model.load_tokenizer)")
+            self.pad_token_id, self.token_ids = tokenizer.pad_token_id, {}
+            kept = [r for r in rows if self.has_text(r.text)]
             if len(kept) < len(rows):
                 self.excluded["no text"] += len(rows) - len(kept)
             rows = kept
         self.rows = rows
 
         if "text" in self.modalities:
-            if tokenizer is None:
-                raise ValueError("the text modality needs a tokenizer (model.load_tokenizer)")
-            self.pad_token_id, self.token_ids = tokenizer.pad_token_id, {}
-            spoken = [r for r in all_rows if r.text.strip()]  # context comes from the CSV, whatever the clips
+            spoken = [r for r in all_rows if self.has_text(r.text)]  # context comes from the CSV, whatever the clips
             self.tokens = [self.tokenize(r, past, future)
                            for r, (past, future) in zip(rows, dialogue_context(rows, spoken, *config.context))]
         if "audio" in self.modalities:
@@ -329,6 +329,13 @@ class ClipDataset(Dataset):
             encoded["token_type_ids"] = [0] * start + [int(not alone)] * (len(target_ids) + 1) + [0] * len(after)
         return encoded
 
+    def has_text(self, text):
+        """Whether text gives the tokenizer any token (whitespace, zero-width and direction marks, a BOM
+        or a soft hyphen alone give none)."""
+        if text not in self.token_ids:
+            self.token_ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return bool(self.token_ids[text])
+
     def utterance_ids(self, utterance):
         """Token ids of one utterance as the model reads it ("Speaker: text" with context), tokenised once."""
         speaker = self.config.speakers and any(self.config.context) and utterance.speaker
@@ -364,12 +371,17 @@ class ClipDataset(Dataset):
             state = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
             generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         sample = dict(id=row.id, **{task: getattr(row, task) for task, _ in self.tasks})
-        if "video" in self.modalities and self.decode == "device":
-            sample["video_jpeg"] = self.read_video(self.root / row.id, self.entries[row.id]["frames"], generator)
-        elif "video" in self.modalities:
-            sample["video"] = self.load_video(self.root / row.id, self.entries[row.id]["frames"], generator)
-        if "audio" in self.modalities:
-            sample["audio"] = self.load_audio(self.root / row.id, generator)
+        try:   # a file of the cache cut short or gone: one line naming it, and how to redo it
+            if "video" in self.modalities and self.decode == "device":
+                sample["video_jpeg"] = self.read_video(self.root / row.id, self.entries[row.id]["frames"], generator)
+            elif "video" in self.modalities:
+                sample["video"] = self.load_video(self.root / row.id, self.entries[row.id]["frames"], generator)
+            if "audio" in self.modalities:
+                sample["audio"] = self.load_audio(self.root / row.id, generator)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise meld.DamagedClip(f"{self.root / row.id}: cannot be read ({cli.first_line(e)}): the cache is "
+                                   f"damaged; `python prepare.py ... --out {self.root} --verify` prepares such "
+                                   "clips again") from None
         if "text" in self.modalities:
             sample.update(self.tokens[index])
         return sample
@@ -385,11 +397,7 @@ class ClipDataset(Dataset):
         (draw_augmentation's tuple in training, None in evaluation; the size from the first header)."""
         picks = sample_frame_indices(available, self.config.num_frames, self.config.frame_sampling, generator,
                                      self.view, self.num_views)
-        try:
-            files = [(Path(folder) / f"{k:06d}.jpg").read_bytes() for k in picks]
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e.filename}: frame listed in manifest.jsonl is gone; "
-                                    "the cache is damaged, re-run prepare into a new folder") from None
+        files = loading.read_jpegs(folder, picks)
         params = None
         if generator is not None:
             w, h = PIL.Image.open(io.BytesIO(files[0])).size        # the header alone is read
@@ -483,6 +491,7 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {SAMPLERS})")
     if group_by_length and "text" not in dataset.modalities:
         raise ValueError("--group-by-length groups texts by their token counts: it needs the text modality")
+    loading.check_shared_memory(batch_bytes(dataset, batch_size), workers)
     lengths = [len(t["input_ids"]) for t in dataset.tokens] if group_by_length and train else None
     order = loading.ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
                         num_replicas=num_replicas, rank=rank, seed=seed, pad=train, lengths=lengths,
@@ -495,9 +504,19 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
                                      crop_size=dataset.config.crop_size,
                                      tasks=[task for task, _ in dataset.tasks]),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=workers > 0, prefetch_factor=loading.PREFETCH if workers > 0 else None,
+        timeout=loading.TIMEOUT if workers > 0 else 0,
         worker_init_fn=loading.reuse_freed_memory,
         generator=torch.Generator().manual_seed(seed))  # worker seeds from here, not the global RNG
+
+
+def batch_bytes(dataset, batch_size):
+    """About the bytes of one batch of dataset (its longest clips): what a loader worker hands over."""
+    config = dataset.config
+    video = 3 * config.num_frames * config.crop_size ** 2 // (4 if dataset.decode == "device" else 1)
+    audio = 4 * config.max_audio_seconds * (meld.AUDIO_RATE if config.audio_input == "waveform"
+                                            else (config.n_mels or 0) * meld.AUDIO_RATE / MEL_HOP)
+    return int(batch_size * (video * ("video" in config.modalities) + audio * ("audio" in config.modalities)))
 
 
 def make_loaders(root, config, tokenizer, args, decode="cpu", rank=0, world=1):

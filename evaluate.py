@@ -38,6 +38,7 @@ import loading
 import meld
 import model as model_lib
 import plots
+import pretrained
 import runs
 
 # --- Metrics ----------------------------------------------------------------------------------------------------------
@@ -156,13 +157,16 @@ def load_checkpoint_model(path, device):
     return model_lib.place(model, device).eval(), checkpoint
 
 
-def dataset_for(checkpoint, root, split, decode="cpu"):
+def dataset_for(checkpoint, root, split, decode="cpu", model=None):
     """A ClipDataset (evaluation mode) with the data configuration and classes the checkpoint was
     trained with (the classes of a csv dataset come from the checkpoint, never from root); decode:
-    where video frames are decoded (data.ClipDataset)."""
+    where video frames are decoded (data.ClipDataset). With the model, ValueError when its text
+    encoder reads fewer tokens than the data gives it."""
     config = data.DataConfig(**checkpoint["data_config"])
     text_model = checkpoint["model_config"]["text_model"]
     tokenizer = model_lib.load_tokenizer(text_model) if "text" in config.modalities else None
+    if model is not None and tokenizer is not None:
+        pretrained.check_max_tokens(model.text.model, tokenizer, config.max_text_tokens, text_model)
     classes = dict(checkpoint["tasks"]).get("label") if config.dataset == "csv" else None
     return data.ClipDataset(root, split, config, tokenizer, classes=classes, decode=decode)
 
@@ -197,7 +201,7 @@ def evaluate_main(argv):
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     out = Path(args.out or Path(args.checkpoint).parent / "evaluation")
     with cli.one_line_errors():  # a bad CSV or cache, an --out that cannot be made: one line that names it
-        dataset = dataset_for(checkpoint, args.data, args.split, loading.resolve_decode(args.decode, device))
+        dataset = dataset_for(checkpoint, args.data, args.split, loading.resolve_decode(args.decode, device), model)
         out.mkdir(parents=True, exist_ok=True)
     print(dataset.summary())
     if len(dataset) == 0:
@@ -223,8 +227,12 @@ def evaluate_main(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "curves":
-        if len(argv) != 2:
-            raise SystemExit("usage: python evaluate.py curves RUN_DIR")
+        if argv[1:] in (["--help"], ["-h"]):
+            print("usage: python evaluate.py curves RUN_DIR\n\nTraining loss, learning rates and dev weighted F1 per "
+                  "epoch from RUN_DIR/log.jsonl -> RUN_DIR/curves.png (the best epoch marked).")
+            return None
+        if len(argv) != 2 or argv[1].startswith("-"):
+            raise SystemExit("usage: python evaluate.py curves RUN_DIR (the --out of train.py)")
         print(f"wrote {plots.plot_curves(argv[1])}")
     elif argv and argv[0] == "predict":
         import predict  # the predict command lives in predict.py (it decodes media as prepare.py does)

@@ -19,13 +19,45 @@ tests/test_train.py (exact resume) and tests/test_cuda.py.
 import collections
 import ctypes
 import math
+import os
+import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch.utils.data import Sampler
 from torchvision.io import decode_jpeg
 
 DECODES = ("cpu", "device")   # where video frames are decoded: the loader's workers, or the training device
+PREFETCH = 4                  # batches each loader worker prepares ahead
+TIMEOUT = 300                 # seconds without a batch from the workers before the loader gives up (a hung worker)
+
+
+JPEG_END = b"\xff\xd9"          # every JPEG file ends with its EOI marker; one cut short by a copy does not
+
+
+def read_jpegs(folder, picks):
+    """The files {k:06d}.jpg of a prepared clip's folder for k in picks -> their bytes. ValueError
+    naming the first one cut short; FileNotFoundError for one that is gone."""
+    files = [(Path(folder) / f"{k:06d}.jpg").read_bytes() for k in picks]
+    cut = next((k for k, f in zip(picks, files) if not f.endswith(JPEG_END)), None)
+    if cut is not None:
+        raise ValueError(f"{cut:06d}.jpg is cut short")
+    return files
+
+
+def check_shared_memory(batch_bytes, workers, path="/dev/shm"):
+    """OSError in one line when the shared memory the loader's workers pass batches through (PyTorch
+    uses /dev/shm; a container's default is 64 MB) is smaller than the batches they prepare ahead:
+    otherwise a worker fails to allocate and the main process waits forever."""
+    if workers == 0 or not os.path.isdir(path):
+        return
+    need, free = batch_bytes * workers * PREFETCH, shutil.disk_usage(path).free
+    if need > free:
+        raise OSError(f"{path}: {free / 2 ** 20:.0f} MB free, and --workers {workers} need about "
+                      f"{need / 2 ** 20:.0f} MB for the batches they prepare ahead: give the container more (docker "
+                      f"run --shm-size={math.ceil(need * 1.5 / 2 ** 30)}g), or lower --workers or --batch-size "
+                      "(--workers 0 needs none)")
 
 
 def resolve_decode(decode, device):

@@ -35,13 +35,21 @@ class FocalLoss(nn.Module):
         ce = -log_p_true
         if self.label_smoothing:
             ce = (1 - self.label_smoothing) * ce - self.label_smoothing * log_p.mean(dim=-1)
-        weight = (1 - log_p_true.exp()).clamp(min=0).pow(self.gamma) if self.gamma else torch.ones_like(ce)
+        weight = focal_weight(1 - log_p_true.exp(), self.gamma) if self.gamma else torch.ones_like(ce)
         if self.alpha is not None:
             weight = weight * self.alpha[target]
         return (weight * ce).mean()
 
     def extra_repr(self):
         return f"gamma={self.gamma}, label_smoothing={self.label_smoothing}, alpha={self.alpha is not None}"
+
+
+def focal_weight(q, gamma):
+    """(1 - p)^γ from q = 1 - p, with a finite gradient for every γ > 0: where q is 0 (a sample
+    predicted with certainty) the weight and its gradient are 0, where d/dq q^γ = γ q^(γ-1) is
+    infinite for γ < 1 (the gradient is taken on a safe stand-in there, and then not used)."""
+    positive = q > 0
+    return torch.where(positive, torch.where(positive, q, 1.0).pow(gamma), 0.0)
 
 
 def class_weights(counts):

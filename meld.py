@@ -35,6 +35,11 @@ MODALITIES = ("video", "audio", "text")
 DATASETS = ("meld", "csv")   # MELD's CSVs (emotion + sentiment), or a `prepare.py --csv` cache (one task)
 
 
+class DamagedClip(ValueError):
+    """A prepared clip whose files cannot be read (cut short by an interrupted copy, or gone): the
+    message names the clip's folder and how to prepare it again (prepare.py --verify)."""
+
+
 def check_modalities(modalities):
     """-> the given modalities as a tuple in MODALITIES order. ValueError (naming the unknown ones) for
     an empty selection or a name not in MODALITIES."""

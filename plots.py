@@ -24,13 +24,12 @@ def plot_confusion(confusion, names, path, title):
     rows = counts.sum(1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     n = min(len(names), 16)  # beyond 16 classes the cells shrink instead of the figure growing
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * n, 1.5 + 0.7 * n))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * n, 1.5 + 0.7 * n), layout="constrained")   # nothing cut off
     for ax, matrix, label, fmt in ((axes[0], counts, "count", "d"), (axes[1], normalised, "fraction of true class",
                                                                      ".2f")):
         ConfusionMatrixDisplay(matrix, display_labels=list(names)).plot(
             ax=ax, cmap="Blues", values_format=fmt, xticks_rotation=45, text_kw=dict(fontsize=8))
         ax.set_title(f"{title} ({label})")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -71,7 +70,17 @@ def plot_curves(run_dir):
     log = run_dir / "log.jsonl"
     if not log.exists():
         raise SystemExit(f"{log}: not found (is {run_dir} a train.py output folder?)")
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(log.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise SystemExit(f"{log}, line {n}: not a whole record (cut short?); train.py rewrites the file after "
+                             "every epoch") from None
+    if not records:
+        raise SystemExit(f"{log}: no epoch recorded yet; curves are drawn once an epoch has ended")
     epochs = [r["epoch"] for r in records]
     best = records[-1].get("best_epoch")
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))

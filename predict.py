@@ -67,10 +67,6 @@ def inputs(args, modalities, context):
             print(f"warning: this model was trained with dialogue context ({context[0]} utterances before, "
                   f"{context[1]} after): --text is read without it; pass --dialogue FILE.csv to give the "
                   "conversation", file=sys.stderr)
-    empty = [i + 1 for i, u in enumerate(utterances) if not u.text.strip()] if "text" in modalities else []
-    if empty:
-        raise SystemExit(f"{args.dialogue or '--text'}: utterance {empty[0]} is empty, and this model reads text; "
-                         "give what is said in each clip")
     return utterances, videos, contexts
 
 
@@ -97,11 +93,13 @@ def media_sample(name, folder, dataset, settings, modalities):
     return sample
 
 
-def show(results, tasks, dialogue):
-    """The predictions as a table: each clip's classes ranked by probability, with bars."""
+def show(results, tasks):
+    """The predictions as a table: each clip (and what is said in it) with its classes ranked by
+    probability, with bars."""
     (primary, _), *others = tasks
     for row in results:
-        print(f"{row['file']}: {row['speaker']}: {row['text']}" if dialogue else row["file"])
+        said = [row[k] for k in ("speaker", "text") if k in row]
+        print(": ".join([row["file"]] + ([f"{said[0]}: {said[1]}"] if len(said) == 2 else [repr(s) for s in said])))
         for label, p in row[primary].items():
             print(f"  {label:<10} {p:6.3f}  {'#' * round(40 * p)}")
         for task, _ in others:
@@ -114,7 +112,12 @@ def main(argv=None):
     model, checkpoint = evaluate.load_checkpoint_model(args.checkpoint, device)
     modalities = checkpoint["model_config"]["modalities"]
     utterances, videos, contexts = inputs(args, modalities, data.DataConfig(**checkpoint["data_config"]).context)
-    dataset = evaluate.dataset_for(checkpoint, ".", None)
+    with cli.one_line_errors():
+        dataset = evaluate.dataset_for(checkpoint, ".", None, model=model)
+    empty = [i + 1 for i, u in enumerate(utterances) if not dataset.has_text(u.text)] if "text" in modalities else []
+    if empty:
+        raise SystemExit(f"{args.dialogue or '--text'}: utterance {empty[0]} ({utterances[empty[0] - 1].text!r}) is "
+                         "empty: no word the model reads, and this model reads text; give what is said in each clip")
     media = {"video", "audio"} & set(modalities)
     names = videos if media else [u.id for u in utterances]
     import prepare
@@ -134,12 +137,13 @@ def main(argv=None):
         out = model(data.to_device(batch, device))
     results = []
     for i, name in enumerate(names):
-        row = {"file": name} | ({"speaker": utterances[i].speaker, "text": utterances[i].text} if args.dialogue else {})
+        row = {"file": name} | ({"speaker": utterances[i].speaker} if args.dialogue else {}) \
+            | ({"text": utterances[i].text} if "text" in modalities else {})
         for task, labels in checkpoint["tasks"]:
             row[task] = dict(sorted(zip(labels, out[task][i].float().softmax(-1).tolist()), key=lambda x: -x[1]))
         results.append(row)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        show(results, checkpoint["tasks"], args.dialogue)
+        show(results, checkpoint["tasks"])
     return results

@@ -9,14 +9,18 @@ A cache holds, per clip, `{split}/{clip}/000000.jpg …` (frames at a fixed rate
 player shows them) and `audio.npy` (16 kHz mono int16), a copy of each split's CSV, `prepare.json`
 (the settings) and `manifest.jsonl`, one line per clip with its status and what was done to it. It
 can be killed at any moment and re-run with the same command: finished clips are kept, half-written
-ones are redone, failed and changed ones retried. Decoding is PyAV's (FFmpeg bundled). data.py
-reads the cache; evaluate.py predict decodes new clips with `extract_clip`, as here.
+ones are redone, failed and changed ones retried, and with --verify damaged ones (files cut short)
+redone. Several runs may fill one cache at once (one per split): the manifest is shared under a
+lock. A full disk stops it in one line. Decoding is PyAV's (FFmpeg bundled). data.py reads the
+cache; evaluate.py predict decodes new clips with `extract_clip`, as here.
 """
 
+import argparse
 import collections
 import concurrent.futures
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -37,6 +41,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg, read_file
 from tqdm import tqdm
 
 import cli
+import loading
 import meld
 
 # ------------------------------------------------------------------------------------------------
@@ -242,32 +247,24 @@ class PrepareSettings:
     jpeg_quality: int = 90
 
 
-def _frame_targets(t, duration, fps, next_k):
-    """Target frame numbers k >= next_k with k / fps before the end of the source frame shown from t."""
-    ks = []
-    while next_k / fps < t + duration - 1e-6:  # a gap in the source repeats the next frame
-        ks.append(next_k)
-        next_k += 1
-    return ks, next_k
-
-
 def extract_clip(src, dst, settings, threads=0):
     """Decode src (mp4) into the folder dst: 000000.jpg … at settings.fps and short side, audio.npy
     (int16, 16 kHz mono). Memory stays bounded: frames are resized and written as they are decoded,
     and decoding stops at settings.max_seconds. threads: decoder threads (0 = one per core).
 
-    Frames are stored as a player shows them: non-square pixels are stretched to the display
-    aspect ratio (width × sample aspect ratio) and the track's display matrix is applied
-    (display_orientation: a rotation by a multiple of 90°, then possibly a mirror). The manifest
-    fields `rotation` (degrees, counter-clockwise), `mirrored` and `sample_aspect_ratio`
-    ("num:den") record what was done. Returns the manifest fields; raises ValueError (no
-    stream, no frame, a rotation that is not a multiple of 90°) or av.FFmpegError (undecodable
-    data)."""
+    Frame k is what a player shows at k / fps: the last source frame that started by then (its
+    timestamp, so variable-frame-rate video and freezes are followed; the last frame shows for one
+    average frame). Time 0 is the first video frame; audio is laid on that timeline: an audio
+    stream that starts later is preceded by silence, one that starts earlier is cut (the manifest's
+    `audio_offset`, seconds). Frames are stored as displayed: non-square pixels are stretched to the
+    display aspect ratio and the track's display matrix is applied (display_orientation), recorded as
+    `rotation` (degrees, counter-clockwise), `mirrored` and `sample_aspect_ratio` ("num:den").
+    Returns the manifest fields; raises ValueError (no stream, no frame, a rotation that is not a
+    multiple of 90°), av.FFmpegError (undecodable data) or OSError (writing, e.g. a full disk)."""
     dst = Path(dst)
     dst.mkdir(parents=True)
     if Path(src).suffix.lower() in IMAGE_SUFFIXES:
         return extract_image(src, dst, settings)
-    frames_written, audio, audio_samples, video_seconds = 0, [], 0, 0.0
     with av.open(str(src)) as container:
         source_seconds = (container.duration or 0) / av.time_base
         vstream = container.streams.video[0] if container.streams.video else None
@@ -278,37 +275,19 @@ def extract_clip(src, dst, settings, threads=0):
         for s in streams:
             s.thread_type = "AUTO"
             s.codec_context.thread_count = threads
+        sar = (vstream.codec_context.sample_aspect_ratio or vstream.sample_aspect_ratio or 1) if vstream else 1
+        frames, audio = _Frames(dst, settings, float(vstream.average_rate or 25) if vstream else 25.0, sar), []
         resampler = av.AudioResampler(format="s16", layout="mono", rate=meld.AUDIO_RATE) if astream else None
-        src_fps = float(vstream.average_rate or 25) if vstream else 25.0
-        next_k, t0, size, rotation, mirrored, sar, done = 0, None, None, 0, False, 1, set()
+        done, audio_start, audio_samples = set(), None, 0
         for packet in container.demux(streams):
-            stream = packet.stream
-            if stream in done:
+            if packet.stream in done:
                 continue
             for frame in packet.decode():
-                if stream is vstream:
-                    t0 = frame.time if t0 is None else t0
-                    t = (frame.time - t0) if frame.time is not None else frames_written / settings.fps
-                    if t >= settings.max_seconds:
-                        done.add(vstream)
-                        break
-                    ks, next_k = _frame_targets(t, 1.0 / src_fps, settings.fps, next_k)
-                    if not ks:
-                        continue
-                    if size is None:
-                        sar = vstream.codec_context.sample_aspect_ratio or vstream.sample_aspect_ratio or 1
-                        size = display_size(frame.width, frame.height, sar, settings.short_side)
-                        rotation, mirrored = display_orientation(frame)
-                    rgb = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
-                    image = torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1)           # [3, h, w] uint8
-                    image = torch.rot90(image, rotation // 90, dims=(1, 2))               # counter-clockwise
-                    jpeg = encode_jpeg((image.flip(2) if mirrored else image).contiguous(),
-                                       quality=settings.jpeg_quality).numpy().tobytes()
-                    for k in ks:
-                        (dst / f"{k:06d}.jpg").write_bytes(jpeg)
-                    frames_written = next_k
-                    video_seconds = min(t + 1.0 / src_fps, settings.max_seconds)
-                else:
+                if packet.stream is vstream and not frames.add(frame):
+                    done.add(vstream)
+                    break
+                if packet.stream is astream:
+                    audio_start = frame.time if audio_start is None else audio_start
                     for chunk in resampler.resample(frame):
                         audio.append(chunk.to_ndarray().reshape(-1))
                         audio_samples += len(audio[-1])
@@ -317,32 +296,79 @@ def extract_clip(src, dst, settings, threads=0):
                         break
             if len(done) == len(streams):
                 break
+        frames.finish()
         if resampler is not None and astream not in done:
             for chunk in resampler.resample(None):
                 audio.append(chunk.to_ndarray().reshape(-1))
-    audio = np.concatenate(audio)[: int(settings.max_seconds * meld.AUDIO_RATE)] if audio else np.zeros(0, np.int16)
+    audio = np.concatenate(audio) if audio else np.zeros(0, np.int16)
+    offset = (audio_start or 0.0) - frames.t0 if frames.t0 is not None and len(audio) else 0.0
+    shift = round(offset * meld.AUDIO_RATE)            # > 0: silence first; < 0: the early part cut
+    audio = np.concatenate([np.zeros(shift, audio.dtype), audio]) if shift > 0 else audio[-shift:]
+    audio = audio[: int(settings.max_seconds * meld.AUDIO_RATE)]
     if len(audio):
         np.save(dst / "audio.npy", audio.astype(np.int16))
-    if vstream is not None and frames_written == 0:
+    if vstream is not None and frames.written == 0:
         raise ValueError("video stream decoded to no frames")
-    reasons = []
-    if vstream is None:
-        reasons.append("no video stream")
-    if astream is None:
-        reasons.append("no audio stream")
-    elif len(audio) == 0:
+    reasons = ["no video stream"] * (vstream is None) + ["no audio stream"] * (astream is None)
+    if astream is not None and len(audio) == 0:
         reasons.append("audio stream decoded to no samples")
-    kept = max(video_seconds, len(audio) / meld.AUDIO_RATE)
     truncated = source_seconds > settings.max_seconds + 0.5
     if truncated:
         reasons.append(f"too long: kept the first {settings.max_seconds:g} of {source_seconds:.1f} s")
+    size, rotation = frames.size, frames.rotation
     width, height = (size[::-1] if rotation % 180 else size) if size else (0, 0)     # as stored
-    return dict(status="ok", reason="; ".join(reasons), frames=frames_written, fps=settings.fps,
-                source_fps=round(src_fps, 3) if vstream else 0, width=width, height=height,
-                rotation=rotation, mirrored=mirrored,
-                sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}" if size else "1:1",
-                seconds=round(kept, 3), source_seconds=round(source_seconds, 3), truncated=truncated,
-                audio_samples=int(len(audio)))
+    return dict(status="ok", reason="; ".join(reasons), frames=frames.written, fps=settings.fps,
+                source_fps=round(frames.source_fps, 3) if vstream else 0, width=width, height=height,
+                rotation=rotation, mirrored=frames.mirrored,
+                sample_aspect_ratio=f"{frames.sar.numerator}:{frames.sar.denominator}" if size else "1:1",
+                seconds=round(max(frames.seconds, len(audio) / meld.AUDIO_RATE), 3),
+                source_seconds=round(source_seconds, 3), truncated=truncated, audio_samples=int(len(audio)),
+                audio_offset=round(offset, 3))
+
+
+class _Frames:
+    """The frames of one clip as decoded, written as 000000.jpg … at settings.fps: each decoded frame
+    is held until the next one's timestamp says how long it is shown."""
+
+    def __init__(self, dst, settings, source_fps, sar):
+        self.dst, self.settings, self.source_fps, self.sar = dst, settings, source_fps, sar
+        self.t0, self.held, self.written, self.seconds = None, None, 0, 0.0
+        self.size, self.rotation, self.mirrored = None, 0, False
+
+    def add(self, frame):
+        """A decoded av.VideoFrame; False once settings.max_seconds is reached (nothing more is needed)."""
+        self.t0 = frame.time if self.t0 is None and frame.time is not None else self.t0
+        t = frame.time - self.t0 if frame.time is not None and self.t0 is not None else (
+            self.held[1] + 1.0 / self.source_fps if self.held else 0.0)
+        if self.held is not None:
+            self.write(self.held[0], min(t, self.settings.max_seconds))
+        self.held = (frame, t) if t < self.settings.max_seconds else None
+        return self.held is not None
+
+    def finish(self):
+        """The last frame, shown for one average frame (or up to max_seconds)."""
+        if self.held is not None:
+            self.write(self.held[0], min(self.held[1] + 1.0 / self.source_fps, self.settings.max_seconds))
+            self.held = None
+
+    def write(self, frame, until):
+        """frame as every target frame k not written yet with k / fps before `until` (seconds)."""
+        ks = []
+        while self.written / self.settings.fps < until - 1e-6:
+            ks.append(self.written)
+            self.written += 1
+        if not ks:
+            return
+        if self.size is None:
+            self.size = display_size(frame.width, frame.height, self.sar, self.settings.short_side)
+            self.rotation, self.mirrored = display_orientation(frame)
+        rgb = frame.reformat(width=self.size[0], height=self.size[1], format="rgb24", interpolation="AREA")
+        image = torch.rot90(torch.from_numpy(rgb.to_ndarray()).permute(2, 0, 1), self.rotation // 90, dims=(1, 2))
+        jpeg = encode_jpeg((image.flip(2) if self.mirrored else image).contiguous(),
+                           quality=self.settings.jpeg_quality).numpy().tobytes()       # [3, h, w] uint8, upright
+        for k in ks:
+            (self.dst / f"{k:06d}.jpg").write_bytes(jpeg)
+        self.seconds = until
 
 
 def display_size(width, height, sample_aspect_ratio, short_side):
@@ -396,19 +422,22 @@ def extract_image(src, dst, settings):
 
 
 def _prepare_one(task):
-    """Worker: extract one clip into a temporary folder, then rename it into place (atomic)."""
-    clip_id, src, out, settings, threads, error = task
+    """Worker: extract one clip into a temporary folder (named by the prepare process that owns it),
+    then rename it into place (atomic). A full disk is raised, not recorded against the clip."""
+    clip_id, src, out, settings, threads, error, owner = task
     entry = dict(id=clip_id, split=clip_id.split("/")[0], file=src and str(src))
     if error:
         return entry | dict(status="error", reason=error)
     entry["source"] = source_stamp(src)
     final = Path(out) / clip_id
-    tmp = final.parent / f".tmp-{final.name}"
+    tmp = final.parent / f".tmp-{owner}-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         info = extract_clip(src, tmp, settings, threads)
     except Exception as e:  # whatever one file does, the other clips are still prepared
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in cli.DISK_FULL:
+            raise
         message = cli.first_line(e, src)
         kind = ("corrupt" if isinstance(e, (av.FFmpegError, ValueError)) else "unreadable" if isinstance(e, OSError)
                 else f"failed ({type(e).__name__})")
@@ -451,8 +480,10 @@ def _start_cache(out, settings):
     return settings
 
 
-def prepare_meld(meld_root, out, splits=meld.SPLITS, settings=PrepareSettings(), workers=1, progress=True):
-    """Decode MELD.Raw (or synth output) at meld_root into the cache folder out. Resumable.
+def prepare_meld(meld_root, out, splits=meld.SPLITS, settings=PrepareSettings(), workers=1, progress=True,
+                 verify=False):
+    """Decode MELD.Raw (or synth output) at meld_root into the cache folder out. Resumable; verify:
+    also redo the clips whose files are damaged (see damage).
 
     Returns {split: Counter(reason)} for the clips processed in this call and before."""
     meld_root, out = Path(meld_root), Path(out)
@@ -486,7 +517,7 @@ def prepare_meld(meld_root, out, splits=meld.SPLITS, settings=PrepareSettings(),
         for stray in sorted(videos.values()):
             tasks.append((f"{split}/{stray.stem}", stray, out, settings, threads,
                           f"unlabelled: not in {csv_path.name}"))
-    return _run_prepare(meld_root, out, tasks, workers, progress)
+    return _run_prepare(meld_root, out, tasks, workers, progress, verify)
 
 
 def demo_cache(folder, workers=2):
@@ -500,34 +531,34 @@ def demo_cache(folder, workers=2):
 
 
 def prepare_csv(csv_path, out, settings=PrepareSettings(), split_ratio=(0.8, 0.1, 0.1), seed=0, workers=1,
-                progress=True):
+                progress=True, verify=False):
     """Decode every file a manifest CSV lists (videos, audio-only files, images) into the cache
     folder out, as `prepare` does for MELD, and write out/{split}_clips.csv (id, path, label, text,
     group). Rows without a split are split by label, seeded (assign_splits). Resumable."""
     out = Path(out)
-    settings = _start_cache(out, settings)
     rows = assign_splits(meld.read_manifest_csv(csv_path), split_ratio, seed)
     train_labels = {r["label"] for r in rows if r["split"] == "train"}
     unknown = next((r for r in rows if r["label"] not in train_labels), None)
     if unknown:
         raise ValueError(f"{csv_path}: label {unknown['label']!r} ({unknown['path']}) is in the {unknown['split']} "
                          f"split but not in train, whose labels are {sorted(train_labels)} (labels are case-sensitive)")
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
-    tasks, seen = [], {}
+    seen = {}
     for row in rows:
         row["id"] = csv_clip_id(row)
         if row["id"] in seen:
             raise ValueError(f"{csv_path}: {row['path']} is listed twice")
         seen[row["id"]] = row
-        src = Path(row["path"])
-        tasks.append((row["id"], src, out, settings, threads, None if src.is_file() else f"missing: {src} not found"))
+    settings = _start_cache(out, settings)     # only once the manifest is known to be usable
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    tasks = [(row["id"], Path(row["path"]), out, settings, threads,
+              None if Path(row["path"]).is_file() else f"missing: {row['path']} not found") for row in rows]
     for split in meld.SPLITS:
         lines = io.StringIO()
         writer = csv.DictWriter(lines, meld.CLIP_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(r for r in rows if r["split"] == split)
         cli.write_atomic(out / f"{split}_clips.csv", lines.getvalue())
-    return _run_prepare(csv_path, out, tasks, workers, progress)
+    return _run_prepare(csv_path, out, tasks, workers, progress, verify)
 
 
 def assign_splits(rows, ratio=(0.8, 0.1, 0.1), seed=0):
@@ -555,22 +586,89 @@ def csv_clip_id(row):
     return f"{row['split']}/{stem}-{hashlib.sha1(row['path'].encode()).hexdigest()[:8]}"
 
 
-def _run_prepare(source, out, tasks, workers, progress):
+def damage(cache, entry):
+    """Why a clip the manifest has as prepared ("ok") cannot be read as written, or None: a frame
+    file missing, or cut short (a JPEG ends with the EOI marker FF D9), or audio.npy unreadable or
+    shorter than its audio_samples. Reads each file's header and last bytes only."""
+    folder = Path(cache) / entry["id"]
+    for k in range(entry["frames"]):
+        path = folder / f"{k:06d}.jpg"
+        try:
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) != loading.JPEG_END:
+                    return f"{path.name} cut short"
+        except OSError:
+            return f"{path.name} missing or empty"
+    if entry["audio_samples"]:
+        try:
+            samples = len(np.load(folder / "audio.npy", mmap_mode="r"))
+        except (OSError, ValueError) as e:
+            return f"audio.npy unreadable ({cli.first_line(e)})"
+        if samples != entry["audio_samples"]:
+            return f"audio.npy holds {samples} of {entry['audio_samples']} samples"
+    return None
+
+
+@contextlib.contextmanager
+def manifest_lock(out):
+    """An exclusive lock on out's manifest (flock; released if the process dies): prepare runs that
+    share a cache (one per split, as job arrays start them) add their lines without losing any."""
+    with open(Path(out) / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _owner_alive(name):
+    """Whether the prepare process whose pid a temporary folder's name holds (.tmp-PID-clip) runs."""
+    try:
+        os.kill(int(name.split("-")[1]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write(out, write):
+    """Run write() (or re-raise an error): a full disk stops prepare in one line naming it."""
+    try:
+        if isinstance(write, BaseException):
+            raise write
+        write()
+    except OSError as error:
+        if error.errno not in cli.DISK_FULL:
+            raise
+        raise SystemExit(f"prepare {out}: {cli.disk_full(out)}; the clips done so far are kept: free some space "
+                         "and run the same command again") from None
+
+
+def _run_prepare(source, out, tasks, workers, progress, verify=False):
     """Extract the clips of `tasks` that out/manifest.jsonl does not hold as done: never tried,
-    failed before (the file may have been fixed since) or whose source file changed. A line is
-    appended per clip as it finishes (so a killed run resumes), and at the end the manifest is
-    rewritten with one line per clip. Prints and returns {split: Counter(reason)}."""
+    failed before (the file may have been fixed since), whose source file changed, or (verify)
+    whose files are damaged. A line is appended per clip as it finishes (so a killed run resumes),
+    under a lock shared with any other prepare of the same cache, and at the end the manifest is
+    rewritten with one line per clip, the other runs' included. A full disk stops it in one line.
+    Prints and returns {split: Counter(reason)}."""
     for split in {t[0].split("/")[0] for t in tasks}:
         (out / split).mkdir(exist_ok=True)
         for stale in (out / split).glob(".tmp-*"):
-            shutil.rmtree(stale)
-    done = meld.read_manifest(out)
+            if not _owner_alive(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
     manifest = out / "manifest.jsonl"
-    cli.write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values()))  # no line cut off by a kill
-    todo = [t for t in tasks if _needs_prepare(done.get(t[0]), t[1])]
+    with manifest_lock(out):
+        done = meld.read_manifest(out)
+        _write(out, lambda: cli.write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values())))
+    damaged = {i: d for i, e in done.items() if verify and e["status"] == "ok" and (d := damage(out, e))}
+    for clip_id, why in damaged.items():
+        print(f"{clip_id}: damaged ({why}): prepared again")
+    todo = [(*t, os.getpid()) for t in tasks if t[0] in damaged or _needs_prepare(done.get(t[0]), t[1])]
     print(f"prepare {source} -> {out}: {len(tasks)} clips, {len(tasks) - len(todo)} already done, "
-          f"{len(todo)} to do with {workers} worker(s)")
-    with open(manifest, "a") as f, contextlib.ExitStack() as stack:
+          f"{len(todo)} to do with {workers} worker(s)" + (f" ({len(damaged)} damaged)" if verify else ""))
+    with contextlib.ExitStack() as stack:
         if workers > 1 and len(todo) > 1:  # a worker killed (out of memory) raises BrokenProcessPool, never hangs
             pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                           initializer=_worker_init)
@@ -581,13 +679,17 @@ def _run_prepare(source, out, tasks, workers, progress):
             results = map(_prepare_one, todo)
         try:
             for entry in tqdm(results, total=len(todo), disable=not progress, unit="clip"):
-                f.write(json.dumps(entry) + "\n")
-                f.flush()
+                with manifest_lock(out), open(manifest, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
                 done[entry["id"]] = entry
+            with manifest_lock(out):
+                done = meld.read_manifest(out)     # this run's lines and any other run's
+                cli.write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values()))
         except concurrent.futures.process.BrokenProcessPool:
             raise SystemExit(f"prepare {out}: a worker process died (out of memory?); the {len(done)} clips done so "
                              "far are kept: run the same command again, with fewer --workers") from None
-    cli.write_atomic(manifest, "".join(json.dumps(e) + "\n" for e in done.values()))
+        except OSError as error:
+            _write(out, error)
     summary = collections.defaultdict(collections.Counter)
     for entry in done.values():
         summary[entry["split"]][entry["status"] if not entry["reason"] else entry["reason"].split(":")[0]] += 1
@@ -612,18 +714,21 @@ def main(argv=None):
     source.add_argument("--csv", help="manifest CSV: path, label[, text, split, group] (videos, audio files, images)")
     parser.add_argument("--out", help="cache folder to write; re-run the same command to continue")
     parser.add_argument("--splits", default="train,dev,test", help="MELD: comma-separated splits to prepare")
-    parser.add_argument("--split-ratio", default="0.8,0.1,0.1",
-                        help="--csv rows without a split: train,dev,test shares")
-    parser.add_argument("--seed", type=int, default=0, help="--csv: seed of the stratified split")
+    parser.add_argument("--split-ratio", type=split_ratio, default="0.8,0.1,0.1",
+                        help="--csv rows without a split: train,dev,test shares, each >= 0, summing to 1")
+    parser.add_argument("--seed", type=cli.non_negative(int), default=0, help="--csv: seed of the stratified split")
     parser.add_argument("--fps", type=cli.positive(float), default=PrepareSettings.fps, help="frames kept per second")
     parser.add_argument("--short-side", type=cli.positive(int), default=PrepareSettings.short_side,
                         help="frame short side, pixels")
     parser.add_argument("--max-seconds", type=cli.positive(float), default=PrepareSettings.max_seconds,
                         help="seconds kept per clip; longer clips are cut and marked truncated in the manifest")
-    parser.add_argument("--jpeg-quality", type=cli.positive(int), default=PrepareSettings.jpeg_quality,
+    parser.add_argument("--jpeg-quality", type=cli.positive(int, high=100), default=PrepareSettings.jpeg_quality,
                         help="JPEG quality 1-100")
     parser.add_argument("--workers", type=cli.positive(int), default=max(1, (os.cpu_count() or 1)),
                         help="parallel processes")
+    parser.add_argument("--verify", action="store_true",
+                        help="also check the files of every prepared clip (frames cut short, audio.npy shorter than "
+                             "recorded) and prepare the damaged ones again")
     args = parser.parse_args(argv)
     if not (args.meld_root or args.csv) or not args.out:
         parser.error("give --meld-root MELD_RAW --out CACHE, or --csv MANIFEST --out CACHE")
@@ -634,9 +739,21 @@ def main(argv=None):
     settings = PrepareSettings(args.fps, args.short_side, args.max_seconds, args.jpeg_quality)
     with cli.one_line_errors():  # a bad CSV: one line that names the file and row
         if args.csv:
-            ratio = tuple(float(x) for x in args.split_ratio.split(","))
-            return prepare_csv(args.csv, args.out, settings, ratio, args.seed, args.workers)
-        return prepare_meld(args.meld_root, args.out, args.splits.split(","), settings, args.workers)
+            return prepare_csv(args.csv, args.out, settings, args.split_ratio, args.seed, args.workers,
+                               verify=args.verify)
+        return prepare_meld(args.meld_root, args.out, args.splits.split(","), settings, args.workers,
+                            verify=args.verify)
+
+
+def split_ratio(text):
+    """--split-ratio: "TRAIN,DEV,TEST" shares, each >= 0, summing to 1 -> a tuple of 3 floats."""
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        shares = ()
+    if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three shares train,dev,test, each >= 0, summing to 1")
+    return shares
 
 
 def synth_main(argv):

@@ -13,6 +13,7 @@ tests/test_slowfast.py (inflation, Kinetics layouts) and tests/test_first_hour.p
 This file imports nothing of the network code: slowfast.py and model.py import it.
 """
 
+import hashlib
 import importlib
 import os
 import pickletools
@@ -20,6 +21,7 @@ import socket
 import urllib.parse
 import warnings
 import zipfile
+from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -321,6 +323,34 @@ def transformer_stages(model):
     for name, p in model.named_parameters(recurse=False):
         stages[name] = [nn.ParameterList([p])]
     return stages
+
+
+def identity(name_or_path):
+    """What a model name or folder stands for, wherever it lies: for a local folder (or the packaged
+    alias) a hash of its configuration and tokenizer files; a hub name stands for itself."""
+    path = Path(resolve_text_model(name_or_path)) if name_or_path in TEXT_MODEL_ALIASES else Path(name_or_path)
+    if not path.is_dir():
+        return name_or_path
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                 "preprocessor_config.json"):
+        if (path / name).is_file():
+            digest.update(name.encode() + (path / name).read_bytes())
+    return digest.hexdigest()
+
+
+def check_max_tokens(transformer, tokenizer, wanted, name):
+    """ValueError in one line when wanted (--max-text-tokens) is more tokens than the model `name`
+    reads: its position embeddings (RoBERTa-style models reserve the first ones), or its tokenizer's
+    model_max_length when that is smaller."""
+    config = transformer.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and "roberta" in getattr(config, "model_type", ""):
+        limit -= (config.pad_token_id or 0) + 1
+    limit = min(x for x in (limit, getattr(tokenizer, "model_max_length", None), 10 ** 9) if x)
+    if wanted > limit:
+        raise ValueError(f"--max-text-tokens {wanted}: {name} reads at most {limit} tokens; pass --max-text-tokens "
+                         f"{limit} or less")
 
 
 def load_tokenizer(name_or_path):

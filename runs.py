@@ -15,11 +15,14 @@ best.pt is the same without what only resuming reads (RESUME_ONLY). Tested by te
 (SIGKILL mid-epoch and resume, bitwise; DDP), tests/test_settings.py and tests/test_first_hour.py.
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch.distributed as dist
 
 import cli
 import meld
+import pretrained
 
 
 @dataclass
@@ -95,6 +99,27 @@ def data_root(args, out, rank, world):
     return out / "data" / "cache"
 
 
+def data_notes(root, config, loaders):
+    """What a user should know before training on this data: classes that train lacks (they cannot
+    be learnt), frames the crop enlarges (the cache's short side is smaller than crop·8/7)."""
+    said = []
+    (task, names), counts = loaders["train"].dataset.tasks[0], {}
+    for split, loader in loaders.items():
+        counts[split] = np.bincount(loader.dataset.labels(), minlength=len(names))
+    for c in (c for c, name in enumerate(names) if counts["train"][c] == 0):
+        elsewhere = ", ".join(f"{s} {n[c]}" for s, n in counts.items() if s != "train" and n[c])
+        said.append(f"note: train has no {names[c]} clip{f' ({elsewhere})' if elsewhere else ''}: the model cannot "
+                    f"learn {task} {names[c]}; its F1 stays 0")
+    prepared = Path(root) / "prepare.json"
+    if "video" in config.modalities and prepared.is_file():
+        short_side = json.loads(prepared.read_text())["short_side"]
+        if round(config.crop_size * 8 / 7) > short_side:
+            said.append(f"note: --crop-size {config.crop_size} enlarges the cache's frames (short side {short_side}, "
+                        f"resized to {round(config.crop_size * 8 / 7)}): prepare with --short-side "
+                        f"{round(config.crop_size * 8 / 7)} for sharper frames")
+    return said
+
+
 def check_data_folder(args, root):
     """Before anything is loaded: the data folder exists and has the train and dev splits."""
     if not root.is_dir():
@@ -113,9 +138,17 @@ def check_data_folder(args, root):
 
 def save_checkpoint(path, state):
     """torch.save, atomically (a temporary file renamed over path): a kill never leaves half a
-    checkpoint. state: tensors and plain containers only, so that load_checkpoint reads it with
-    weights_only=True."""
-    cli.write_atomic(path, lambda tmp: torch.save(state, tmp))
+    checkpoint, and a write that fails leaves no temporary file. state: tensors and plain
+    containers only, so that load_checkpoint reads it with weights_only=True. SystemExit in one
+    line when the disk is full (torch.save's own error does not say so)."""
+    try:
+        cli.write_atomic(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as e:
+        if getattr(e, "errno", None) not in cli.DISK_FULL and shutil.disk_usage(Path(path).parent).free > 2 ** 26:
+            raise
+        raise SystemExit(f"writing {path} failed: {cli.disk_full(Path(path).parent)}; free some space, then "
+                         f"`python train.py --out {Path(path).parent} --resume auto` continues from the last "
+                         "checkpoint written") from None
 
 
 def load_checkpoint(path, device="cpu"):
@@ -133,14 +166,26 @@ def load_checkpoint(path, device="cpu"):
     return upgrade(checkpoint)
 
 
+# The data settings of checkpoints written before data_config was stored (their flags had these names).
+OLD_DATA_SETTINGS = ("dataset", "num_frames", "crop_size", "frame_sampling", "hflip", "max_audio_seconds",
+                     "max_text_tokens", "context", "speakers")
+
+
 def upgrade(checkpoint):
-    """A checkpoint written before a setting existed, with that setting as the older code used it:
-    the lstm audio encoder read MFCCs before --audio-features existed."""
-    if isinstance(checkpoint, dict):
-        for key in ("model_config", "args"):
-            config = checkpoint.get(key)
-            if isinstance(config, dict) and config.get("audio_encoder") == "lstm" and "audio_features" not in config:
-                config["audio_features"] = "mfcc"
+    """A checkpoint of older code, as this code reads it: the lstm audio encoder read MFCCs before
+    --audio-features existed; a checkpoint without data_config gets it from its flags and model."""
+    if not isinstance(checkpoint, dict):
+        return checkpoint
+    for key in ("model_config", "args"):
+        config = checkpoint.get(key)
+        if isinstance(config, dict) and config.get("audio_encoder") == "lstm" and "audio_features" not in config:
+            config["audio_features"] = "mfcc"
+    model, args = checkpoint.get("model_config"), checkpoint.get("args", {})
+    if isinstance(model, dict) and "modalities" in model and "data_config" not in checkpoint:
+        waveform = str(model.get("audio_encoder", "")).startswith("hf:")
+        checkpoint["data_config"] = {k: args[k] for k in OLD_DATA_SETTINGS if k in args} | dict(
+            modalities=model["modalities"], n_mels=model.get("n_mels", 64),
+            audio_input="waveform" if waveform else "logmel")
     return checkpoint
 
 
@@ -179,22 +224,55 @@ class Progress:
     step: int = 0                   # optimizer steps done in all
     epoch_losses: list = field(default_factory=list)   # losses of this epoch's steps so far
     epoch_aux: dict = field(default_factory=dict)      # scalars the model reported, per step (model.report)
+    epoch_skipped: int = 0          # this epoch's optimizer steps skipped for non-finite gradients
+    skipped_in_a_row: int = 0       # skipped steps since the last one taken, across epochs
     history: list = field(default_factory=list)        # one record per finished epoch: log.jsonl
     wandb_id: str = None
+
+    def next_epoch(self):
+        """The epoch just recorded is done: the next one starts, with nothing of it collected yet."""
+        self.epoch, self.step_in_epoch, self.epoch_losses, self.epoch_aux, self.epoch_skipped = \
+            self.epoch + 1, 0, [], {}, 0
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
         return cls(**{name: checkpoint[name] for name in cls.__dataclass_fields__ if name in checkpoint})
 
 
-def describe_run(args, model_config, data_config, tasks, world, data_root):
+def describe_run(args, model_config, data_config, tasks, world, data_root, amp):
     """What a checkpoint says about the run that wrote it: its settings, the model's and the data's
     configuration, how its clips were decoded (the cache's prepare.json, for evaluate.py predict),
-    the class names of each task, and its number of processes."""
+    the class names of each task, its number of processes, its autocast ("fp16", "bf16", "off") and
+    what identifies its data and models whatever folder holds them (identity)."""
     prepare_json = Path(data_root) / "prepare.json"
     return dict(args=dict(vars(args)), model_config=asdict(model_config), data_config=asdict(data_config),
                 prepare=json.loads(prepare_json.read_text()) if prepare_json.exists() else None,
-                tasks=[[task, list(names)] for task, names in tasks], world_size=world)
+                tasks=[[task, list(names)] for task, names in tasks], world_size=world, amp=amp,
+                identity={key: identify(key, args, data_root) for key in IDENTIFIED})
+
+
+# Settings that name a folder or file: on resume another place is accepted when it holds the same files.
+IDENTIFIED = ("data", "text_model", "audio_encoder")
+
+
+def identify(key, args, data_root):
+    """What a setting of IDENTIFIED names, as a hash of the files that matter (not their place): the
+    data's split CSVs, prepare settings and prepared clips; a local model folder's configuration and
+    tokenizer (a hub name stands for itself)."""
+    if key == "data":
+        root, digest = Path(data_root), hashlib.sha256()
+        for split in meld.SPLITS:
+            path = meld.find_csv(root, split) if args.dataset == "meld" else root / meld.split_file("csv", split)
+            digest.update(path.read_bytes() if path and path.is_file() else b"-")
+        if (root / "prepare.json").is_file():
+            digest.update((root / "prepare.json").read_bytes())
+        for clip_id, entry in sorted(meld.read_manifest(root).items()):
+            fields = [clip_id, entry["status"], entry.get("frames"), entry.get("audio_samples")]
+            digest.update(json.dumps(fields).encode())
+        return digest.hexdigest()
+    value = getattr(args, key)
+    return pretrained.identity(value[3:]) if key == "audio_encoder" and value.startswith("hf:") else (
+        pretrained.identity(value) if key == "text_model" else value)
 
 
 def rng_state():
@@ -228,7 +306,8 @@ def set_rng_state(state):
 
 
 # What only resuming reads: last.pt has it, best.pt does not.
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_losses", "epoch_aux")
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch_losses", "epoch_aux", "epoch_skipped",
+               "skipped_in_a_row")
 
 
 def save_checkpoints(out, stateful, progress, run, world, best=False):
@@ -257,7 +336,7 @@ def restore(checkpoint, stateful, rank):
 
 # Settings a resumed run may change: they cannot change what it computes.
 RESUME_FREE = ("resume", "out", "overwrite", "workers", "log_every", "save_every", "wandb", "wandb_project",
-               "push_to_hub", "device", "decode")
+               "push_to_hub", "device", "decode", "amp")      # the autocast itself is compared (check_amp)
 # Settings of one command line, not of the run: never read from a config file, written to args.json
 # or taken from the run on resume.
 INVOCATION = ("resume", "overwrite")
@@ -301,23 +380,49 @@ def adopt_run_settings(args, checkpoint, given, defaults):
             setattr(args, key, value)
 
 
-def check_resume(checkpoint, args, world, path, defaults):
+def check_resume(checkpoint, args, world, path, defaults, given):
     """Refuse, in one line, a resume whose settings (or process count) differ from the run's in
-    anything that changes the result; RESUME_FREE settings may differ. Every setting is compared:
-    one the checkpoint does not record is compared as its default."""
+    anything that changes the result; RESUME_FREE settings may differ, and a setting of IDENTIFIED
+    may name another place that holds the same files (moved data). Every setting is compared: one
+    the checkpoint does not record is compared as its default."""
     if "optimizer" not in checkpoint:
         raise SystemExit(f"--resume {path}: holds the model only (best.pt keeps no optimizer state); resume from "
                          "the run's last.pt")
+    if "data" not in given and args.data != "synth" and not Path(args.data).exists():
+        raise SystemExit(f"--resume {path}: the run's --data {args.data} is gone (moved?); give its new place with "
+                         "--data NEW (checked to hold the same data)")
     saved, now = run_settings(checkpoint, defaults), vars(args)
-    changed = [k for k in defaults if k not in RESUME_FREE and saved[k] != now[k]]
+    root = Path(path).parent / "data" / "cache" if args.data == "synth" else Path(args.data)
+    moved = {k for k in IDENTIFIED if saved[k] != now[k] and k in checkpoint.get("identity", {})
+             and (k != "data" or root.is_dir()) and checkpoint["identity"][k] == identify(k, args, root)}
+    changed = [k for k in defaults if k not in RESUME_FREE and saved[k] != now[k] and k not in moved]
     if changed:
         raise SystemExit(f"--resume {path}: the run was trained with {cli.format_flags(saved, changed)}, now "
-                         f"{cli.format_flags(now, changed)}; that changes the result: pass the run's values, or start "
-                         "a new run with another --out")
+                         f"{cli.format_flags(now, changed)}; that changes the result: pass the run's values (a moved "
+                         "folder is accepted when it holds the same files), or start a new run with another --out")
     saved_world = checkpoint.get("world_size", 1)
     if saved_world != world:
         raise SystemExit(f"--resume {path}: the run was trained with {saved_world} process(es), now {world}; "
                          "that changes the result: resume with the same torchrun --nproc_per_node")
+
+
+def check_amp(checkpoint, amp, args, device, path):
+    """Refuse, in one line, a resume whose autocast ("fp16", "bf16", "off": --amp as resolved on this
+    device) is not the run's: another device with --amp auto gives another one, and fp16's
+    GradScaler state exists only with fp16. Older checkpoints that do not record it tell fp16 by
+    their scaler state."""
+    was = checkpoint.get("amp") or ("fp16" if checkpoint.get("scaler") else "off" if amp == "fp16" else None)
+    if was is not None and was != amp:
+        raise SystemExit(f"--resume {path}: the run trained with autocast {was}, and this one would run {amp} (--amp "
+                         f"{args.amp} on {device.type}): that changes the result; resume on the run's kind of device, "
+                         f"or pass --amp {was}")
+
+
+def resumed_from(path, progress, finished):
+    """The line printed when a run resumes: where it continues."""
+    if finished:
+        return f"resumed from {path}: the run is finished ({finished}) but was not tested: testing best.pt"
+    return f"resumed from {path}: epoch {progress.epoch}, optimizer step {progress.step_in_epoch} of that epoch"
 
 
 def finished_reason(checkpoint, args):
@@ -338,19 +443,43 @@ RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "test_metrics.json"
 
 
 def check_new_run_folder(out, overwrite, is_main):
-    """A new run never silently replaces another: refuse a folder that holds one, unless told to
-    overwrite (then its outputs are deleted first, so none of the old run is left mixed in)."""
+    """A new run never silently replaces another: refuse a folder that holds one (a checkpoint or
+    results), unless told to overwrite (then its outputs are deleted first, so none of the old run
+    is left mixed in). What a start that saved no checkpoint left (args.json) is replaced, said in
+    a line. An --out that is a file is refused."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: is a file, not a folder; choose another --out")
     held = [name for name in RUN_FILES if (out / name).exists()]
-    if held and not overwrite:
+    started = [name for name in held if name in ("last.pt", "best.pt", "test_metrics.json")]
+    if started and not overwrite:
         raise SystemExit(f"--out {out} already holds a run ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}): "
                          "continue it with --resume auto, choose another --out, or pass --overwrite to replace it")
     if held and is_main:
         for name in held:
             (out / name).unlink()
-        print(f"--overwrite: deleted the previous run's {', '.join(held)} in {out}")
+        print(f"--overwrite: deleted the previous run's {', '.join(held)} in {out}" if started else
+              f"--out {out}: a start that saved no checkpoint left {', '.join(held)}: replaced")
 
 
 # --- Health of a run: memory, ranks in step ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def stops_in_one_line(out):
+    """The ways a long run stops that are not the code's bugs, each as one line saying how to go on:
+    Ctrl-C, a loader worker killed (the out-of-memory killer) or stuck, a damaged cache."""
+    resume = f"`python train.py --out {out} --resume auto` continues from the last checkpoint"
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted; {resume}") from None
+    except meld.DamagedClip as e:   # raised in a loader worker: its message is the traceback's last line
+        raise SystemExit(str(e).strip().splitlines()[-1].removeprefix("meld.DamagedClip: ")) from None
+    except RuntimeError as e:
+        if "DataLoader worker" in str(e) or "DataLoader timed out" in str(e):
+            raise SystemExit(f"{cli.first_line(e)}: a loader worker died (out of memory?) or hung; lower --workers "
+                             f"or --batch-size, then {resume}") from None
+        raise
+
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -390,7 +519,9 @@ def epoch_record(model, optimizer, progress, dev, stopper, seconds, data_wait, c
                   dev={task: {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "partial") if k in m}
                        for task, m in dev.items()},
                   aux={name: float(np.mean(values)) for name, values in progress.epoch_aux.items()},
-                  best_epoch=stopper.best_epoch, seconds=round(seconds, 2), clips_per_s=round(clips / seconds, 2),
+                  skipped_steps=progress.epoch_skipped,
+                  best_epoch=stopper.best_epoch, seconds=round(seconds, 2),
+                  clips_per_s=round(clips / seconds, 2) if seconds else 0.0,
                   data_wait=round(data_wait, 4), peak_memory_mb=round(peak_memory_mb(device), 1),
                   trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if world > 1:  # the same weights on every rank, or the run is broken
@@ -404,6 +535,7 @@ def epoch_summary(record, best):
     return (f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, dev{partial(record['dev'])} {primary} "
             f"weighted F1 {dev['weighted_f1']:.4f} (best {best:.4f} at epoch {record['best_epoch']}), "
             + "".join(f"{task} {m['weighted_f1']:.4f}, " for task, m in others)
+            + (f"{record['skipped_steps']} steps skipped (non-finite gradients), " if record["skipped_steps"] else "")
             + f"{record['clips_per_s']} clips/s, data wait {record['data_wait']:.1%}")
 
 
@@ -445,10 +577,15 @@ def partial(metrics):
 # --- Weights & Biases, Hugging Face Hub -------------------------------------------------------------------------------
 
 def start_wandb(args, out, progress):
-    """A W&B run (resumed when progress has its id; WANDB_MODE=offline works without a network)."""
+    """A W&B run (resumed when progress has its id; WANDB_MODE=offline works without a network).
+    SystemExit in one line when W&B cannot start (no login, no network)."""
     import wandb
-    run = wandb.init(project=args.wandb_project, dir=str(out), config=vars(args), id=progress.wandb_id,
-                     resume="allow" if progress.wandb_id else None)
+    try:
+        run = wandb.init(project=args.wandb_project, dir=str(out), config=vars(args), id=progress.wandb_id,
+                         resume="allow" if progress.wandb_id else None)
+    except Exception as e:
+        raise SystemExit(f"--wandb: W&B could not start ({type(e).__name__}: {cli.first_line(e)}); log in with "
+                         "`wandb login`, set WANDB_MODE=offline, or leave out --wandb") from None
     progress.wandb_id = run.id
     return run
 
@@ -471,6 +608,18 @@ def log_wandb_epoch(run, record, predictions, rows, tasks, step):
     for i, truth, guess in list(zip(ids, y_true, y_pred))[:8]:
         table.add_data(i, rows[i].text, names[truth], names[guess], max(predictions[i][0]))
     run.log({"dev/samples": table}, step=step)
+
+
+def finish(args, out, test_metrics, primary, wandb_run, world, is_main):
+    """After testing: W&B's summary and end, the process group's end, the Hub upload (rank 0)."""
+    if wandb_run:
+        wandb_run.summary.update({f"{s}_{primary}_weighted_f1": test_metrics[s][primary]["weighted_f1"]
+                                  for s in ("dev", "test") if s in test_metrics})
+        wandb_run.finish()
+    if world > 1:
+        dist.destroy_process_group()
+    if args.push_to_hub and is_main:
+        push_to_hub(args.push_to_hub, out, test_metrics)
 
 
 def push_to_hub(repo_id, out, test_metrics):

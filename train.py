@@ -41,6 +41,7 @@ import loading
 import meld
 import model as model_lib
 import plots
+import pretrained
 import runs
 from losses import FocalLoss, class_weights
 
@@ -79,7 +80,8 @@ class TrainConfig:
     clip_grad: float = cli.setting(1.0, "max global gradient norm (0 = no clipping)", type=cli.non_negative(float))
     amp: str = cli.setting("auto", "autocast: auto = fp16 + GradScaler on CUDA, off on CPU (bf16 is slower than "
                            "fp32 on CPU)", choices=("auto", "fp16", "bf16", "off"))
-    max_nonfinite: int = cli.setting(10, "stop after this many non-finite losses in a row", type=cli.positive(int))
+    max_nonfinite: int = cli.setting(10, "stop after this many optimizer steps in a row skipped for non-finite "
+                                     "gradients (fp16's first steps skip a few)", type=cli.positive(int))
     # --- loss
     gamma: float = cli.setting(2.0, "focal loss γ (0 = weighted cross-entropy)", type=cli.non_negative(float))
     class_weights: str = cli.setting("inv-sqrt", "per-class α from the training label counts",
@@ -346,8 +348,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criteria, progr
     """The optimizer steps of epoch progress.epoch, from progress.step_in_epoch on (a resumed run
     skips the steps it had done); progress counts them and collects their losses and the scalars
     the model reports (model.report). Every --save-every optimizer steps save() is called on every
-    rank. -> (seconds, fraction of them spent waiting for data). SystemExit after --max-nonfinite
-    non-finite losses in a row."""
+    rank. -> (seconds, fraction of them spent waiting for data). Steps skipped for non-finite
+    gradients are counted (progress.epoch_skipped); SystemExit after --max-nonfinite in a row."""
     loader.sampler.set_epoch(progress.epoch)  # first the whole epoch: after a skip, len(loader) counts what is left
     steps_per_epoch = optimizer_steps_per_epoch(len(loader), args.accum_steps, args.max_steps_per_epoch)
     loader.sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * args.accum_steps * args.batch_size)
@@ -356,20 +358,23 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criteria, progr
     batches = iter(loader)
     bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch}",
                disable=not is_main, dynamic_ncols=True, leave=False)
-    first, nonfinite, wait, start = progress.step_in_epoch, 0, 0.0, time.perf_counter()
+    first, wait, start = progress.step_in_epoch, 0.0, time.perf_counter()
     for step in range(first, steps_per_epoch):
         t0 = time.perf_counter()
         micro = [data.to_device(next(batches), device) for _ in range(args.accum_steps)]
         wait += time.perf_counter() - t0
         loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
-        grad_norm, _ = optimizer_step(model, optimizer, scaler, args.clip_grad)
+        grad_norm, stepped = optimizer_step(model, optimizer, scaler, args.clip_grad)
         if args.scheduler != "plateau":
             scheduler.step()
         progress.step, progress.step_in_epoch = progress.step + 1, step + 1
-        nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
-        if nonfinite >= args.max_nonfinite:
-            raise SystemExit(f"epoch {progress.epoch} step {step}: the loss was not finite for {nonfinite} steps in a "
-                             "row; lower the learning rates or try --amp off")
+        progress.epoch_skipped += not stepped
+        progress.skipped_in_a_row = 0 if stepped else progress.skipped_in_a_row + 1
+        if progress.skipped_in_a_row >= args.max_nonfinite:
+            what = "loss" if not math.isfinite(loss) else "gradient"
+            raise SystemExit(f"epoch {progress.epoch} step {step}: {progress.skipped_in_a_row} optimizer steps in a "
+                             f"row skipped for a non-finite {what}; lower the learning rates, try --amp off, or check "
+                             "the loss (--gamma, --label-smoothing)")
         if math.isfinite(loss):
             progress.epoch_losses.append(loss)
         for name, value in model_lib.pop_reports(model).items():
@@ -472,7 +477,7 @@ def open_run(args, given, out, world, is_main):
         return None, None, None
     checkpoint = runs.load_checkpoint(resume_path)
     runs.adopt_run_settings(args, checkpoint, given, DEFAULTS)
-    runs.check_resume(checkpoint, args, world, resume_path, DEFAULTS)
+    runs.check_resume(checkpoint, args, world, resume_path, DEFAULTS, given)
     return checkpoint, resume_path, runs.finished_reason(checkpoint, args)
 
 
@@ -495,12 +500,15 @@ def build(args, root, load_pretrained, rank, world, device):
             where = "in the loader workers" if decode == "cpu" else f"on {device.type} by to_device"
             print(f"video frames decoded {where} (--decode {decode})")
         loaders = data.make_loaders(root, data_config, tokenizer, args, decode, rank, world)
+        for line in runs.data_notes(root, data_config, loaders) if rank == 0 else []:
+            print(line)
         model = model_lib.place(model_lib.EmotionModel(model_config, load_pretrained), device)
+        if "text" in args.modalities:   # longer inputs would fail at the first long batch, maybe hours in
+            pretrained.check_max_tokens(model.text.model, tokenizer, args.max_text_tokens, args.text_model)
     return model_config, data_config, loaders, model
 
 
-def build_optimisation(args, model, loaders, device):
-    """-> (criteria, optimizer, scheduler, optimizer steps per epoch, {group name: peak LR})."""
+def build_optimisation(args, model, loaders, device):  # -> criteria, optimizer, scheduler, steps per epoch, peaks
     criteria = {task: c.to(device) for task, c in
                 build_criteria(args, loaders["train"].dataset.labels(), model.config.tasks).items()}
     optimizer = build_optimizer(model, args)
@@ -526,6 +534,9 @@ def main(argv=None):
     root = runs.data_root(args, out, rank, world)
     runs.setup_environment(args, rank, device)
     amp_dtype, scaler = amp_settings(args, device)
+    amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
+    if checkpoint is not None:
+        runs.check_amp(checkpoint, amp, args, device, resume_path)
 
     # --- data, model, optimisation
     runs.check_data_folder(args, root)
@@ -539,57 +550,49 @@ def main(argv=None):
     stateful = dict(model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, early_stopping=stopper)
     progress = runs.restore(checkpoint, stateful, rank) if checkpoint is not None else runs.Progress()
     set_frozen_at(raw_model, frozen, schedule, progress)
-    run = runs.describe_run(args, model_config, data_config, tasks, world, root)
+    run = runs.describe_run(args, model_config, data_config, tasks, world, root, amp)
     save = functools.partial(runs.save_checkpoints, out, stateful, progress, run, world)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         runs.write_args(out, args, resumed=checkpoint is not None)
         print_setup(args, raw_model, schedule, skipped, frozen, peak_lrs, steps_per_epoch, world, device, amp_dtype)
         if checkpoint is not None:
-            print(f"resumed from {resume_path}: " + (
-                f"the run is finished ({finished}) but was not tested: testing best.pt" if finished
-                else f"epoch {progress.epoch}, optimizer step {progress.step_in_epoch} of that epoch"))
+            print(runs.resumed_from(resume_path, progress, finished))
     wandb_run = runs.start_wandb(args, out, progress) if args.wandb and is_main else None
     model = wrap_ddp(raw_model, args, world, device)
 
-    # --- the epochs
-    for epoch in range(progress.epoch, progress.epoch if finished else args.epochs):
-        if progress.step_in_epoch == 0 and schedule.get(epoch):  # unfreeze at the epoch boundary
-            model_lib.set_frozen(raw_model, schedule[epoch], False)
-            model = wrap_ddp(raw_model, args, world, device)
+    # --- the epochs, then the best model (chosen on dev) on test
+    with runs.stops_in_one_line(out):
+        for epoch in range(progress.epoch, progress.epoch if finished else args.epochs):
+            if progress.step_in_epoch == 0 and schedule.get(epoch):  # unfreeze at the epoch boundary
+                model_lib.set_frozen(raw_model, schedule[epoch], False)
+                model = wrap_ddp(raw_model, args, world, device)
+                if is_main:
+                    print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}")
+            steps = steps_per_epoch - progress.step_in_epoch
+            seconds, data_wait = train_one_epoch(model, loaders["train"], optimizer, scheduler, scaler, criteria,
+                                                 progress, args, device, amp_dtype, world, wandb_run, save)
+            save()  # the epoch's training, before dev evaluation: a failure there loses none of it
+            dev_predictions, dev = evaluate_epoch(raw_model, loaders["dev"], device, amp_dtype, world,
+                                                  f"dev {epoch}", args.max_eval_batches)
+            improved = stopper.step(epoch, dev[primary]["weighted_f1"])
+            clips = steps * args.batch_size * args.accum_steps * world
+            progress.history.append(runs.epoch_record(raw_model, optimizer, progress, dev, stopper, seconds,
+                                                      data_wait, clips, device, world))
+            progress.next_epoch()
+            if args.scheduler == "plateau":  # after the record: it shows the LR this epoch trained with
+                scheduler.step(dev[primary]["weighted_f1"])
+            save(best=improved)
             if is_main:
-                print(f"epoch {epoch}: unfroze {', '.join(schedule[epoch])}")
-        steps = steps_per_epoch - progress.step_in_epoch
-        seconds, data_wait = train_one_epoch(model, loaders["train"], optimizer, scheduler, scaler, criteria,
-                                             progress, args, device, amp_dtype, world, wandb_run, save)
-        dev_predictions, dev = evaluate_epoch(raw_model, loaders["dev"], device, amp_dtype, world, f"dev {epoch}",
-                                              args.max_eval_batches)
-        improved = stopper.step(epoch, dev[primary]["weighted_f1"])
-        clips = steps * args.batch_size * args.accum_steps * world
-        record = runs.epoch_record(raw_model, optimizer, progress, dev, stopper, seconds, data_wait, clips, device,
-                                   world)
-        progress.history.append(record)
-        progress.epoch, progress.step_in_epoch, progress.epoch_losses, progress.epoch_aux = epoch + 1, 0, [], {}
-        if args.scheduler == "plateau":  # after the record: it shows the LR this epoch trained with
-            scheduler.step(dev[primary]["weighted_f1"])
-        save(best=improved)
-        if is_main:
-            runs.log_epoch(out, progress, stopper.best, dev_predictions, improved, loaders["dev"].dataset, wandb_run)
-        if stopper.should_stop(epoch):
-            if is_main:
-                print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} epochs")
-            break
-
-    # --- the best model (chosen on dev) on test
-    test_metrics = test_best(raw_model, loaders, out, args, device, amp_dtype, world, stopper.best_epoch)
-    if wandb_run:
-        wandb_run.summary.update({f"{s}_{primary}_weighted_f1": test_metrics[s][primary]["weighted_f1"]
-                                  for s in ("dev", "test") if s in test_metrics})
-        wandb_run.finish()
-    if world > 1:
-        dist.destroy_process_group()
-    if args.push_to_hub and is_main:
-        runs.push_to_hub(args.push_to_hub, out, test_metrics)
+                runs.log_epoch(out, progress, stopper.best, dev_predictions, improved, loaders["dev"].dataset,
+                               wandb_run)
+            if stopper.should_stop(epoch):
+                if is_main:
+                    print(f"early stopping at epoch {epoch}: no dev gain of {args.min_delta} for {args.patience} "
+                          "epochs")
+                break
+        test_metrics = test_best(raw_model, loaders, out, args, device, amp_dtype, world, stopper.best_epoch)
+    runs.finish(args, out, test_metrics, primary, wandb_run, world, is_main)
     return test_metrics
 
 
