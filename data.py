@@ -333,7 +333,7 @@ class ClipDataset(Dataset):
         """Whether text gives the tokenizer any token (whitespace, zero-width and direction marks, a BOM
         or a soft hyphen alone give none)."""
         if text not in self.token_ids:
-            self.token_ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self.token_ids[text] = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return bool(self.token_ids[text])
 
     def utterance_ids(self, utterance):
@@ -341,7 +341,7 @@ class ClipDataset(Dataset):
         speaker = self.config.speakers and any(self.config.context) and utterance.speaker
         line = f"{utterance.speaker}: {utterance.text}" if speaker else utterance.text
         if line not in self.token_ids:
-            self.token_ids[line] = self.tokenizer(line, add_special_tokens=False)["input_ids"]
+            self.token_ids[line] = self.tokenizer(line, add_special_tokens=False, verbose=False)["input_ids"]
         return self.token_ids[line]
 
     def summary(self):

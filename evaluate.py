@@ -209,7 +209,8 @@ def evaluate_main(argv):
 
     results = {"checkpoint": str(args.checkpoint), "split": args.split, "views": args.views}
     for key, views in (("single_view", 1), ("multi_view", args.views))[:1 + (args.views > 1)]:
-        predictions = predict_views(model, dataset, device, views, args.batch_size, args.workers)
+        with runs.stops_in_one_line():  # Ctrl-C, a dead loader worker, a damaged cache: one line
+            predictions = predict_views(model, dataset, device, views, args.batch_size, args.workers)
         results[key] = split_metrics(predictions, dataset)
         for index, (task, names) in enumerate(dataset.tasks):
             y_true, y_pred, _ = labelled(predictions, dataset, index)

@@ -119,6 +119,8 @@ def main(argv=None):
         raise SystemExit(f"{args.dialogue or '--text'}: utterance {empty[0]} ({utterances[empty[0] - 1].text!r}) is "
                          "empty: no word the model reads, and this model reads text; give what is said in each clip")
     media = {"video", "audio"} & set(modalities)
+    if videos and any(videos) and not media:
+        print(f"note: the checkpoint reads {'+'.join(modalities)} only: the video files are not used", file=sys.stderr)
     names = videos if media else [u.id for u in utterances]
     import prepare
     settings = prepare.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()

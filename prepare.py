@@ -688,10 +688,14 @@ def _run_prepare(source, out, tasks, workers, progress, verify=False):
         except concurrent.futures.process.BrokenProcessPool:
             raise SystemExit(f"prepare {out}: a worker process died (out of memory?); the {len(done)} clips done so "
                              "far are kept: run the same command again, with fewer --workers") from None
+        except KeyboardInterrupt:
+            raise SystemExit(f"prepare {out}: interrupted; the clips done so far are kept: run the same command "
+                             "again to go on") from None
         except OSError as error:
             _write(out, error)
     summary = collections.defaultdict(collections.Counter)
-    for entry in done.values():
+    mine = {t[0] for t in tasks}   # this run's clips (another run may be preparing other splits)
+    for entry in (e for e in done.values() if e["id"] in mine):
         summary[entry["split"]][entry["status"] if not entry["reason"] else entry["reason"].split(":")[0]] += 1
     for split, counts in summary.items():
         print(f"  {split}: " + ", ".join(f"{n} {reason}" for reason, n in counts.most_common()))
@@ -730,6 +734,9 @@ def main(argv=None):
                         help="also check the files of every prepared clip (frames cut short, audio.npy shorter than "
                              "recorded) and prepare the damaged ones again")
     args = parser.parse_args(argv)
+    if args.verify and args.out and not (args.meld_root or args.csv):
+        parser.error(f"--verify prepares damaged clips again from their sources: give the --meld-root (or --csv) "
+                     f"that {args.out} was prepared from, with its settings")
     if not (args.meld_root or args.csv) or not args.out:
         parser.error("give --meld-root MELD_RAW --out CACHE, or --csv MANIFEST --out CACHE")
     unknown = set(args.splits.split(",")) - set(meld.SPLITS)

@@ -344,14 +344,26 @@ INVOCATION = ("resume", "overwrite")
 
 def find_resume_path(flag, out, is_main=True):
     """--resume: '' = a new run (None), auto = out/last.pt if it exists (else None, said in a line),
-    or a path."""
+    or a path: a checkpoint of the run in out (SystemExit for another folder's, whose log, best.pt
+    and results stay there)."""
     if flag == "auto":
         if (out / "last.pt").exists():
             return out / "last.pt"
         if is_main:
-            print(f"--resume auto: no last.pt in {out}: starting a new run")
+            print(f"--resume auto: no checkpoint in {out} yet: starting the run again with its args.json settings"
+                  if unfinished_start(out) else f"--resume auto: no last.pt in {out}: starting a new run")
         return None
+    if flag and Path(flag).exists() and Path(flag).resolve().parent != out.resolve():
+        raise SystemExit(f"--resume {flag}: a checkpoint of the run in {Path(flag).parent}, and --out is {out}; a run "
+                         f"goes on in its own folder: --out {Path(flag).parent} --resume {flag} (to branch from it, "
+                         "copy that folder and resume the copy)")
     return Path(flag) if flag else None
+
+
+def unfinished_start(out):
+    """Whether out holds only what a start that saved no checkpoint left (its args.json)."""
+    return (out / "args.json").is_file() and not any((out / name).exists() for name in
+                                                      ("last.pt", "best.pt", "test_metrics.json"))
 
 
 def write_args(out, args, resumed):
@@ -447,8 +459,9 @@ def check_new_run_folder(out, overwrite, is_main):
     results), unless told to overwrite (then its outputs are deleted first, so none of the old run
     is left mixed in). What a start that saved no checkpoint left (args.json) is replaced, said in
     a line. An --out that is a file is refused."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out}: is a file, not a folder; choose another --out")
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise SystemExit(f"--out {out}: {file} is a file, not a folder; choose another --out")
     held = [name for name in RUN_FILES if (out / name).exists()]
     started = [name for name in held if name in ("last.pt", "best.pt", "test_metrics.json")]
     if started and not overwrite:
@@ -464,21 +477,29 @@ def check_new_run_folder(out, overwrite, is_main):
 # --- Health of a run: memory, ranks in step ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def stops_in_one_line(out):
+def stops_in_one_line(out=None):
     """The ways a long run stops that are not the code's bugs, each as one line saying how to go on:
-    Ctrl-C, a loader worker killed (the out-of-memory killer) or stuck, a damaged cache."""
-    resume = f"`python train.py --out {out} --resume auto` continues from the last checkpoint"
+    Ctrl-C, a loader worker killed (the out-of-memory killer) or stuck, a damaged cache. out: the
+    training run's folder (its last.pt is how to go on), None for a command that is run again."""
     try:
         yield
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted; {resume}") from None
+        raise SystemExit(f"interrupted; {how_to_go_on(out)}") from None
     except meld.DamagedClip as e:   # raised in a loader worker: its message is the traceback's last line
         raise SystemExit(str(e).strip().splitlines()[-1].removeprefix("meld.DamagedClip: ")) from None
     except RuntimeError as e:
         if "DataLoader worker" in str(e) or "DataLoader timed out" in str(e):
             raise SystemExit(f"{cli.first_line(e)}: a loader worker died (out of memory?) or hung; lower --workers "
-                             f"or --batch-size, then {resume}") from None
+                             f"or --batch-size, then {how_to_go_on(out)}") from None
         raise
+
+
+def how_to_go_on(out):
+    """After a stop: resume from out/last.pt, or, where there is none, run the command again."""
+    if out is not None and (Path(out) / "last.pt").exists():
+        return f"`python train.py --out {out} --resume auto` continues from the last checkpoint"
+    return "no checkpoint was saved yet: run the same command again" if out is not None else \
+        "run the same command again"
 
 
 def peak_memory_mb(device):

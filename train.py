@@ -148,6 +148,9 @@ def check_settings(args):
         raise SystemExit(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 clips per micro-batch in "
                          "training; to fit memory, use --batch-size 2 and raise --accum-steps "
                          "(clips per optimizer step = batch size x accum steps x processes)")
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite: choose one (--resume continues the run in --out, --overwrite "
+                         "deletes it and starts a new one)")
     if args.workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         args.workers = 0 if args.modalities == ["text"] else min(4, cores)
@@ -521,7 +524,10 @@ def build_optimisation(args, model, loaders, device):  # -> criteria, optimizer,
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, given = read_settings(argv)
+    if args.resume == "auto" and runs.unfinished_start(Path(args.out)):  # its settings, as a resume takes a run's
+        args, given = read_settings(["--config", str(Path(args.out) / "args.json"), *argv])
     rank, world, device = runs.setup_distributed(args.device)
     is_main, out = rank == 0, Path(args.out)
     checkpoint, resume_path, finished = open_run(args, given, out, world, is_main)

@@ -8,6 +8,7 @@ import csv
 import errno
 import fractions
 import json
+import logging
 import os
 import shutil
 import signal
@@ -83,7 +84,7 @@ def test_a_small_shared_memory_is_refused_at_start_and_a_hung_worker_ends_in_one
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert "hung" in line and "--resume auto" in line
+    assert "hung" in line and "no checkpoint was saved yet: run the same command again" in line
 
 
 def test_a_damaged_cache_names_the_clip_keeps_the_epoch_and_is_redone_by_verify(cache, synth_root, tiny_bert,
@@ -99,6 +100,11 @@ def test_a_damaged_cache_names_the_clip_keeps_the_epoch_and_is_redone_by_verify(
     assert str(copy / victim["id"]) in line and "--verify" in line
     last = torch.load(out / "last.pt", weights_only=True)              # the epoch's training is kept
     assert (last["epoch"], last["step_in_epoch"]) == (0, 2)
+    line = stopped_with(evaluate.main, ["--checkpoint", str(out / "last.pt"), "--data", str(copy), "--split", "dev",
+                                        "--device", "cpu", "--workers", "0"])
+    assert str(copy / victim["id"]) in line and "--verify" in line
+    line = one_line_exit(capsys, prepare.main, ["--out", str(copy), "--verify"])
+    assert "--verify" in line and "--meld-root" in line
 
     assert prepare.damage(copy, victim) == f"{middle} cut short"
     audio_victim = next(e for e in meld.read_manifest(copy).values() if e["audio_samples"] > 1000)
@@ -178,6 +184,17 @@ def test_a_start_that_saved_no_checkpoint_can_be_started_again(cache, tiny_bert,
     assert (out / "args.json").exists() and not (out / "last.pt").exists()
     train.main(argv)                                                   # no --overwrite needed
     assert "a start that saved no checkpoint left args.json: replaced" in capsys.readouterr().out
+    shutil.rmtree(out)
+    step = train.accumulate_gradients
+    monkeypatch.setattr(train, "accumulate_gradients", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    line = stopped_with(train.main, argv)                              # Ctrl-C in the first step
+    assert line == "interrupted; no checkpoint was saved yet: run the same command again"
+    monkeypatch.setattr(train, "accumulate_gradients", step)
+    train.main(["--out", str(out), "--resume", "auto"])                # the start's settings, from its args.json
+    printed = capsys.readouterr().out
+    assert "no checkpoint in" in printed and "starting the run again with its args.json settings" in printed
+    assert json.loads((out / "args.json").read_text())["modalities"] == ["audio"]
+    assert (out / "test_metrics.json").exists()
     shutil.rmtree(out)
     out.mkdir()
     (out / "args.json").write_text("{}")
@@ -326,7 +343,7 @@ def write_meld_csv(path, rows):
             writer.writerow([n + 1, text, speaker, emotion, sentiment, dialogue, index, 1, 1, "", ""])
 
 
-def test_invisible_text_is_no_text_and_a_class_train_lacks_is_said(tmp_path, tiny_bert, tokenizer, capsys):
+def test_invisible_text_is_no_text_and_a_class_train_lacks_is_said(tmp_path, tiny_bert, tokenizer, capsys, caplog):
     invisible = ["\u200b", "\u200e\u200f", "\ufeff", "\u00ad", " \u200b "]
     rows = [(0, i, "Ross", text, "joy") for i, text in enumerate(invisible)]
     rows += [(1, i, "Monica", f"words number {i}", ("joy", "anger", "neutral")[i % 3]) for i in range(8)]
@@ -342,6 +359,16 @@ def test_invisible_text_is_no_text_and_a_class_train_lacks_is_said(tmp_path, tin
     line = one_line_exit(capsys, evaluate.main, ["predict", "--checkpoint", str(out / "best.pt"), "--text",
                                                  "\u200b\u200e", "--device", "cpu"])
     assert "empty" in line and "utterance 1" in line
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"not read")
+    evaluate.main(["predict", "--checkpoint", str(out / "best.pt"), "--video", str(video), "--text", "hey",
+                   "--device", "cpu"])
+    assert "reads text only: the video files are not used" in capsys.readouterr().err
+    import transformers
+    transformers.utils.logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        assert ds.has_text("so " * 3000)                               # truncated later, by the text budget
+    assert "longer than the specified maximum" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- one clear line
@@ -365,12 +392,18 @@ def test_a_killed_loader_worker_and_ctrl_c_end_in_one_line_saying_how_to_go_on(c
     assert job.returncode not in (0, None) and "Traceback" not in stderr, stderr[-3000:]
     assert "loader worker" in last and "--resume auto" in last
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    epoch = train.train_one_epoch
+
+    def interrupted(*args, **kwargs):   # Ctrl-C in epoch 1, after epoch 0's checkpoint
+        if args[6].epoch == 1:
+            raise KeyboardInterrupt
+        return epoch(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
-    line = stopped_with(train.main, small_args(cache, tiny_bert, tmp_path / "ctrl-c", "--modalities", "audio"))
-    assert line.startswith("interrupted") and "--resume auto" in line
+    line = stopped_with(train.main, small_args(cache, tiny_bert, tmp_path / "ctrl-c", "--modalities", "audio",
+                                               "--max-steps-per-epoch", "1"))
+    resume = f"`python train.py --out {tmp_path / 'ctrl-c'} --resume auto`"
+    assert line == f"interrupted; {resume} continues from the last checkpoint"
 
 
 def test_odd_command_lines_get_one_line_or_the_right_result(cache, synth_root, run, tmp_path, tiny_bert, capsys):
@@ -424,3 +457,42 @@ def test_the_confusion_matrix_shows_every_label_inside_the_figure(tmp_path, monk
             if text.get_text():
                 box = text.get_window_extent(renderer)
                 assert box.y0 >= 0 and box.x0 >= 0 and box.y1 <= inside.y1 and box.x1 <= inside.x1, text.get_text()
+
+
+def test_a_newcomers_stops_and_slips_each_get_one_line(cache, synth_root, tiny_bert, tmp_path, monkeypatch, capsys):
+    """What a newcomer met from a clean clone: --out below a file, a checkpoint resumed into another
+    folder, --resume with --overwrite, Ctrl-C in prepare.py, and a prepare job's summary that
+    counted the clips another job was preparing."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    argv = small_args(cache, tiny_bert, afile / "sub", "--modalities", "audio")
+    assert "afile is a file, not a folder" in one_line_exit(capsys, train.main, argv)
+    run = tmp_path / "run"
+    (run).mkdir()
+    torch.save({}, run / "last.pt")
+    line = one_line_exit(capsys, train.main, small_args(cache, tiny_bert, tmp_path / "fork", "--resume",
+                                                        str(run / "last.pt")))
+    assert f"--out {run} --resume" in line and "copy that folder" in line
+    line = one_line_exit(capsys, train.main, small_args(cache, tiny_bert, run, "--resume", "auto", "--overwrite"))
+    assert "choose one" in line
+
+    fresh = tmp_path / "fresh"
+    calls = []
+    prepare_one = prepare._prepare_one
+
+    def interrupted(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return prepare_one(task)
+
+    monkeypatch.setattr(prepare, "_prepare_one", interrupted)
+    argv = ["--meld-root", str(synth_root), "--out", str(fresh), "--workers", "1", "--fps", "10", "--short-side", "48"]
+    line = stopped_with(prepare.main, argv + ["--splits", "train"])
+    assert "interrupted" in line and "run the same command again" in line
+    assert len(meld.read_manifest(fresh)) == 2                          # the clips done are kept
+    monkeypatch.setattr(prepare, "_prepare_one", prepare_one)
+    capsys.readouterr()
+    prepare.main(argv + ["--splits", "dev"])
+    summary = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert summary and all(line.startswith("dev:") for line in summary), summary
