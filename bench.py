@@ -20,19 +20,23 @@ model    forward + backward (loss and backward exactly as train.py runs them) of
          FLOPs counted by torch's FlopCounterMode and FLOP utilisation = achieved FLOP/s divided by
          the dense matmul rate measured in the same run (so the ratio survives a busy machine).
          The bare SlowFast-R50 backbone is timed against pytorchvideo's slowfast_r50 on the same
-         input, interleaved (A B A B ...), when pytorchvideo is installed. Masked BatchNorm:
-         SlowFast-R50 in training mode, batch max(--model-batch, 2), unpadded and with half the
-         clips padded (12 of 32 real frames, scaled to --num-frames), with BatchNorm statistics
-         from real frames (masked_batch_norm) and over every position (as before it), interleaved;
-         reported as ratios to the unpadded batch with plain BatchNorm. The full model's branches
+         input, interleaved (A B A B ...), when pytorchvideo is installed. The full model's branches
          alone (r50 audio, r50 text) show where its step goes beyond the video branch, and AdamW's
          step over its parameters is timed as train.py builds it (fused on CUDA) and foreach.
+masking  SlowFast-R50 forward + backward in training mode, batch max(--model-batch, 2), the real
+         lengths given on the host as train.py's batches give them, interleaved: unpadded; half
+         the clips padded (12 of 32 real frames, scaled to --num-frames) with BatchNorm statistics
+         over every position (plain, as before masking) and from real frames (masked); clips of
+         MELD train's lengths (meld.MELD_TRAIN_SECONDS at --fps) padded to --num-frames and to the
+         batch's longest clip. Reported as ratios to the unpadded batch.
 train    python train.py --demo on freshly synthesised data with --train-workers loader workers,
          once per --decodes path: per-epoch clips/s, data-wait fraction (time blocked on the loader /
          epoch time) and peak memory, and the seconds a MELD training epoch (9,989 clips) would take
          at the rate of the epochs after the first. --train-size meld synthesises clips at
-         --width x --height and caches them at --short-side; --train-args adds train.py flags (they
-         override --demo's), e.g. the full model end to end (640 clips x 5 epochs: 200 steps):
+         --width x --height and caches them at --short-side; --durations meld draws their lengths
+         from MELD train's; --train-paddings runs the arms fixed (--video-padding fixed), longest
+         and grouped (--group-by-length); --train-args adds train.py flags (they override
+         --demo's), e.g. the full model end to end (640 clips x 5 epochs: 200 steps):
 
     python bench.py --only train --device cuda --train-size meld --width 456 --height 256 \
         --train-clips 640 --train-epochs 5 --train-workers 14 \
@@ -67,7 +71,10 @@ import runs
 import slowfast
 import train
 
-SECTIONS = ("prepare", "loader", "model", "train")
+SECTIONS = ("prepare", "loader", "model", "masking", "train")
+# the training run's padding arms: train.py flags
+TRAIN_PADDINGS = dict(fixed=["--video-padding", "fixed"], longest=["--video-padding", "longest"],
+                      grouped=["--video-padding", "longest", "--group-by-length"])
 MELD_TRAIN_CLIPS = 9989
 
 
@@ -383,44 +390,60 @@ def bench_slowfast_vs_pytorchvideo(args, device, rate):
 def batchnorm_over_padding():
     """SlowFast as it ran before masked BatchNorm: plain BatchNorm statistics over every position."""
     masked = slowfast.masked_batch_norm
-    slowfast.masked_batch_norm = lambda bn, x, mask, time_dim=2: bn(x)
+    slowfast.masked_batch_norm = lambda bn, x, mask, time_dim=2, pack=None: bn(x)
     try:
         yield
     finally:
         slowfast.masked_batch_norm = masked
 
 
+def meld_frame_counts(n, num_frames, fps, seed=0):
+    """n clip lengths in frames at fps, drawn from MELD train's durations (meld.MELD_TRAIN_SECONDS),
+    at most num_frames (what sample_frame_indices keeps) and at least 1."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.tensor(meld.MELD_TRAIN_SECONDS)
+    at = torch.rand(n, generator=generator) * (len(q) - 1)
+    seconds = q[at.long()] + (at - at.floor()) * (q[(at.long() + 1).clamp(max=len(q) - 1)] - q[at.long()])
+    return [max(1, min(num_frames, round(float(s) * fps))) for s in seconds]
+
+
 def bench_masked_batchnorm(args, device):
-    """SlowFast-R50 forward + backward in training mode: {unpadded, half the clips padded} x
-    {masked BatchNorm, BatchNorm over padding}, interleaved A B C D A B C D ... -> rows with the
-    median time ratio of each to the unpadded batch with BatchNorm over padding."""
+    """SlowFast-R50 forward + backward in training mode, interleaved A B C ... A B C ...: unpadded;
+    half the clips padded, BatchNorm over padding or masked; clips of MELD's lengths (at --fps,
+    padded to --num-frames or to the batch's longest), masked. The real lengths are given on the
+    host, as train.py's batches give them. -> rows with the median time ratio of each to the
+    unpadded batch."""
     amp_dtype, _ = train.amp_settings(args, device)
     B, T, S = max(args.model_batch, 2), args.num_frames, args.crop_size
     video = torch.randint(0, 256, (B, 3, T, S, S), dtype=torch.uint8, device=device)
-    real = torch.full((B,), T, device=device)
-    real[B // 2:] = max(1, round(12 * T / 32))                  # half the clips: 12 of 32 real frames
-    masks = {"unpadded": torch.ones(B, T, dtype=torch.bool, device=device),
-             "padded": torch.arange(T, device=device)[None, :] < real[:, None]}
+    half = [T] * (B - B // 2) + [max(1, round(12 * T / 32))] * (B // 2)   # half the clips: 12 of 32 real frames
+    meld_lengths = meld_frame_counts(B, T, args.fps)
+    longest = data.padded_length(meld_lengths, multiple=slowfast.ALPHA)
     torch.manual_seed(0)
     net = model_lib.place(slowfast.SlowFast("r50"), device).train()
 
-    def step(mask, masked):
+    def step(lengths, frames, masked):
+        mask = torch.arange(frames, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         with contextlib.nullcontext() if masked else batchnorm_over_padding():
             net.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = net(video, mask).float().sum()
+                loss = net(video[:, :, :frames], mask, lengths).float().sum()
             loss.backward()
 
-    cases = [(f"{padding}, {'masked' if masked else 'plain'} BN", functools.partial(step, masks[padding], masked))
-             for padding in ("unpadded", "padded") for masked in (False, True)]
+    cases = [("unpadded", [T] * B, T, True), ("half padded, plain BN", half, T, False),
+             ("half padded, masked BN", half, T, True), ("MELD lengths, padded to --num-frames", meld_lengths, T, True),
+             ("MELD lengths, padded to the longest", meld_lengths, longest, True)]
+    shapes = {name: (lengths, frames) for name, lengths, frames, _ in cases}
+    cases = [(name, functools.partial(step, lengths, frames, masked)) for name, lengths, frames, masked in cases]
     times = {name: [] for name, _ in cases}
     for _, fn in cases:                            # warm-up
         time_calls(fn, device, 1)
     for _ in range(args.pairs):                    # A B C D A B C D ...
         for name, fn in cases:
             times[name] += time_calls(fn, device, 1, warmup=0)
-    baseline = times["unpadded, plain BN"]
-    return [dict(bench="masked_bn", name=name, batch=B, frames=T, crop=S, runs=len(times[name]),
+    baseline = times["unpadded"]
+    return [dict(bench="masked_bn", name=name, batch=B, frames=shapes[name][1], lengths=shapes[name][0], crop=S,
+                 runs=len(times[name]),
                  seconds_per_step=round(statistics.median(times[name]), 3),
                  clips_per_s=round(B / statistics.median(times[name]), 2),
                  time_ratio=round(statistics.median(a / b for a, b in zip(times[name], baseline)), 3))
@@ -432,39 +455,41 @@ def bench_masked_batchnorm(args, device):
 # ------------------------------------------------------------------------------------------------
 
 def bench_train(args, work):
-    """train.py --demo (plus --train-args) on freshly synthesised clips, once per --decodes path:
-    rows per epoch and one per path over every epoch, with the time a MELD training epoch
-    (9,989 clips) would take at that rate."""
+    """train.py --demo (plus --train-args) on freshly synthesised clips, once per --decodes path and
+    --train-paddings arm: rows per epoch and one per run over every epoch, with the time a MELD
+    training epoch (9,989 clips) would take at that rate."""
     raw, cache = work / "demo-raw", work / "demo-cache"
     for path in (raw, cache):
         shutil.rmtree(path, ignore_errors=True)
     n = args.train_clips
     size = (dict(width=args.width, height=args.height, min_seconds=args.seconds, max_seconds=args.seconds)
             if args.train_size == "meld" else {})
+    if args.durations == "meld":
+        size["quantiles"] = meld.MELD_TRAIN_SECONDS
     short_side = args.short_side if args.train_size == "meld" else 90
     prepare.synth(raw, sizes=(n, max(n // 4, 2), max(n // 4, 2)), seed=0, workers=os.cpu_count() or 1, **size)
     prepare.prepare_meld(raw, cache, settings=prepare.PrepareSettings(fps=10, short_side=short_side),
                          workers=min(os.cpu_count() or 1, 16), progress=False)
     rows = []
-    for decode in args.decodes:
-        out = work / f"demo-run-{decode}"
+    for decode, padding in ((d, p) for d in args.decodes for p in args.train_paddings):
+        out = work / f"demo-run-{decode}-{padding}"
         shutil.rmtree(out, ignore_errors=True)
         argv = ["--demo", "--data", str(cache), "--out", str(out), "--epochs", str(args.train_epochs),
                 "--min-epochs", str(args.train_epochs), "--workers", str(args.train_workers), "--seed", "0",
-                "--decode", decode, *shlex.split(args.train_args)]
+                "--decode", decode, *TRAIN_PADDINGS[padding], *shlex.split(args.train_args)]
         if args.device != "auto":
             argv += ["--device", args.device]
-        with contextlib.redirect_stdout(open(work / f"demo-run-{decode}.log", "w")):
+        with contextlib.redirect_stdout(open(work / f"demo-run-{decode}-{padding}.log", "w")):
             train.main(argv)
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        rows += [dict(bench="train", decode=decode, epoch=r["epoch"], workers=args.train_workers,
+        rows += [dict(bench="train", decode=decode, padding=padding, epoch=r["epoch"], workers=args.train_workers,
                       clips_per_s=r["clips_per_s"], seconds=r["seconds"], data_wait=r["data_wait"],
                       peak_memory_mb=r["peak_memory_mb"]) for r in log]
         total = sum(r["seconds"] for r in log)
         timed = log[1:] or log     # the first epoch includes cuDNN autotuning and the workers' start
         rate = sum(r["clips_per_s"] * r["seconds"] for r in timed) / sum(r["seconds"] for r in timed)
-        rows.append(dict(bench="train", decode=decode, epoch="all", workers=args.train_workers, clips_per_s=None,
-                         seconds=round(total, 2),
+        rows.append(dict(bench="train", decode=decode, padding=padding, epoch="all", workers=args.train_workers,
+                         clips_per_s=round(rate, 2), seconds=round(total, 2),
                          data_wait=round(sum(r["data_wait"] * r["seconds"] for r in log) / total, 4),
                          meld_epoch_s=round(MELD_TRAIN_CLIPS / rate, 1)))
     return rows
@@ -487,6 +512,9 @@ def get_args_parser():
     bench.add_argument("--width", type=int, default=1280, help="source width (MELD: 1280)")
     bench.add_argument("--height", type=int, default=720, help="source height (MELD: 720)")
     bench.add_argument("--seconds", type=float, default=3.6, help="clip length (MELD mean: about 3.6 s)")
+    bench.add_argument("--durations", default="fixed", choices=["fixed", "meld"],
+                       help="training run's clip lengths: fixed (--seconds; --train-size demo: 0.5 to 6 s) or meld "
+                            "(drawn from MELD train's, meld.MELD_TRAIN_SECONDS)")
     bench.add_argument("--fps", type=float, default=prepare.PrepareSettings.fps,
                        help="frames kept per second by prepare")
     bench.add_argument("--short-side", type=int, default=prepare.PrepareSettings.short_side,
@@ -507,6 +535,9 @@ def get_args_parser():
     bench.add_argument("--train-clips", type=int, default=96, help="train clips of the demo data for the training run")
     bench.add_argument("--train-epochs", type=int, default=3, help="epochs of the training run")
     bench.add_argument("--train-workers", type=int, default=2, help="loader workers of the training run")
+    bench.add_argument("--train-paddings", default="longest",
+                       help=f"comma-separated training run arms of {','.join(TRAIN_PADDINGS)}: video padded to "
+                            "--num-frames, to the batch's longest clip, or that with --group-by-length")
     bench.add_argument("--train-size", default="demo", choices=["demo", "meld"],
                        help="training run's clips: demo = 160x90 cached at short side 90 (the --demo data); "
                             "meld = --width x --height cached at --short-side")
@@ -529,6 +560,10 @@ def main():
     if args.decode != "auto":
         raise SystemExit("--decode is train.py's flag; bench.py times each path of --decodes (default: cpu,device)")
     args.decodes = args.decodes.split(",")
+    args.train_paddings = args.train_paddings.split(",")
+    if set(args.train_paddings) - set(TRAIN_PADDINGS):
+        raise SystemExit(f"--train-paddings: unknown arm(s) {sorted(set(args.train_paddings) - set(TRAIN_PADDINGS))}; "
+                         f"choose from {list(TRAIN_PADDINGS)}")
     if set(args.decodes) - set(loading.DECODES):
         raise SystemExit(f"--decodes: unknown path(s) {sorted(set(args.decodes) - set(loading.DECODES))}; "
                          f"choose from {loading.DECODES}")
@@ -582,17 +617,21 @@ def main():
         print_table(rows, ["name", "batch", "frames", "crop", "amp", "seconds_per_step", "clips_per_s",
                            "gflop_per_clip", "flop_utilisation", "peak_memory_mb", "time_ratio_vs_pytorchvideo"])
         results += rows
+
+    if "masking" in sections:
         rows = bench_masked_batchnorm(args, device)
-        print("\nSlowFast-R50 in training mode: BatchNorm statistics from real frames (masked) or over padding "
-              "(plain); time_ratio = time / time of the unpadded batch with plain BatchNorm")
-        print_table(rows, ["name", "batch", "frames", "crop", "runs", "seconds_per_step", "clips_per_s", "time_ratio"])
+        print(f"\nSlowFast-R50 forward + backward in training mode on {device}: BatchNorm statistics from real frames "
+              "(masked) or over padding (plain); time_ratio = time / time of the unpadded batch")
+        print_table(rows, ["name", "batch", "frames", "lengths", "crop", "runs", "seconds_per_step", "clips_per_s",
+                           "time_ratio"])
         results += rows
 
     if "train" in sections:
         print(f"\ntraining run: --demo {args.train_args}, {args.train_size}-size clips, {args.train_clips} train "
               f"clips, {args.train_epochs} epochs, {args.train_workers} workers")
         rows = bench_train(args, work)
-        print_table(rows, ["decode", "epoch", "seconds", "clips_per_s", "data_wait", "peak_memory_mb", "meld_epoch_s"])
+        print_table(rows, ["decode", "padding", "epoch", "seconds", "clips_per_s", "data_wait", "peak_memory_mb",
+                           "meld_epoch_s"])
         results += rows
 
     if not args.work_dir:

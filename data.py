@@ -47,9 +47,11 @@ from torchvision.io import decode_jpeg
 import cli
 import loading
 import meld
+import slowfast
 
 FRAME_SAMPLINGS = ("fixed", "uniform")   # sample_frame_indices
 SAMPLERS = ("random", "balanced")       # make_loader
+VIDEO_PADDINGS = ("longest", "fixed")   # collate
 MEL_HOP = 160         # samples: 10 ms at 16 kHz, so A = 100 audio frames per second
 MEL_WINDOW = 400      # samples: 25 ms
 
@@ -74,10 +76,15 @@ class DataConfig:
     modalities: tuple = cli.derived("ModelConfig.modalities")
     n_mels: int = cli.derived("ModelConfig.n_mels: log-mel bands")
     audio_input: str = cli.derived("ModelConfig.audio_input: logmel [n_mels, A] or waveform [1, S]")
+    frame_multiple: int = cli.derived("the video backbone's temporal stride (SlowFast's alpha): video is "
+                                      "padded to a multiple of it", default=1)
     dataset: str = cli.setting("meld", "meld: a MELD cache (emotion + sentiment); csv: a cache made by "
                                "`prepare.py --csv` (one task, the manifest's labels)", choices=meld.DATASETS)
     num_frames: int = cli.setting(32, "frames per clip at the cached rate (fast pathway; slow takes every 4th)",
                                   type=cli.positive(int))
+    video_padding: str = cli.setting("longest", "longest: a batch's video padded to its longest clip (rounded up "
+                                     "to a multiple of SlowFast's alpha); fixed: to --num-frames (static shapes)",
+                                     choices=VIDEO_PADDINGS)
     crop_size: int = cli.setting(224, "square crop, pixels", type=cli.positive(int))
     frame_sampling: str = cli.setting("fixed", "fixed: consecutive frames at the cached rate; uniform: spread over "
                                       "the utterance", choices=FRAME_SAMPLINGS)
@@ -108,9 +115,10 @@ class DataConfig:
 
     @classmethod
     def for_model(cls, model_config, **settings):
-        """The data a model reads: modalities, n_mels and audio_input from its ModelConfig."""
+        """The data a model reads: modalities, n_mels, audio_input and frame_multiple from its ModelConfig."""
         return cls(modalities=model_config.modalities, n_mels=model_config.n_mels,
-                   audio_input=model_config.audio_input, **settings)
+                   audio_input=model_config.audio_input,
+                   frame_multiple=slowfast.ALPHA if model_config.video_arch == "slowfast" else 1, **settings)
 
 
 # --- Sampling and augmentation ----------------------------------------------------------------------------------------
@@ -438,7 +446,7 @@ def to_device(batch, device):
 
 def transform_clips(clips, params, num_frames, crop_size):
     """Each clip's frames (t_i x uint8 [3, h, w]) through transform_frames with its params, zero-padded
-    to num_frames -> uint8 [B, 3, num_frames, crop, crop], where the frames are."""
+    to num_frames frames -> uint8 [B, 3, num_frames, crop, crop], where the frames are."""
     return pad_time([transform_frames(f, crop_size, p) for f, p in zip(clips, params)], num_frames)[0]
 
 
@@ -454,20 +462,40 @@ def pad_time(items, length):
     return padded, mask
 
 
-def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment"), crop_size=None):
+def padded_length(lengths, num_frames=None, multiple=1):
+    """Frames a batch of clips with these real lengths is padded to: num_frames if given (fixed
+    padding), else the longest rounded up to a multiple (at least one frame)."""
+    return num_frames or -(-max(max(lengths), 1) // multiple) * multiple
+
+
+def collate_padding(config):
+    """collate's num_frames and frame_multiple for a DataConfig (--video-padding)."""
+    return dict(num_frames=config.num_frames if config.video_padding == "fixed" else None,
+                frame_multiple=config.frame_multiple)
+
+
+def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment"), crop_size=None,
+            frame_multiple=1):
     """List of samples -> the batch dict of the module docstring (one long [B] per task name).
-    Video is padded to num_frames; samples read for decoding on the device (video_jpeg) give a
-    loading.JpegVideo of crop_size frames as "video" and the same video_mask."""
+    Video is padded to num_frames, or with num_frames None to the batch's longest clip rounded up to
+    frame_multiple (padded_length); samples read for decoding on the device (video_jpeg) give a
+    loading.JpegVideo of crop_size frames as "video". The real lengths are also given as lists of
+    ints (video_lengths, audio_lengths), which stay on the host: the model's masked layers size
+    their work from them without a host sync."""
     batch = dict(ids=[s["id"] for s in samples], **{t: torch.tensor([s[t] for s in samples]) for t in tasks})
     if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
-        T = num_frames or max(s["video"].shape[1] for s in samples)
+        batch["video_lengths"] = [s["video"].shape[1] for s in samples]
+        T = padded_length(batch["video_lengths"], num_frames, frame_multiple)
         batch["video"], batch["video_mask"] = pad_time([s["video"] for s in samples], T)
     if "video_jpeg" in samples[0]:  # (t_i files, params) each
-        transform = functools.partial(transform_clips, num_frames=num_frames, crop_size=crop_size)
+        batch["video_lengths"] = [len(s["video_jpeg"][0]) for s in samples]
+        T = padded_length(batch["video_lengths"], num_frames, frame_multiple)
+        transform = functools.partial(transform_clips, num_frames=T, crop_size=crop_size)
         batch["video"] = loading.JpegVideo.pack([s["video_jpeg"] for s in samples], transform)
-        batch["video_mask"] = torch.arange(num_frames)[None, :] < torch.tensor(batch["video"].frames)[:, None]
+        batch["video_mask"] = torch.arange(T)[None, :] < torch.tensor(batch["video_lengths"])[:, None]
     if "audio" in samples[0]:  # [n_mels, a] (or [1, s]) each -> [B, n_mels, A] (or [B, 1, S])
-        A = max(s["audio"].shape[1] for s in samples)
+        batch["audio_lengths"] = [s["audio"].shape[1] for s in samples]
+        A = max(batch["audio_lengths"])
         batch["audio"], batch["audio_mask"] = pad_time([s["audio"] for s in samples], A)
     if "input_ids" in samples[0]:  # [L_i] each -> [B, L], L the longest
         ids = [torch.tensor(s["input_ids"]) for s in samples]
@@ -484,22 +512,23 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
     """DataLoader over a ClipDataset: loading.ClipSampler (random or balanced, sharded when distributed),
     drop_last in training (BatchNorm in the heads cannot take a batch of one, and equal micro-batches
     keep gradient accumulation exact), persistent workers that reuse freed memory, pinned memory
-    when CUDA is available. group_by_length (training, text selected): batches of texts of similar
-    token counts (loading.ClipSampler). ValueError for an unknown sampler, or for
-    group_by_length without text."""
+    when CUDA is available. group_by_length (training, video or text selected): batches of clips of
+    similar frame counts, or texts of similar token counts (group_lengths, loading.ClipSampler).
+    ValueError for an unknown sampler, or for group_by_length without video or text."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {SAMPLERS})")
-    if group_by_length and "text" not in dataset.modalities:
-        raise ValueError("--group-by-length groups texts by their token counts: it needs the text modality")
+    if group_by_length and not {"text", "video"} & set(dataset.modalities):
+        raise ValueError("--group-by-length groups clips by their frame counts (video) or texts by their token "
+                         "counts: it needs the video or the text modality")
+    config = dataset.config
     loading.check_shared_memory(batch_bytes(dataset, batch_size), workers)
-    lengths = [len(t["input_ids"]) for t in dataset.tokens] if group_by_length and train else None
+    lengths = group_lengths(dataset) if group_by_length and train else None
     order = loading.ClipSampler(dataset.labels(), shuffle=train, balanced=train and sampler == "balanced",
                         num_replicas=num_replicas, rank=rank, seed=seed, pad=train, lengths=lengths,
                         batch_size=batch_size)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=order, drop_last=train, num_workers=workers,
-        collate_fn=functools.partial(collate,
-                                     num_frames=dataset.config.num_frames if "video" in dataset.modalities else None,
+        collate_fn=functools.partial(collate, **collate_padding(config),
                                      pad_token_id=getattr(dataset, "pad_token_id", 0),
                                      crop_size=dataset.config.crop_size,
                                      tasks=[task for task, _ in dataset.tasks]),
@@ -508,6 +537,19 @@ def make_loader(dataset, batch_size, train, workers=2, sampler="random", seed=0,
         timeout=loading.TIMEOUT if workers > 0 else 0,
         worker_init_fn=loading.reuse_freed_memory,
         generator=torch.Generator().manual_seed(seed))  # worker seeds from here, not the global RNG
+
+
+def group_lengths(dataset):
+    """The key --group-by-length sorts clips by: with video the frames a clip gives (then its token
+    count, with text), else its token count. Frames are where the time goes, and with exact masking
+    a clip's result does not depend on what it shares a batch with."""
+    tokens = [len(t["input_ids"]) for t in dataset.tokens] if "text" in dataset.modalities else None
+    if "video" not in dataset.modalities:
+        return tokens
+    frames = [min(dataset.entries[row.id]["frames"], dataset.config.num_frames) for row in dataset.rows]
+    if tokens is None:
+        return frames
+    return [f * (max(tokens) + 1) + t for f, t in zip(frames, tokens)]
 
 
 def batch_bytes(dataset, batch_size):

@@ -114,11 +114,10 @@ def predict(model, loader, device, amp_dtype=None, world=1, progress=None, max_b
     None = no bar). max_batches > 0: only that many batches per rank (smoke runs)."""
     model.eval()
     results = {}
-    batches = itertools.islice(loader, max_batches or None)
+    batches = itertools.islice(loading.OneAhead(loader, data.to_device, device), max_batches or None)
     for batch in tqdm(batches, desc=progress, total=min(len(loader), max_batches or len(loader)), leave=False,
                       disable=progress is None or (world > 1 and dist.get_rank() > 0), dynamic_ncols=True,
                       unit="batch"):
-        batch = data.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(batch)
         probs = [logits.float().softmax(-1).cpu() for logits in out.values()]

@@ -6,6 +6,7 @@ samples, video decoded on the training device, and loader workers that keep thei
     decode = loading.resolve_decode("auto", device)   # "device" on CUDA, "cpu" elsewhere
     video = loading.JpegVideo.pack(clips, transform)  # in collate: each clip's files and augmentation
     batch = video.decode(device)                       # in data.to_device: one decode_jpeg call, then transform
+    for batch in loading.OneAhead(loader, to_device, device): ...   # batch i + 1 moved while batch i runs
     DataLoader(..., worker_init_fn=loading.reuse_freed_memory)
 
 With decode "device" the loader's workers read each clip's JPEG files and draw its augmentation,
@@ -161,6 +162,44 @@ class JpegVideo:
         frames = decode_jpeg(list(self.data.split(self.sizes)), device=device)   # N x uint8 [3, h, w]
         starts = [sum(self.frames[:i]) for i in range(len(self.frames))]
         return self.transform([frames[start:start + t] for start, t in zip(starts, self.frames)], self.params)
+
+
+class OneAhead:
+    """The batches of `batches` through to_device(batch, device), one ahead on CUDA: when batch i is
+    handed out, batch i + 1 is fetched and its copies to the device (and its decoding there, for
+    JpegVideo) are queued on a side stream, so they overlap the step on batch i; the step's stream
+    waits for them before it uses the batch (and the caching allocator is told which stream uses
+    its tensors). Elsewhere each batch is moved when it is asked for. The same batches in the same
+    order either way: a step's batches, and so exact resume, do not change."""
+
+    def __init__(self, batches, to_device, device):
+        self.batches, self.to_device, self.device = iter(batches), to_device, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ahead = self._fetch() if self.stream is not None else None
+
+    def _fetch(self):
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(self.stream):
+            return self.to_device(batch, self.device)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.stream is None:
+            return self.to_device(next(self.batches), self.device)
+        batch, self.ahead = self.ahead, None
+        if batch is None:
+            raise StopIteration
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for value in batch.values():
+            if torch.is_tensor(value) and value.is_cuda:
+                value.record_stream(current)
+        self.ahead = self._fetch()
+        return batch
 
 
 def reuse_freed_memory(_worker_id=None):

@@ -33,6 +33,10 @@ VIDEO_DIRS = {"train": "train/train_splits", "dev": "dev/dev_splits_complete",
 AUDIO_RATE = 16_000   # Hz, mono: the audio.npy that prepare stores, what the log-mel and speech models read
 MODALITIES = ("video", "audio", "text")
 DATASETS = ("meld", "csv")   # MELD's CSVs (emotion + sentiment), or a `prepare.py --csv` cache (one task)
+# MELD train's utterance durations (EndTime - StartTime of its 9,989 rows), seconds, at the
+# quantiles 0, 0.05, ..., 1: what bench.py --durations meld draws clip lengths from (np.interp).
+MELD_TRAIN_SECONDS = (0.01, 0.67, 1.01, 1.19, 1.38, 1.55, 1.73, 1.92, 2.08, 2.25, 2.46,
+                      2.67, 2.92, 3.17, 3.50, 3.92, 4.46, 5.25, 6.34, 7.92, 41.04)
 
 
 class DamagedClip(ValueError):

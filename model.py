@@ -31,6 +31,7 @@ from slowfast import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VIDEO_PRESETS,
+    RealSteps,
     SlowFast,
     channels_last_,
     mask_time,
@@ -70,7 +71,8 @@ def pop_reports(model):
 
 class SlowFastBackbone(SlowFast):
     """slowfast.SlowFast (SlowFast-R50 8x8 and smaller presets) built from a ModelConfig:
-    video_size, video_init. forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, 2304 for r50]."""
+    video_size, video_init. forward(video uint8 [B, 3, T, H, W], mask bool [B, T], lengths=None)
+    -> [B, 2304 for r50]."""
 
     def __init__(self, config, load_pretrained=True):
         super().__init__(config.video_size, config.video_init, load_pretrained)
@@ -113,16 +115,17 @@ class FrameResNet(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, video, mask):
-        mask = mask.bool()
-        B, _, T = video.shape[:3]
-        frames = video.transpose(1, 2)[mask]                    # [N, 3, H, W]: the N real frames
+    def forward(self, video, mask, lengths=None):
+        """video uint8 [B, 3, T, H, W], mask bool [B, T], lengths: real frames per clip (Python ints;
+        None: read from the mask) -> [B, C]"""
+        steps = RealSteps(mask, lengths)
+        B, _, T, H, W = video.shape
+        frames = video.transpose(1, 2).reshape(B * T, 3, H, W).index_select(0, steps.rows)  # the N real frames
         x = (frames.float() / 255.0 - self.mean) / self.std
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))    # [N, 64, H/4, W/4]
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        per_frame = x.new_zeros(B, T, self.out_channels)
-        per_frame[mask] = x.mean((2, 3))                        # [N, C] back to [B, T, C]
-        return masked_mean(per_frame.transpose(1, 2), mask)     # [B, C]
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))                # [N, C]
+        per_frame = x.new_zeros(B * T, self.out_channels).index_copy(0, steps.rows, x)      # [B * T, C]
+        return masked_mean(per_frame.view(B, T, -1).transpose(1, 2), steps.mask)            # [B, C]
 
     def stages(self):
         """Freezing units: stem (conv1, bn1), res2..res5 (layer1..layer4)."""
@@ -220,18 +223,20 @@ class AudioBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
 
-    def forward(self, x, mask):
-        x = mask_time(F.relu(masked_batch_norm(self.bn1, self.conv1(x), mask, time_dim=3)), mask, time_dim=3)
-        x = mask_time(F.relu(masked_batch_norm(self.bn2, self.conv2(x), mask, time_dim=3)), mask, time_dim=3)
-        x = self.pool(x)                                                    # [B, C, F/2, A/2]
-        mask = F.max_pool1d(mask[:, None].float(), 2, ceil_mode=True)[:, 0] > 0   # [B, ceil(A/2)]
-        return mask_time(x, mask, time_dim=3), mask
+    def forward(self, x, steps):
+        """steps: slowfast.RealSteps of x's time steps -> (the output, the RealSteps of its steps).
+        Every masked BatchNorm zeroes the padded steps, and a pool window of two padded steps is
+        zero."""
+        x = F.relu(masked_batch_norm(self.bn1, self.conv1(x), steps, time_dim=3))
+        x = F.relu(masked_batch_norm(self.bn2, self.conv2(x), steps, time_dim=3))
+        return self.pool(x), steps.every(2)                                 # [B, C, F/2, A/2], [B, A/2]
 
 
 class AudioCNN(nn.Module):
     """Log-mel CNN: AudioFeatures, per-band BatchNorm, VGG-like AudioBlocks (config.audio_channels),
     masked mean pooling; every BatchNorm's training statistics come from real frames only.
-    forward(mel float [B, n_mels, A], mask bool [B, A]) -> [B, C_last]; no real frame gives zeros."""
+    forward(mel float [B, n_mels, A], mask bool [B, A], lengths: real frames per clip as Python ints,
+    None: read from the mask) -> [B, C_last]; no real frame gives zeros."""
 
     def __init__(self, config, load_pretrained=True):
         super().__init__()
@@ -241,14 +246,13 @@ class AudioCNN(nn.Module):
         self.blocks = nn.ModuleList(AudioBlock(c_in, c_out) for c_in, c_out in zip((1,) + channels, channels))
         self.out_channels = channels[-1]
 
-    def forward(self, mel, mask):
-        mask = mask.bool()
-        x = mask_time(self.features(mel), mask)        # [B, F, A]; pad values are not data
-        x = mask_time(masked_batch_norm(self.input_norm, x, mask), mask)
-        x = x.unsqueeze(1)                             # [B, 1, F, A]
+    def forward(self, mel, mask, lengths=None):
+        steps = RealSteps(mask, lengths)
+        x = mask_time(self.features(mel), steps.mask)  # [B, F, A]; pad values are not data
+        x = masked_batch_norm(self.input_norm, x, steps).unsqueeze(1)   # [B, 1, F, A]
         for block in self.blocks:
-            x, mask = block(x, mask)                   # [B, C, F', A'], [B, A']
-        return masked_mean(x, mask, time_dim=3)        # [B, C_last]
+            x, steps = block(x, steps)                 # [B, C, F', A'], its RealSteps [B, A']
+        return masked_mean(x, steps.mask, time_dim=3)  # [B, C_last]
 
 
 class AudioLSTM(nn.Module):
@@ -266,15 +270,15 @@ class AudioLSTM(nn.Module):
         self.attention = nn.MultiheadAttention(2 * hidden, heads, batch_first=True)
         self.out_channels = 2 * hidden
 
-    def forward(self, mel, mask):
+    def forward(self, mel, mask, lengths=None):
         mask = mask.bool()
-        lengths = mask.sum(1)                                            # [B]
+        lengths = torch.tensor(RealSteps(mask, lengths).lengths)         # [B], on the host
         present = lengths > 0
         if not present.any():
             return mel.new_zeros(mel.shape[0], self.out_channels)
         # only samples with audio: packing needs length >= 1, attention needs one real key
         x = self.features(mel[present]).transpose(1, 2)                  # [B', A, F]
-        packed = pack_padded_sequence(x, lengths[present].cpu(), batch_first=True,
+        packed = pack_padded_sequence(x, lengths[present], batch_first=True,
                                       enforce_sorted=False)              # data [sum(lengths), F]
         packed = PackedSequence(self.input_norm(packed.data), packed.batch_sizes,
                                 packed.sorted_indices, packed.unsorted_indices)
@@ -465,10 +469,10 @@ class EmotionModel(nn.Module):
         missing. -> {task name: logits [B, num_classes]} in the order of config.tasks"""
         feats, present = [], []
         if "video" in self.modalities:
-            feats.append(self.video(batch["video"], batch["video_mask"]))       # [B, D_video]
+            feats.append(self.video(batch["video"], batch["video_mask"], batch.get("video_lengths")))
             present.append(batch["video_mask"].any(1))
         if "audio" in self.modalities:
-            feats.append(self.audio(batch["audio"], batch["audio_mask"]))       # [B, D_audio]
+            feats.append(self.audio(batch["audio"], batch["audio_mask"], batch.get("audio_lengths")))
             present.append(batch["audio_mask"].any(1))
         if "text" in self.modalities:
             feats.append(self.text(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),

@@ -133,7 +133,7 @@ def main(argv=None):
             if "text" in modalities:
                 sample.update(dataset.tokenize(utterances[i], *contexts[i]))
             samples.append(sample)
-    batch = data.collate(samples, num_frames=dataset.config.num_frames if "video" in modalities else None,
+    batch = data.collate(samples, **data.collate_padding(dataset.config),
                          pad_token_id=getattr(dataset, "pad_token_id", 0), tasks=())
     with torch.no_grad():
         out = model(data.to_device(batch, device))

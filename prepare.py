@@ -165,9 +165,11 @@ def _synth_clip(task):
         Path(path).write_bytes(data[: len(data) // 2])
 
 
-def synth_rows(size, rng, min_seconds=0.5, max_seconds=6.0):
+def synth_rows(size, rng, min_seconds=0.5, max_seconds=6.0, quantiles=None):
     """The annotations of `size` synthetic utterances, grouped in dialogues of 1–6, with the trace each
-    modality carries: the true emotion with probability SYNTH_INFORMATIVE[m], else a random one."""
+    modality carries: the true emotion with probability SYNTH_INFORMATIVE[m], else a random one.
+    Durations uniform in [min_seconds, max_seconds], or drawn from quantiles (seconds at equally
+    spaced probabilities 0..1, such as meld.MELD_TRAIN_SECONDS) by interpolation."""
     rows, dialogue, clock = [], 0, 60.0
     while len(rows) < size:
         season, episode = rng.integers(1, 11), rng.integers(1, 25)
@@ -175,7 +177,8 @@ def synth_rows(size, rng, min_seconds=0.5, max_seconds=6.0):
             emotion = meld.EMOTIONS[rng.choice(len(meld.EMOTIONS), p=SYNTH_PRIOR)]
             traces = {m: emotion if rng.random() < p else meld.EMOTIONS[rng.integers(len(meld.EMOTIONS))]
                       for m, p in SYNTH_INFORMATIVE.items()}
-            seconds = float(rng.uniform(min_seconds, max_seconds))
+            seconds = (float(np.interp(rng.uniform(), np.linspace(0, 1, len(quantiles)), quantiles))
+                       if quantiles else float(rng.uniform(min_seconds, max_seconds)))
             sentiment = {"neutral": "neutral", "joy": "positive",
                          "surprise": rng.choice(["positive", "negative"])}.get(emotion, "negative")
             rows.append(dict(emotion=emotion, sentiment=sentiment, traces=traces, seconds=seconds,
@@ -188,8 +191,9 @@ def synth_rows(size, rng, min_seconds=0.5, max_seconds=6.0):
 
 
 def synth(out, sizes=(96, 24, 24), seed=0, width=160, height=90, fps=24, min_seconds=0.5, max_seconds=6.0,
-          workers=1):
+          workers=1, quantiles=None):
     """Write a MELD.Raw-shaped folder of synthetic clips to `out`; returns the number of rows per split.
+    Durations as synth_rows draws them (quantiles: from a table of seconds, e.g. MELD train's).
 
     Defects on purpose, as in the real MELD.Raw: in train a truncated mp4 (moov atom lost) and a clip
     with no audio stream; in dev a CSV row whose mp4 is missing; in test a stray unlabelled mp4.
@@ -200,7 +204,7 @@ def synth(out, sizes=(96, 24, 24), seed=0, width=160, height=90, fps=24, min_sec
     for split, size in zip(meld.SPLITS, sizes):
         folder = out / meld.VIDEO_DIRS[split]
         folder.mkdir(parents=True, exist_ok=True)
-        rows = synth_rows(size, rng, min_seconds, max_seconds)
+        rows = synth_rows(size, rng, min_seconds, max_seconds, quantiles)
         with open(out / f"{split}_sent_emo.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)  # minimal quoting and \r\n line ends, as in MELD's files
             writer.writerow(meld.MELD_COLUMNS)

@@ -4,7 +4,7 @@ masking it needs.
     from slowfast import SlowFast
 
     net = SlowFast("r50", init="imagenet")   # init "random", "imagenet" or "kinetics:PATH"
-    features = net(video, mask)              # uint8 [B, 3, T, H, W], bool [B, T] -> [B, 2048 + 256]
+    features = net(video, mask, lengths)     # uint8 [B, 3, T, H, W], bool [B, T], ints -> [B, 2048 + 256]
 
 Network: Feichtenhofer, Fan, Malik and He, "SlowFast Networks for Video Recognition", ICCV 2019
 (arXiv:1812.03982), as PySlowFast and pytorchvideo's `create_slowfast` (hub `slowfast_r50`) build
@@ -16,10 +16,12 @@ name for name and Kinetics-400 checkpoints onto the whole network (pretrained.py
 VIDEO_PRESETS: "r50" (the published network, 33,644,488 parameters), "small" and "tiny" (the same
 layout, fewer blocks and channels). Any T, H, W work.
 
-Masking contract: mask [B, T] bool, True = real frame, real frames first and padding last. Every
-tensor is zeroed at padded time steps after each operation that can make them non-zero; every
-BatchNorm takes its training statistics, and updates its running statistics, from real time steps
-only (masked_batch_norm); pooling is a masked mean over real time. So in eval and in training mode
+Masking contract: mask [B, T] bool, True = real frame, real frames first and padding last, with the
+real lengths as Python ints beside it (RealSteps; read from the mask when not given, one host sync).
+Every tensor is zero at padded time steps: the input is zeroed, and every BatchNorm's output is
+zero there (masked_batch_norm), which the other layers keep; every BatchNorm takes its training
+statistics, and updates its running statistics, from real time steps only; pooling is a masked
+mean over real time. So in eval and in training mode
 the same real frames padded with anything give the same outputs, gradients and running statistics;
 a sample with no real frame gives zeros. model.py's audio and text encoders use the same helpers.
 
@@ -68,6 +70,35 @@ def masked_mean(x, mask, time_dim=2):
     return x.sum(2) / valid.clamp(min=1.0)                       # [B, C]
 
 
+class RealSteps:
+    """The real time steps of a padded batch at one temporal resolution, known on the device and on
+    the host: mask bool [B, T] (True = real, real steps first) and lengths, the real steps of each
+    sample as Python ints. With the lengths on the host every masked operation uses ops whose output
+    sizes are known before they run, so a training step makes no host sync on CUDA (no nonzero, no
+    boolean indexing, no .item()). lengths None: read from the mask (one host sync)."""
+
+    def __init__(self, mask, lengths=None):
+        self.mask = mask.bool()
+        self.lengths = [int(k) for k in (self.mask.sum(1).tolist() if lengths is None else lengths)]
+        if len(self.lengths) != mask.shape[0] or not all(0 <= k <= mask.shape[1] for k in self.lengths):
+            raise ValueError(f"lengths {self.lengths} do not fit a mask of shape {list(mask.shape)}")
+        self.padded = any(k < mask.shape[1] for k in self.lengths)
+        self._rows = None
+
+    @property
+    def rows(self):
+        """long [n], n = sum(lengths): b * T + t of every real step (b, t), in order. Built once, on
+        the mask's device, by a stable sort of the flattened mask (real steps first)."""
+        if self._rows is None:
+            order = torch.argsort((~self.mask).flatten().to(torch.uint8), stable=True)
+            self._rows = order[: sum(self.lengths)]
+        return self._rows
+
+    def every(self, stride):
+        """Steps 0, stride, 2 stride, ... (the slow pathway's): mask [B, ceil(T / stride)]."""
+        return RealSteps(self.mask[:, ::stride], [-(-k // stride) for k in self.lengths])
+
+
 def pack_time(x, lengths, time_dim=2):
     """The real time steps of every sample side by side: x [B, C, ..T.., ...] (real steps first)
     -> [1, C, ..n.., ...], n = sum(lengths)."""
@@ -113,23 +144,67 @@ class UnpackTime(torch.autograd.Function):
         return pack_time(grad, ctx.lengths, ctx.time_dim), None, None, None, None
 
 
-def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
-    """bn(x) whose training statistics come from real time steps only.
+class GatherRows(torch.autograd.Function):
+    """rows [n] of x [R, D] -> [n, D] (index_select); backward: index_copy into zeros. The rows are
+    distinct, so both ways are exact and deterministic."""
 
-    bn: an nn.BatchNorm1d/2d/3d; x [B, C, ...] with T at time_dim; mask [B, T] bool (True = real,
-    real steps first) or None (nothing is padded). In training mode with a mask, the real time
-    steps of all samples are packed together and bn's own batch_norm runs on them (PyTorch's fused
-    kernels: batch statistics, gradients, and the running mean and unbiased variance updated with
-    bn.momentum, exactly as bn on the real positions alone); the result is unpacked with zeros at
-    padded steps. So padding, whatever it holds, changes neither the output at real positions, nor
-    the gradients, nor the running statistics. In eval mode, or with mask None, this is bn(x)
-    itself (cuDNN's kernel on CUDA). Parameters and buffers are bn's own, so state dicts are
-    unchanged. pack: "slices" (per-sample slices into [1, C, ..n.., ...], the faster on the CPU),
-    "index" (boolean indexing into [n, C, ...]: one kernel each way, for CUDA) or "auto" (index on
-    CUDA). Host syncs: the real lengths (slices) or the mask's nonzero (index). On the meta
-    device (shapes and FLOPs only) bn(x)."""
-    if mask is None or not bn.training or mask.is_meta:
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.save_for_backward(rows)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, = ctx.saved_tensors
+        return grad.new_zeros(ctx.num_rows, grad.shape[1]).index_copy_(0, rows, grad), None
+
+
+class ScatterRows(torch.autograd.Function):
+    """GatherRows' inverse: y [n, D] into rows [n] of zeros [num_rows, D]; backward: index_select."""
+
+    @staticmethod
+    def forward(ctx, y, rows, num_rows):
+        ctx.save_for_backward(rows)
+        return y.new_zeros(num_rows, y.shape[1]).index_copy_(0, rows, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
+
+
+def rows_are_contiguous(x, time_dim):
+    """Whether x [B, C, ..T.., *S] holds each (sample, time step) as one contiguous row of channels
+    last: true of channels-last activations with time first among the non-channel dims."""
+    perm = [0, time_dim] + [d for d in range(2, x.dim()) if d != time_dim] + [1]
+    return x.permute(perm).is_contiguous()
+
+
+def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
+    """bn(x) whose training statistics come from real time steps only, zero at padded steps.
+
+    bn: an nn.BatchNorm1d/2d/3d; x [B, C, ...] with T at time_dim; mask: RealSteps, bool [B, T]
+    (True = real, real steps first; the lengths are then read from it, one host sync) or None
+    (nothing is padded). In training mode with padding, the real time steps of all samples are
+    packed together and bn's own batch_norm runs on them (PyTorch's fused kernels: batch statistics,
+    gradients, and the running mean and unbiased variance updated with bn.momentum, exactly as bn on
+    the real positions alone), and the result is unpacked with zeros at padded steps. So padding,
+    whatever it holds, changes neither the output at real positions, nor the gradients, nor the
+    running statistics. In eval mode bn(x), zeroed at padded steps in place; with nothing padded
+    bn(x) itself (cuDNN's kernel on CUDA). Parameters and buffers are bn's own, so state dicts are
+    unchanged. pack: "index" (the (sample, step) rows gathered by index_select and scattered back by
+    index_copy, with the rows RealSteps built once: one kernel each way, no layout change for
+    channels-last activations), "slices" (per-sample slices into [1, C, ..n.., ...], the faster for
+    contiguous activations on the CPU) or "auto" (index where the rows are contiguous). Neither
+    makes a host sync: the sizes come from the host lengths."""
+    if mask is None or getattr(mask, "is_meta", False):  # nothing padded; meta: shapes and FLOPs only
         return bn(x)
+    steps = mask if isinstance(mask, RealSteps) else RealSteps(mask)
+    if not steps.padded:
+        return bn(x)
+    if not bn.training:
+        return mask_time_(bn(x), steps.mask, time_dim)
     if bn.track_running_stats:  # as nn.BatchNorm's forward: count the batch, momentum None = average
         bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
@@ -137,15 +212,18 @@ def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
     def norm(packed):
         return F.batch_norm(packed, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
 
-    if pack == "index" or (pack == "auto" and x.is_cuda):
-        moved = x.movedim(time_dim, 1)                                 # [B, T, C, ...], a view
-        out = torch.zeros_like(moved)
-        out[mask] = norm(moved[mask])                                  # [n, C, ...]
-        return out.movedim(1, time_dim)
-    lengths = mask.sum(1).tolist()                                     # real steps per sample
+    if pack == "index" or (pack == "auto" and rows_are_contiguous(x, time_dim)):
+        perm = [0, time_dim] + [d for d in range(2, x.dim()) if d != time_dim] + [1]
+        moved = x.permute(perm)                                        # [B, T, *S, C], a view
+        B, T, *S, C = moved.shape
+        rows = GatherRows.apply(moved.reshape(B * T, -1), steps.rows)   # [n, S * C]
+        packed = rows.view(-1, *S, C).movedim(-1, 1)                   # [n, C, *S], channels last
+        normed = norm(packed).movedim(1, -1).reshape(rows.shape)       # [n, S * C]
+        out = ScatterRows.apply(normed, steps.rows, B * T).view(moved.shape)
+        return out.permute([perm.index(d) for d in range(x.dim())])    # x's shape and layout
     memory_format = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
-    packed = PackTime.apply(x, lengths, memory_format, time_dim)       # [1, C, ..n.., ...]
-    return UnpackTime.apply(norm(packed), lengths, x.shape, memory_format, time_dim)
+    packed = PackTime.apply(x, steps.lengths, memory_format, time_dim)  # [1, C, ..n.., ...]
+    return UnpackTime.apply(norm(packed), steps.lengths, x.shape, memory_format, time_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,16 +399,16 @@ class Bottleneck3d(nn.Module):
             )
 
     def forward(self, x, mask=None):
-        """mask [B, T] bool or None (nothing padded): BatchNorm statistics from real time steps
-        only, and the output zeroed at padded time steps (before the last ReLU, in place)."""
+        """mask RealSteps or None (nothing padded): BatchNorm statistics from real time steps only.
+        x is zero at padded time steps, and so is the output: every BatchNorm's output is, and the
+        convolutions after the first are pointwise in time."""
         identity = x
         if self.downsample is not None:
             conv, bn = self.downsample
             identity = masked_batch_norm(bn, conv(x), mask)
         out = self.relu(masked_batch_norm(self.bn1, self.conv1(x), mask))
         out = self.relu(masked_batch_norm(self.bn2, self.conv2(out), mask))
-        out = masked_batch_norm(self.bn3, self.conv3(out), mask) + identity
-        return self.relu(mask_time_(out, mask))
+        return self.relu(masked_batch_norm(self.bn3, self.conv3(out), mask) + identity)
 
 
 class Pathway(nn.Module):
@@ -364,8 +442,8 @@ class Pathway(nn.Module):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def stem(self, x, mask=None):
-        """x [B, 3, T, H, W], mask [B, T] or None -> [B, width, T, H/4, W/4] (BatchNorm statistics
-        from real time steps; padded steps are not zeroed here)"""
+        """x [B, 3, T, H, W], mask RealSteps or None -> [B, width, T, H/4, W/4] (BatchNorm statistics
+        from real time steps; zero at padded steps)"""
         return self.maxpool(self.relu(masked_batch_norm(self.bn1, self.conv1(x), mask)))
 
 
@@ -383,7 +461,8 @@ class Lateral(nn.Module):
         self.bn = nn.BatchNorm3d(LATERAL_RATIO * fast_channels)
 
     def forward(self, fast, slow_mask=None):
-        """slow_mask [B, ceil(T / alpha)] or None: BatchNorm statistics from real slow steps."""
+        """slow_mask RealSteps [B, ceil(T / alpha)] or None: BatchNorm statistics from real slow
+        steps; zero at padded slow steps."""
         return F.relu(masked_batch_norm(self.bn, self.conv(fast), slow_mask))
 
 
@@ -397,7 +476,8 @@ class SlowFast(nn.Module):
     load_pretrained=False builds the same network (and normalisation) without loading weights.
     alpha: fast frames per slow frame (4 as published).
 
-    forward(video uint8 [B, 3, T, H, W], mask bool [B, T]) -> [B, out_channels] (2048 + 256).
+    forward(video uint8 [B, 3, T, H, W], mask bool [B, T], lengths=None: the real frames per clip as
+    Python ints, which spare a host sync) -> [B, out_channels] (2048 + 256).
     Any T, H, W work: T need not be a multiple of alpha, pooling is not fixed-size.
 
     Errors: ValueError for an unknown size or init, or a pretrained init with a size other than
@@ -462,28 +542,31 @@ class SlowFast(nn.Module):
         return mask_time_(x, mask)
 
     def fuse(self, i, slow, fast, slow_mask):
-        """Concatenate lateral i onto the slow path: [B, Cs, Ts, h, w] -> [B, Cs + 2 Cf, Ts, h, w].
-        The lateral's BN + ReLU makes padded steps non-zero, so mask again (slow_mask None: nothing
-        is padded)."""
-        return mask_time_(torch.cat([slow, self.lateral[i](fast, slow_mask)], dim=1), slow_mask)
+        """Concatenate lateral i onto the slow path: [B, Cs, Ts, h, w] -> [B, Cs + 2 Cf, Ts, h, w]
+        (both zero at padded steps)."""
+        return torch.cat([slow, self.lateral[i](fast, slow_mask)], dim=1)
 
-    def forward_features(self, video, mask):
-        """video uint8 [B, 3, T, H, W], mask bool [B, T] (True = real frame, real frames first).
+    def forward_features(self, video, mask, lengths=None):
+        """video uint8 [B, 3, T, H, W], mask bool [B, T] (True = real frame, real frames first),
+        lengths: the real frames of each clip as Python ints (None: read from the mask, one host
+        sync; not needed on the meta device).
 
         Returns slow [B, Cs, ceil(T/alpha), H/32, W/32], fast [B, Cf, T, H/32, W/32] and their
-        masks [B, ceil(T/alpha)], [B, T]. Padded time steps of both maps are zero."""
+        masks [B, ceil(T/alpha)], [B, T]. Padded time steps of both maps are zero: the input is
+        zeroed once, and every masked BatchNorm zeroes its output there (ReLU, max pooling over
+        space and the convolutions keep zeros zero; only the first convolution of a block mixes
+        time, and it reads a tensor that is zero at padded steps, as its own zero padding)."""
         fast_mask = mask.bool()
         slow_mask = fast_mask[:, :: self.alpha]
-        # the masks of the in-place masking passes: None when nothing is padded (one host sync)
-        padded = fast_mask.is_meta or not bool(fast_mask.all())
-        fast_pad, slow_pad = (fast_mask, slow_mask) if padded else (None, None)
-        fast = self.normalize(video, fast_pad)              # [B, 3, T, H, W]
+        fast_pad = None if fast_mask.is_meta and lengths is None else RealSteps(fast_mask, lengths)
+        if fast_pad is not None and not fast_pad.padded:
+            fast_pad = None                                 # nothing padded: the plain path
+        slow_pad = None if fast_pad is None else fast_pad.every(self.alpha)
+        fast = self.normalize(video, None if fast_pad is None else fast_pad.mask)   # [B, 3, T, H, W]
         slow = fast[:, :, :: self.alpha]                    # [B, 3, ceil(T/alpha), H, W]
 
-        # masking in place where the tensor is fresh: after max pooling, after concatenation, and
-        # inside each block before its last ReLU (ReLU keeps zeros zero)
-        slow = mask_time_(self.slow.stem(slow, slow_pad), slow_pad)   # [B, Cs, Ts, H/4, W/4]
-        fast = mask_time_(self.fast.stem(fast, fast_pad), fast_pad)   # [B, Cf, T, H/4, W/4]
+        slow = self.slow.stem(slow, slow_pad)               # [B, Cs, Ts, H/4, W/4]
+        fast = self.fast.stem(fast, fast_pad)               # [B, Cf, T, H/4, W/4]
         slow = self.fuse(0, slow, fast, slow_pad)
         for i, (slow_layer, fast_layer) in enumerate(zip(self.slow.layers, self.fast.layers)):
             for block in slow_layer:
@@ -494,9 +577,9 @@ class SlowFast(nn.Module):
                 slow = self.fuse(i + 1, slow, fast, slow_pad)
         return slow, fast, slow_mask, fast_mask
 
-    def forward(self, video, mask):
+    def forward(self, video, mask, lengths=None):
         """-> [B, Cs + Cf]: masked mean over real time and mean over space of each pathway."""
-        slow, fast, slow_mask, fast_mask = self.forward_features(video, mask)
+        slow, fast, slow_mask, fast_mask = self.forward_features(video, mask, lengths)
         return torch.cat([masked_mean(slow, slow_mask), masked_mean(fast, fast_mask)], dim=1)
 
     def stages(self):

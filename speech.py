@@ -52,7 +52,7 @@ class SpeechEncoder(nn.Module):
         frames = getattr(model_config, "mask_time_length", 1) if masks_time else 1   # in training
         self.min_train_samples = self.receptive_field + math.prod(model_config.conv_stride) * (frames - 1)
 
-    def forward(self, wave, mask):
+    def forward(self, wave, mask, lengths=None):
         mask = mask.bool()
         shortest = self.min_train_samples if self.training else self.receptive_field
         if wave.shape[-1] < shortest:   # the convolutions (and the time masks) need this many

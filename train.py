@@ -56,8 +56,8 @@ class TrainConfig:
                               "the training device (nvJPEG on CUDA); auto = device on CUDA, cpu otherwise. The "
                               "batches are the same", choices=("auto", *loading.DECODES))
     sampler: str = cli.setting("random", "balanced: draw classes equally often in training", choices=data.SAMPLERS)
-    group_by_length: bool = cli.setting(False, "training batches of texts of similar token counts (less padding; "
-                                        "seeded, resumable)")
+    group_by_length: bool = cli.setting(False, "training batches of clips of similar frame counts (video) or texts "
+                                        "of similar token counts (less padding; seeded, resumable)")
     # --- optimisation
     epochs: int = cli.setting(40, "planned maximum; the LR schedule spans all of it", type=cli.positive(int))
     batch_size: int = cli.setting(16, "clips per micro-batch per rank", type=cli.positive(int))
@@ -358,13 +358,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criteria, progr
     loader.sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * args.accum_steps * args.batch_size)
     is_main = world == 1 or dist.get_rank() == 0
     model.train()
-    batches = iter(loader)
+    batches = loading.OneAhead(loader, data.to_device, device)
     bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch}",
                disable=not is_main, dynamic_ncols=True, leave=False)
     first, wait, start = progress.step_in_epoch, 0.0, time.perf_counter()
     for step in range(first, steps_per_epoch):
         t0 = time.perf_counter()
-        micro = [data.to_device(next(batches), device) for _ in range(args.accum_steps)]
+        micro = [next(batches) for _ in range(args.accum_steps)]
         wait += time.perf_counter() - t0
         loss = accumulate_gradients(model, micro, criteria, args.sentiment_weight, amp_dtype, scaler)
         grad_norm, stepped = optimizer_step(model, optimizer, scaler, args.clip_grad)

@@ -14,7 +14,8 @@ def test_bench_smoke(tmp_path):
         [sys.executable, str(ROOT / "bench.py"), "--clips", "4", "--width", "64", "--height", "36", "--seconds", "1.5",
          "--num-frames", "8", "--crop-size", "32", "--batch-size", "2", "--loader-clips", "4",
          "--prepare-workers", "1", "--model-iters", "1", "--pairs", "1", "--matmul-size", "256",
-         "--train-clips", "20", "--train-epochs", "1", "--work-dir", str(tmp_path)],
+         "--train-clips", "20", "--train-epochs", "1", "--train-paddings", "fixed,grouped", "--durations", "meld",
+         "--work-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -43,10 +44,16 @@ def test_bench_smoke(tmp_path):
     assert all(r["clips_per_s"] > 0 for b in ("prepare", "loader", "model", "slowfast") for r in by_bench[b])
     assert all(0 < r["flop_utilisation"] for r in by_bench["model"] + by_bench["slowfast"])
     assert report["matmul_gflop_per_s"] > 0
-    assert [r["name"] for r in by_bench["masked_bn"]] == ["unpadded, plain BN", "unpadded, masked BN",
-                                                          "padded, plain BN", "padded, masked BN"]
-    assert by_bench["masked_bn"][0]["time_ratio"] == 1.0 and all(r["time_ratio"] > 0 for r in by_bench["masked_bn"])
-    assert [(r["decode"], r["epoch"]) for r in by_bench["train"]] == [("cpu", 0), ("cpu", "all"),
-                                                                       ("device", 0), ("device", "all")]
+    masking = by_bench["masked_bn"]
+    assert [r["name"] for r in masking] == [
+        "unpadded", "half padded, plain BN", "half padded, masked BN", "MELD lengths, padded to --num-frames",
+        "MELD lengths, padded to the longest"]
+    assert masking[0]["time_ratio"] == 1.0 and all(r["time_ratio"] > 0 for r in masking)
+    assert masking[2]["lengths"] == [8, 3] and masking[3]["frames"] == 8
+    assert masking[3]["lengths"] == masking[4]["lengths"]
+    assert masking[4]["frames"] == -(-max(masking[4]["lengths"]) // 4) * 4
+    assert [(r["decode"], r["padding"], r["epoch"]) for r in by_bench["train"]] == [
+        (decode, padding, epoch)
+        for decode in ("cpu", "device") for padding in ("fixed", "grouped") for epoch in (0, "all")]
     assert all(0 <= r["data_wait"] <= 1 for r in by_bench["train"])
     assert all(r["meld_epoch_s"] > 0 for r in by_bench["train"] if r["epoch"] == "all")

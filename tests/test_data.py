@@ -291,8 +291,10 @@ def test_decoding_on_the_device_gives_the_batch_the_workers_decode(cache, tokeni
     for workers, device in zip(batches["cpu"], batches["device"]):
         assert workers.keys() == device.keys() and workers["ids"] == device["ids"]
         for key in workers:
-            if key != "ids":
+            if torch.is_tensor(workers[key]):
                 assert workers[key].dtype == device[key].dtype and torch.equal(workers[key], device[key]), key
+            else:
+                assert workers[key] == device[key], key
         padded += int((~device["video_mask"]).any())
     assert padded > 0
 

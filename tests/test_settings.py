@@ -45,7 +45,7 @@ def test_every_setting_is_exactly_one_flag_and_every_flag_one_setting():
     assert len(settings) == len(set(settings)), "a setting defined twice"
     assert set(settings) == flags
     derived = [f for f in fields if "help" not in f.metadata]
-    assert {f.name for f in derived} == {"modalities", "n_mels", "audio_input", "tasks"}   # DataConfig's, tasks
+    assert {f.name for f in derived} == {"modalities", "n_mels", "audio_input", "frame_multiple", "tasks"}
     assert all("derived" in f.metadata for f in derived)
     for f in fields:                                 # the parser's default is the field's
         if "help" in f.metadata:

@@ -348,6 +348,19 @@ def kill_inside_epoch(command, out, epoch, step):
     return state
 
 
+def assert_killed_run_resumes_exactly(cache, tiny_bert, tmp_path, extra, epoch, step, epochs):
+    """small_args + extra run whole (tmp_path/reference), and killed by SIGKILL at (epoch, step) then
+    resumed with --resume auto (tmp_path/killed): the same run. -> its log."""
+    reference = run_train(small_args(cache, tiny_bert, tmp_path / "reference", *extra))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    argv = small_args(cache, tiny_bert, tmp_path / "killed", *extra)
+    kill_inside_epoch([sys.executable, str(ROOT / "train.py"), *argv], tmp_path / "killed", epoch=epoch, step=step)
+    resumed = run_train(argv + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    return assert_same_run(tmp_path / "reference", tmp_path / "killed", epochs=epochs)
+
+
 def assert_same_run(a, b, epochs):
     """Two output folders hold bitwise the same final weights, per-rank RNG states, log and metrics."""
     last_a, last_b = (torch.load(out / "last.pt", weights_only=True) for out in (a, b))
@@ -375,15 +388,7 @@ def test_exact_resume_after_sigkill_mid_epoch(cache, tiny_bert, tmp_path, device
     are resumed."""
     extra = ("--epochs", "4", "--min-epochs", "4", "--workers", "2", "--deterministic", "--save-every", "1",
              "--unfreeze", "2:text.layer.1", "--sampler", "balanced", "--device", device, "--decode", decode)
-    reference = run_train(small_args(cache, tiny_bert, tmp_path / "reference", *extra))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    argv = small_args(cache, tiny_bert, tmp_path / "killed", *extra)
-    kill_inside_epoch([sys.executable, str(ROOT / "train.py"), *argv], tmp_path / "killed", epoch=2, step=2)
-    resumed = run_train(argv + ["--resume", "auto"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    log = assert_same_run(tmp_path / "reference", tmp_path / "killed", epochs=4)
+    log = assert_killed_run_resumes_exactly(cache, tiny_bert, tmp_path, extra, epoch=2, step=2, epochs=4)
     assert log[2]["trainable"] > log[1]["trainable"]  # the unfreeze happened in epoch 2
 
 
