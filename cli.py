@@ -218,12 +218,16 @@ def read_config(path):
 
 
 def format_flags(values, keys):
-    """{'batch_size': 16, 'modalities': ['video', 'text']} -> "--batch-size 16 --modalities video,text"."""
-    def show(value):
+    """{'batch_size': 16, 'modalities': ['video', 'text'], 'wandb': False} -> "--batch-size 16 --modalities
+    video,text --no-wandb" (a switch as its flag)."""
+    def show(key, value):
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            return flag if value else f"--no-{flag[2:]}"
         if isinstance(value, (list, tuple)):
-            return ",".join(map(str, value))
-        return repr(value) if value == "" else str(value)
-    return " ".join(f"--{key.replace('_', '-')} {show(values[key])}" for key in keys)
+            return f"{flag} {','.join(map(str, value))}"
+        return f"{flag} {repr(value) if value == '' else value}"
+    return " ".join(show(key, values[key]) for key in keys)
 
 
 def add_config(parser, presets):

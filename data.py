@@ -462,34 +462,35 @@ def pad_time(items, length):
     return padded, mask
 
 
-def padded_length(lengths, num_frames=None, multiple=1):
+def padded_length(lengths, num_frames=None, multiple=1, limit=None):
     """Frames a batch of clips with these real lengths is padded to: num_frames if given (fixed
-    padding), else the longest rounded up to a multiple (at least one frame)."""
-    return num_frames or -(-max(max(lengths), 1) // multiple) * multiple
+    padding), else the longest rounded up to a multiple (at least one frame), but not past limit."""
+    longest = max(max(lengths), 1)
+    return num_frames or max(longest, min(-(-longest // multiple) * multiple, limit or float("inf")))
 
 
 def collate_padding(config):
-    """collate's num_frames and frame_multiple for a DataConfig (--video-padding)."""
+    """collate's num_frames, frame_multiple and frame_limit for a DataConfig (--video-padding)."""
     return dict(num_frames=config.num_frames if config.video_padding == "fixed" else None,
-                frame_multiple=config.frame_multiple)
+                frame_multiple=config.frame_multiple, frame_limit=config.num_frames)
 
 
 def collate(samples, num_frames=None, pad_token_id=0, tasks=("emotion", "sentiment"), crop_size=None,
-            frame_multiple=1):
+            frame_multiple=1, frame_limit=None):
     """List of samples -> the batch dict of the module docstring (one long [B] per task name).
     Video is padded to num_frames, or with num_frames None to the batch's longest clip rounded up to
-    frame_multiple (padded_length); samples read for decoding on the device (video_jpeg) give a
+    frame_multiple, at most frame_limit (padded_length); samples read for decoding on the device (video_jpeg) give a
     loading.JpegVideo of crop_size frames as "video". The real lengths are also given as lists of
     ints (video_lengths, audio_lengths), which stay on the host: the model's masked layers size
     their work from them without a host sync."""
     batch = dict(ids=[s["id"] for s in samples], **{t: torch.tensor([s[t] for s in samples]) for t in tasks})
     if "video" in samples[0]:  # [3, t, H, W] each -> [B, 3, T, H, W]
         batch["video_lengths"] = [s["video"].shape[1] for s in samples]
-        T = padded_length(batch["video_lengths"], num_frames, frame_multiple)
+        T = padded_length(batch["video_lengths"], num_frames, frame_multiple, frame_limit)
         batch["video"], batch["video_mask"] = pad_time([s["video"] for s in samples], T)
     if "video_jpeg" in samples[0]:  # (t_i files, params) each
         batch["video_lengths"] = [len(s["video_jpeg"][0]) for s in samples]
-        T = padded_length(batch["video_lengths"], num_frames, frame_multiple)
+        T = padded_length(batch["video_lengths"], num_frames, frame_multiple, frame_limit)
         transform = functools.partial(transform_clips, num_frames=T, crop_size=crop_size)
         batch["video"] = loading.JpegVideo.pack([s["video_jpeg"] for s in samples], transform)
         batch["video_mask"] = torch.arange(T)[None, :] < torch.tensor(batch["video_lengths"])[:, None]

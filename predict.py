@@ -121,6 +121,8 @@ def main(argv=None):
     media = {"video", "audio"} & set(modalities)
     if videos and any(videos) and not media:
         print(f"note: the checkpoint reads {'+'.join(modalities)} only: the video files are not used", file=sys.stderr)
+    if args.text and "text" not in modalities:
+        print(f"note: the checkpoint reads {'+'.join(modalities)} only: the text is not used", file=sys.stderr)
     names = videos if media else [u.id for u in utterances]
     import prepare
     settings = prepare.PrepareSettings(**{k: v for k, v in (checkpoint.get("prepare") or {}).items()

@@ -131,6 +131,16 @@ def test_padding_to_the_longest_clip_gives_what_padding_to_num_frames_gives(cach
     assert shorter > 0
 
 
+def test_padded_length_rounds_up_to_alpha_but_never_past_num_frames():
+    assert data.padded_length([5, 2], multiple=4) == 8 and data.padded_length([8, 2], multiple=4) == 8
+    assert data.padded_length([5, 2], multiple=4, limit=6) == 6        # --num-frames 6: not past it
+    assert data.padded_length([3, 1], multiple=4, limit=3) == 3
+    assert data.padded_length([0, 0], multiple=4) == 4 and data.padded_length([5], num_frames=32) == 32
+    samples = [dict(id=str(k), emotion=0, sentiment=0, video=torch.zeros(3, k, 4, 4, dtype=torch.uint8))
+               for k in (3, 1)]
+    assert data.collate(samples, frame_multiple=4, frame_limit=3)["video"].shape[2] == 3
+
+
 def test_grouping_by_length_batches_clips_of_similar_frame_counts():
     """--group-by-length with video on MELD-like lengths (MELD train's durations at 10 fps, at most
     32 frames): the frames of a batch span a narrow range, so padding to the longest clip pads

@@ -103,6 +103,7 @@ def test_a_damaged_cache_names_the_clip_keeps_the_epoch_and_is_redone_by_verify(
     line = stopped_with(evaluate.main, ["--checkpoint", str(out / "last.pt"), "--data", str(copy), "--split", "dev",
                                         "--device", "cpu", "--workers", "0"])
     assert str(copy / victim["id"]) in line and "--verify" in line
+    capsys.readouterr()                                                # the progress bars so far
     line = one_line_exit(capsys, prepare.main, ["--out", str(copy), "--verify"])
     assert "--verify" in line and "--meld-root" in line
 
@@ -118,6 +119,11 @@ def test_a_damaged_cache_names_the_clip_keeps_the_epoch_and_is_redone_by_verify(
     assert all(prepare.damage(copy, e) is None for e in meld.read_manifest(copy).values() if e["status"] == "ok")
     train.main(argv + ["--resume", "auto"])
     assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["epoch"] == 0
+    capsys.readouterr()
+    clip = synth_root / meld.VIDEO_DIRS["test"] / "dia0_utt0.mp4"
+    evaluate.main(["predict", "--checkpoint", str(out / "best.pt"), "--video", str(clip), "--text", "Oh my God",
+                   "--device", "cpu"])
+    assert "note: the checkpoint reads video only: the text is not used" in capsys.readouterr().err
 
 
 def test_a_full_disk_stops_prepare_and_checkpoints_in_one_line_leaving_no_temporary_file(synth_root, cache, tiny_bert,

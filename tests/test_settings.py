@@ -44,6 +44,9 @@ def test_every_setting_is_exactly_one_flag_and_every_flag_one_setting():
     settings = [f.name for f in fields if "help" in f.metadata]
     assert len(settings) == len(set(settings)), "a setting defined twice"
     assert set(settings) == flags
+    assert cli.format_flags(dict(group_by_length=False, wandb=True, context=[3, 3]), ["group_by_length", "wandb",
+                                                                                   "context"]) == \
+        "--no-group-by-length --wandb --context 3,3"
     derived = [f for f in fields if "help" not in f.metadata]
     assert {f.name for f in derived} == {"modalities", "n_mels", "audio_input", "frame_multiple", "tasks"}
     assert all("derived" in f.metadata for f in derived)
