@@ -227,13 +227,7 @@ def evaluate_main(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "curves":
-        if argv[1:] in (["--help"], ["-h"]):
-            print("usage: python evaluate.py curves RUN_DIR\n\nTraining loss, learning rates and dev weighted F1 per "
-                  "epoch from RUN_DIR/log.jsonl -> RUN_DIR/curves.png (the best epoch marked).")
-            return None
-        if len(argv) != 2 or argv[1].startswith("-"):
-            raise SystemExit("usage: python evaluate.py curves RUN_DIR (the --out of train.py)")
-        print(f"wrote {plots.plot_curves(argv[1])}")
+        plots.curves_main(argv[1:])
     elif argv and argv[0] == "predict":
         import predict  # the predict command lives in predict.py (it decodes media as prepare.py does)
         return predict.main(argv[1:])

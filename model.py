@@ -271,14 +271,13 @@ class AudioLSTM(nn.Module):
         self.out_channels = 2 * hidden
 
     def forward(self, mel, mask, lengths=None):
-        mask = mask.bool()
-        lengths = torch.tensor(RealSteps(mask, lengths).lengths)         # [B], on the host
-        present = lengths > 0
-        if not present.any():
+        steps = RealSteps(mask, lengths)
+        if not any(steps.lengths):
             return mel.new_zeros(mel.shape[0], self.out_channels)
+        mask, present = steps.mask, steps.mask.any(1)                   # [B, A], [B] on the mask's device
         # only samples with audio: packing needs length >= 1, attention needs one real key
         x = self.features(mel[present]).transpose(1, 2)                  # [B', A, F]
-        packed = pack_padded_sequence(x, lengths[present], batch_first=True,
+        packed = pack_padded_sequence(x, torch.tensor([k for k in steps.lengths if k]), batch_first=True,
                                       enforce_sorted=False)              # data [sum(lengths), F]
         packed = PackedSequence(self.input_norm(packed.data), packed.batch_sizes,
                                 packed.sorted_indices, packed.unsorted_indices)

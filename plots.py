@@ -118,3 +118,14 @@ def plot_curves(run_dir):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def curves_main(argv):
+    """`python evaluate.py curves RUN_DIR` (argv: what follows `curves`): plot_curves, or its usage."""
+    if argv in (["--help"], ["-h"]):
+        print("usage: python evaluate.py curves RUN_DIR\n\nTraining loss, learning rates and dev weighted F1 per "
+              "epoch from RUN_DIR/log.jsonl -> RUN_DIR/curves.png (the best epoch marked).")
+        return
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise SystemExit("usage: python evaluate.py curves RUN_DIR (the --out of train.py)")
+    print(f"wrote {plot_curves(argv[0])}")

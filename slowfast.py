@@ -174,13 +174,6 @@ class ScatterRows(torch.autograd.Function):
         return grad.index_select(0, rows), None, None
 
 
-def rows_are_contiguous(x, time_dim):
-    """Whether x [B, C, ..T.., *S] holds each (sample, time step) as one contiguous row of channels
-    last: true of channels-last activations with time first among the non-channel dims."""
-    perm = [0, time_dim] + [d for d in range(2, x.dim()) if d != time_dim] + [1]
-    return x.permute(perm).is_contiguous()
-
-
 def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
     """bn(x) whose training statistics come from real time steps only, zero at padded steps.
 
@@ -212,9 +205,9 @@ def masked_batch_norm(bn, x, mask, time_dim=2, pack="auto"):
     def norm(packed):
         return F.batch_norm(packed, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
 
-    if pack == "index" or (pack == "auto" and rows_are_contiguous(x, time_dim)):
-        perm = [0, time_dim] + [d for d in range(2, x.dim()) if d != time_dim] + [1]
-        moved = x.permute(perm)                                        # [B, T, *S, C], a view
+    perm = [0, time_dim] + [d for d in range(2, x.dim()) if d != time_dim] + [1]
+    moved = x.permute(perm)   # [B, T, *S, C], a view: contiguous when each (sample, step) is one row (channels last)
+    if pack == "index" or (pack == "auto" and moved.is_contiguous()):
         B, T, *S, C = moved.shape
         rows = GatherRows.apply(moved.reshape(B * T, -1), steps.rows)   # [n, S * C]
         packed = rows.view(-1, *S, C).movedim(-1, 1)                   # [n, C, *S], channels last
